@@ -1,0 +1,57 @@
+"""Generate the README tables from the registries: `python -m gdn_intervene._docs` rewrites the
+blocks between `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers in README.md."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from .families import FAMILIES, UNSUPPORTED
+from .sites import SITES
+
+
+def site_table() -> str:
+    rows = ["| site (under `linear_attn`) | output | meaning |", "|---|---|---|"]
+    for f in FAMILIES:
+        names = ", ".join(f"`{p}`" for p in f.projections)
+        rows.append(f"| HF's projections ({f.name}) | as HF | {names} |")
+    for s in SITES:
+        owner = " (HF's module)" if s.owner == "hf" else ""
+        rows.append(f"| `{s.name}`{owner} | `{s.shape}` | {s.meaning} |")
+    return "\n".join(rows)
+
+
+def family_table() -> str:
+    rows = ["| family | layout | HF classes | projections | norm / output |", "|---|---|---|---|---|"]
+    for f in FAMILIES:
+        classes = "<br>".join(f"`{name}`" for _, name in f.classes)
+        proj = ", ".join(f"`{p}`" for p in f.projections)
+        extra = f"; beta x2 when `{f.neg_eigval_attr}`" if f.neg_eigval_attr else ""
+        rows.append(
+            f"| {f.name} | {f.layout}{extra} | {classes} | {proj} | `{f.hf_names['norm']}` / `{f.hf_names['out_proj']}` |"
+        )
+    for name, why in UNSUPPORTED.items():
+        rows.append(f"| (unsupported) | | `{name}` | {why} | |")
+    return "\n".join(rows)
+
+
+TABLES = {"sites": site_table, "families": family_table}
+
+
+def render(text: str) -> str:
+    for name, fn in TABLES.items():
+        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
+        text = pattern.sub(lambda m: m.group(1) + fn() + "\n" + m.group(2), text)
+    return text
+
+
+def main(path: str = "README.md") -> int:
+    p = Path(path)
+    new = render(p.read_text())
+    p.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

@@ -1,0 +1,48 @@
+import copy
+import functools
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)  # tiny models: threads only add contention
+
+import models  # noqa: E402
+
+import gdn_intervene as gi  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _pair(name: str, hv_ratio: int, dtype: torch.dtype):
+    ref = models.build(name, hv_ratio=hv_ratio, dtype=dtype)
+    return gi.patch(copy.deepcopy(ref)), ref
+
+
+@pytest.fixture
+def pair():
+    """pair(name, hv_ratio=2, dtype=fp32) -> (patched, unpatched deep copy); shared per session,
+    so tests must leave no hooks behind (the suite checks that they do not)."""
+
+    def get(name, hv_ratio=2, dtype=torch.float32):
+        patched, ref = _pair(name, hv_ratio, dtype)
+        yield_check = [m for m in patched.modules() if m._forward_hooks or m._forward_pre_hooks]
+        assert not yield_check, "a previous test left hooks behind"
+        return patched, ref
+
+    return get
+
+
+def ids_for(T: int, B: int = 3, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, models.VOCAB, (B, T), generator=g)
+
+
+def left_pad_mask(B: int, T: int) -> torch.Tensor:
+    """Row b has b pad tokens on the left (row 0 unpadded), capped at T - 1."""
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(B):
+        mask[b, : min(b, T - 1)] = 0
+    return mask

@@ -1,0 +1,62 @@
+"""Independent references for intervention tests.
+
+`kernel_edit` runs the UNPATCHED model with HF's own forward and edits the arguments or
+results of the GDN kernel call of one layer, by swapping the kernel functions in HF's modeling
+module for the duration. It shares no code with gdn_intervene's decomposed forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable
+
+from torch import nn
+
+KERNELS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+
+
+def hf_gdn(model: nn.Module, layer_idx: int) -> nn.Module:
+    for m in model.modules():
+        if type(m).__name__.endswith("GatedDeltaNet") and m.layer_idx == layer_idx:
+            return m
+    raise LookupError(layer_idx)
+
+
+@contextlib.contextmanager
+def kernel_edit(
+    model: nn.Module,
+    layer_idx: int,
+    *,
+    before: Callable[[dict], None] | None = None,
+    after: Callable[[tuple], tuple] | None = None,
+):
+    """before(kwargs) edits the kernel's arguments (q, k, v, g, beta, ...) in place;
+    after((o, S)) returns replacement results. Only layer `layer_idx`'s calls are edited."""
+    target = hf_gdn(model, layer_idx)
+    ns = vars(sys.modules[type(target).__module__])
+    active = [False]
+    originals = {name: ns[name] for name in KERNELS}
+
+    def wrap(fn):
+        def kernel(q, k, v, **kw):
+            if not active[0]:
+                return fn(q, k, v, **kw)
+            kw = dict(q=q, k=k, v=v, **kw)
+            if before:
+                before(kw)
+            out = fn(kw.pop("q"), kw.pop("k"), kw.pop("v"), **kw)
+            return after(out) if after else out
+
+        return kernel
+
+    h1 = target.register_forward_pre_hook(lambda *a: active.__setitem__(0, True))
+    h2 = target.register_forward_hook(lambda *a: active.__setitem__(0, False))
+    for name, fn in originals.items():
+        ns[name] = wrap(fn)
+    try:
+        yield
+    finally:
+        ns.update(originals)
+        h1.remove()
+        h2.remove()

@@ -1,0 +1,57 @@
+"""The registries drive the docs and cover the pinned transformers release; the public API is pinned."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import transformers
+
+import gdn_intervene as gi
+from gdn_intervene import _docs
+from gdn_intervene.families import UNSUPPORTED, supported_class_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_public_api_is_pinned():
+    assert sorted(gi.__all__) == sorted([
+        "patch", "unpatch", "patched", "patch_on_load", "from_pretrained", "gdn_layers", "site_module",
+        "intervene", "SITES", "Site", "FAMILIES", "SiteValueError", "NativeFallbackWarning", "UnsupportedVersionError",
+    ])
+    assert all(hasattr(gi, name) for name in gi.__all__)
+
+
+def test_readme_tables_are_generated_from_the_registries():
+    text = (ROOT / "README.md").read_text()
+    assert _docs.render(text) == text, "README tables are stale: run python -m gdn_intervene._docs"
+    for s in gi.SITES:
+        assert f"| `{s.name}`" in text
+
+
+def _gdn_like_classes() -> set[str]:
+    """Classes in transformers' modeling files whose methods call a gated delta rule kernel."""
+    found = set()
+    for path in Path(transformers.__file__).parent.glob("models/*/modeling_*.py"):
+        src = path.read_text()
+        if "gated_delta_rule" not in src:
+            continue
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.ClassDef):
+                calls = {n.func.id for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+                if any("gated_delta_rule" in c for c in calls):
+                    found.add(node.name)
+    return found
+
+
+def test_every_gdn_class_of_the_pinned_release_is_supported_or_listed():
+    found = _gdn_like_classes()
+    assert found, "scanner found no GDN class: the scan itself is broken"
+    unknown = found - set(supported_class_names()) - set(UNSUPPORTED)
+    assert not unknown, f"GDN-like classes neither supported nor listed in UNSUPPORTED: {sorted(unknown)}"
+
+
+def test_import_has_no_side_effects():
+    code = "import sys, gdn_intervene; print(sorted(m for m in ('nnsight', 'pyvene', 'matplotlib', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
