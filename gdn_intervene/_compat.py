@@ -20,6 +20,7 @@ __all__ = [
     "cache_gap",
     "force_accelerate_hooks",
     "deprecate_cache_params",
+    "rebind_wrapped_forward",
 ]
 
 # package -> (lowest tested, first untested). Keep in step with pyproject.toml.
@@ -113,3 +114,12 @@ def force_accelerate_hooks(name: str):
 def deprecate_cache_params(fn):
     """Accept the pre-5.x keyword `cache_params` as HF's GDN forward does."""
     return _decorators()[1]("cache_params", "5.40.0", new_name="cache")(fn)
+
+
+def rebind_wrapped_forward(module) -> None:
+    """After a class swap, point forward wrappers installed on the instance at the new class's
+    forward. accelerate's `add_hook_to_module` (device_map dispatch, CPU/disk offload) keeps
+    the bound method it wrapped in `module._old_forward`; left alone, the old class's forward
+    would keep running and no site would fire."""
+    if "_old_forward" in module.__dict__:
+        module._old_forward = type(module).forward.__get__(module)

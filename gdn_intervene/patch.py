@@ -71,6 +71,7 @@ def patch(model: nn.Module, *, native_cached: bool = False, _strict: bool = True
         except BaseException:
             m.__class__ = orig
             raise
+        _compat.rebind_wrapped_forward(m)
     return model
 
 
@@ -80,6 +81,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         if isinstance(m, GDNMixin):
             m._gdn_uninstall()
             m.__class__ = next(c for c in type(m).__mro__[1:] if not issubclass(c, GDNMixin) and c is not object)
+            _compat.rebind_wrapped_forward(m)
     return model
 
 

@@ -1,0 +1,82 @@
+"""Big-model paths: accelerate dispatch/offload, packed sequences, gradient checkpointing, train mode."""
+
+import copy
+
+import pytest
+import torch
+from accelerate import cpu_offload, disk_offload
+from conftest import ids_for
+
+import gdn_intervene as gi
+from gdn_intervene.layer import GDNMixin
+from models import MODELS, build
+from reference import hf_gdn
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("when", ["patch-after-offload", "patch-before-offload"])
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_offloaded_model_equals_and_sites_fire(tmp_path, offload, when):
+    """Weights live off-device (meta params, accelerate hooks); the decomposed forward reads
+    conv1d.weight directly, so its hooks are forced, as in HF. The sites must still fire."""
+    ref = build("qwen3_5")
+    model = copy.deepcopy(ref)
+    if when == "patch-before-offload":
+        gi.patch(model)
+    if offload == "cpu":
+        cpu_offload(model, execution_device="cpu")
+    else:
+        disk_offload(model, offload_dir=str(tmp_path), execution_device="cpu")
+    assert hf_gdn(model, 0).conv1d.weight.device.type == "meta"
+    if when == "patch-after-offload":
+        gi.patch(model)
+    fired = []
+    with gi.intervene(model, {(0, "beta"): lambda b: fired.append(b.shape)}):
+        out = _logits(model, ids_for(9))
+    assert fired == [torch.Size([3, 9, 4])]
+    assert torch.equal(out, _logits(ref, ids_for(9)))
+    gen = model.generate(ids_for(5), max_new_tokens=4, do_sample=False)
+    assert torch.equal(gen, ref.generate(ids_for(5), max_new_tokens=4, do_sample=False))
+    gi.unpatch(model)
+    assert torch.equal(_logits(model, ids_for(9)), _logits(ref, ids_for(9)))
+
+
+def test_device_map_load_is_patched(tmp_path):
+    ref = build("qwen3_next")
+    ref.save_pretrained(tmp_path)
+    model = gi.from_pretrained(tmp_path, model_class=type(ref), device_map={"": "cpu"})
+    assert all(isinstance(m, GDNMixin) for m in gi.gdn_layers(model).values())
+    assert torch.equal(_logits(model, ids_for(9)), _logits(ref, ids_for(9)))
+
+
+@pytest.mark.parametrize("name", ["qwen3_next", "qwen3_5", "olmo_hybrid"])
+def test_packed_sequences_keep_the_native_behaviour(pair, name):
+    """`cu_seq_lens_q` goes to the kernel as `cu_seqlens`, as in HF. The torch fallback cannot
+    keep packed sequences apart; its error must surface unchanged."""
+    patched, ref = pair(name)
+    x = torch.randn(1, 10, patched.config.hidden_size)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    errors = []
+    for model in (patched, ref):
+        with pytest.raises(ValueError) as e:
+            hf_gdn(model, 0)(x, cu_seq_lens_q=cu)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "packed sequences" in errors[0]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gradient_checkpointing_and_train_mode_keep_parity(name):
+    ref = build(name).train()
+    model = gi.patch(copy.deepcopy(ref))
+    grads = []
+    for m in (model, ref):
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        assert any(getattr(layer, "gradient_checkpointing", False) for layer in m.modules())
+        m(ids_for(20), use_cache=False).logits.float().pow(2).mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for gp, gr in zip(*grads):
+        assert (gp is None and gr is None) or torch.equal(gp, gr)
