@@ -123,3 +123,61 @@ def rebind_wrapped_forward(module) -> None:
     would keep running and no site would fire."""
     if "_old_forward" in module.__dict__:
         module._old_forward = type(module).forward.__get__(module)
+
+
+# --- nnsight integration (gdn_intervene.nnsight) ---
+
+
+def pipeline_class(task: str | None) -> type | None:
+    """The pipeline class of a transformers task, or None if unknown.
+
+    transformers 5.24 lists it as a dotted string in `check_task(task)[1]["impl"]`; nnsight
+    0.8.1 reads class flags (`_load_tokenizer`, ...) off that entry, finds none on a string, and
+    so its lazy build loads no tokenizer ("Impossible to guess which tokenizer to use")."""
+    from transformers.pipelines import check_task
+
+    try:
+        impl = check_task(task)[1]["impl"]
+    except Exception:  # unknown or unset task: let nnsight decide
+        return None
+    if isinstance(impl, str):
+        module, _, name = impl.rpartition(".")
+        impl = getattr(importlib.import_module(module), name)
+    return impl
+
+
+def rebind_nnsight_body(module, old_forward=None) -> None:
+    """After a class swap, point nnsight's controller at the new class's forward.
+
+    nnsight 0.8 wraps a module once, keeping the (unbound) forward it runs in
+    `module.__dict__["__nnsight__"].body`; a module wrapped before `patch` would keep running
+    HF's forward, and no site would fire. `old_forward` defaults to any base class's forward
+    (the HF class after `patch`). Bodies nnsight did not take from a class are left alone."""
+    state = module.__dict__.get("__nnsight__")
+    if state is None or state.original is type(module).forward:
+        return
+    if old_forward is None:
+        inherited = any(vars(c).get("forward") is state.original for c in type(module).__mro__[1:])
+    else:
+        inherited = state.original is old_forward
+    if inherited:
+        state.body = state.original = type(module).forward
+        state.sourced, state.compiled = False, None  # `.source` rebuilds from the new body
+
+
+# --- pyvene integration (gdn_intervene.pyvene) ---
+
+
+def wrap_pyvene(wrappers: dict) -> None:
+    """Replace functions of pyvene 0.1.8's `pyvene.models.intervenable_base`, once each:
+    `{name: make}` sets `name` there to `make(original)`. `IntervenableModel` calls
+    `get_module_hook`, `get_dimension_by_component` and `remove_forward_hooks` through that
+    module's globals (star-imported from `modeling_utils`), so this is where they are reached."""
+    import pyvene.models.intervenable_base as base
+
+    for name, make in wrappers.items():
+        original = getattr(base, name)
+        if not getattr(original, "_gdn_wrapped", False):
+            new = make(original)
+            new._gdn_wrapped = True
+            setattr(base, name, new)

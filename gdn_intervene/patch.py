@@ -72,6 +72,7 @@ def patch(model: nn.Module, *, native_cached: bool = False, _strict: bool = True
             m.__class__ = orig
             raise
         _compat.rebind_wrapped_forward(m)
+        _compat.rebind_nnsight_body(m, orig.forward)
     return model
 
 
@@ -79,9 +80,11 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Restore the original HF classes; removes the site modules (and any hooks on them)."""
     for m in model.modules():
         if isinstance(m, GDNMixin):
+            patched_forward = type(m).forward
             m._gdn_uninstall()
             m.__class__ = next(c for c in type(m).__mro__[1:] if not issubclass(c, GDNMixin) and c is not object)
             _compat.rebind_wrapped_forward(m)
+            _compat.rebind_nnsight_body(m, patched_forward)
     return model
 
 

@@ -30,6 +30,10 @@ def pair():
         patched, ref = _pair(name, hv_ratio, dtype)
         yield_check = [m for m in patched.modules() if m._forward_hooks or m._forward_pre_hooks]
         assert not yield_check, "a previous test left hooks behind"
+        for model in (patched, ref):  # multimodal Qwen3.5 caches mrope deltas across calls
+            for m in model.modules():
+                if getattr(m, "rope_deltas", None) is not None:
+                    m.rope_deltas = None
         return patched, ref
 
     return get

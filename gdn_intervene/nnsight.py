@@ -1,0 +1,155 @@
+"""nnsight integration: a patched `TransformersModel` whose GDN sites are envoys.
+
+    from gdn_intervene.nnsight import load, site
+
+    model = load("Qwen/Qwen3.5-0.8B")                 # or a local checkpoint directory
+    attn = model.model.layers[0].linear_attn          # site(model, 0, "beta") is attn.beta
+    with model.trace("The Eiffel Tower is in"):
+        beta = attn.beta.output.save()                # [B, T, HV]
+        attn.decay.output[:, -1] *= 2                 # g <= 0: doubling g squares decay = exp(g)
+    with model.generate("Hello", max_new_tokens=5) as tracer:
+        for step in tracer.iter[:5]:                  # the prefill, then each of the 4 decode steps
+            attn.beta.output[:, -1, 3] = 0
+        ids = tracer.result.save()
+
+nnsight builds a model on the meta device and, at the first trace (or `dispatch=True`),
+loads the real weights into NEW modules. A patch applied to the meta model alone would be
+lost there, so `PatchedTransformersModel` runs both builds inside `gdn_intervene.patch_on_load()`:
+every module tree nnsight ever sees is patched, and the envoy tree (sites included) is the same
+before and after dispatch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from nnsight import Envoy
+from nnsight.modeling.transformers import TransformersModel
+
+from . import _compat
+from .layer import GDNMixin
+from .patch import gdn_layers, patch, patch_on_load, site_module
+from .sites import SITE_NAMES
+
+__all__ = ["PatchedTransformersModel", "load", "site", "layers"]
+
+_compat.check_version("nnsight")
+
+# nnsight's preprocessor slots and the pipeline class flag that says a task loads each.
+_PREPROCESSOR_FLAGS = {
+    "tokenizer": "_load_tokenizer",
+    "image_processor": "_load_image_processor",
+    "feature_extractor": "_load_feature_extractor",
+    "processor": "_load_processor",
+}
+
+
+class _SiteEnvoy(Envoy):
+    """An `Envoy` whose missing-attribute error says where the GDN sites are.
+
+    `model.model.layers[1].linear_attn` on a full-attention layer, or a misspelt site, fails
+    with the GDN layer indices or the site names instead of a bare AttributeError."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError as error:
+            hint = self._gdn_hint(name)
+            if hint is None:
+                raise
+            raise AttributeError(f"{error}. {hint}") from None
+
+    def _gdn_hint(self, name: str) -> str | None:
+        module = self.__dict__.get("_module")
+        if isinstance(module, GDNMixin):
+            return f"Layer {module.layer_idx}'s linear_attn has no {name!r}; its sites are: {', '.join(SITE_NAMES)}"
+        if name != "linear_attn" and name not in SITE_NAMES:
+            return None
+        try:
+            found = list(gdn_layers(self.root._module))
+        except ValueError:
+            return None
+        return (
+            f"{self.path} is not a Gated DeltaNet layer; the GDN layers are {found} "
+            "(gdn_intervene.nnsight.site(model, layer, name) finds a site by layer index)"
+        )
+
+
+class PatchedTransformersModel(TransformersModel):
+    """`nnsight.TransformersModel` whose GDN modules are patched in every build.
+
+    Overrides nnsight's three loading hooks: `_load_meta` (the lazy meta build), `_load` (the
+    real weights, at dispatch or with `dispatch=True`) and `_wrap` (a ready module). Raises
+    ValueError if the model has no GDN module.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("envoys", _SiteEnvoy)
+        super().__init__(*args, **kwargs)
+
+    def _gdn_patch(self, module: torch.nn.Module) -> torch.nn.Module:
+        if not any(isinstance(m, GDNMixin) for m in module.modules()):  # keep a caller's patch options
+            patch(module)  # ValueError if there is no GDN module
+        for m in gdn_layers(module).values():  # wrapped by another envoy before the patch?
+            _compat.rebind_nnsight_body(m)
+        return module
+
+    def _load_meta(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        with patch_on_load():
+            return self._gdn_patch(super()._load_meta(*args, **kwargs))
+
+    def _load(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        with patch_on_load():
+            return self._gdn_patch(super()._load(*args, **kwargs))
+
+    def _wrap(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        # Patched before nnsight wraps it: nnsight captures each module's forward once.
+        return super()._wrap(self._gdn_patch(module), *args, **kwargs)
+
+    def _loaded_preprocessors(self) -> set:
+        impl = _compat.pipeline_class(self.task)
+        if impl is None:
+            return super()._loaded_preprocessors()
+        return {attr for attr, flag in _PREPROCESSOR_FLAGS.items() if getattr(impl, flag, False)}
+
+
+def load(
+    model: str | torch.nn.Module,
+    *,
+    task: str = "text-generation",
+    dispatch: bool = False,
+    **kwargs: Any,
+) -> PatchedTransformersModel:
+    """A patched nnsight model from a hub id, a local checkpoint directory or a loaded HF model.
+
+        model = gdn_intervene.nnsight.load("path/to/checkpoint", dispatch=True, dtype=torch.bfloat16)
+
+    `dispatch=False` (nnsight's default) builds on the meta device and loads the weights at the
+    first trace; both builds are patched. Other kwargs go to `nnsight.TransformersModel`
+    (`tokenizer=`, `dtype=`, `device_map=`, ...)."""
+    return PatchedTransformersModel(model, task=task, dispatch=dispatch, **kwargs)
+
+
+def layers(model: Envoy) -> dict[int, Envoy]:
+    """{layer_idx: the envoy of that layer's patched GDN module}, in layer order."""
+    return {i: _envoy_of(model, m) for i, m in gdn_layers(model._module).items()}
+
+
+def site(model: Envoy, layer: int, name: str) -> Envoy:
+    """The envoy of site `name` in GDN layer `layer`; HF-owned sites resolve per family
+    (`site(model, 0, "norm")` is OLMo-Hybrid's `o_norm`). Raises ValueError naming the GDN layers
+    for a full-attention layer, and the sites for an unknown name.
+
+        with model.trace(ids):
+            site(model, 2, "state").output[:, 1] = 0     # [B, HV, K, V]
+    """
+    return _envoy_of(model, site_module(model._module, layer, name))
+
+
+def _envoy_of(model: Envoy, module: torch.nn.Module) -> Envoy:
+    envoy = model.interleaver.envoys.get(id(module))
+    if envoy is None:  # a module the envoy tree has not mirrored yet
+        path = next(n for n, m in model._module.named_modules() if m is module)
+        envoy = model.get(path)
+    return envoy

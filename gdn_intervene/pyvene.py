@@ -1,0 +1,331 @@
+"""pyvene integration: component names for every GDN model class.
+
+    import pyvene as pv, gdn_intervene as gi, gdn_intervene.pyvene
+    gdn_intervene.pyvene.register()               # idempotent; imports pyvene here, not before
+    model = gi.patch(model)
+    iv = pv.IntervenableModel([{"layer": 0, "component": "head_linear_attn_beta", "unit": "h.pos"}], model)
+    loc = [[[1]] * B, [[3]] * B]                  # head 1, position 3, for each of B rows
+    _, out = iv({"input_ids": base}, [{"input_ids": src}], {"sources->base": ([loc], [loc])})
+
+Components (layer index = decoder layer, as `layers[%s]`):
+- pyvene's Llama/Qwen2 names: `block_input`, `block_output`, `mlp_input`, `mlp_output`, and on
+  full-attention layers `attention_input`, `attention_output`, `attention_value_output`,
+  `query_output`, `key_output`, `value_output` (+ `head_` variants of the last four).
+- one per site of `gdn_intervene.SITES`, `linear_attn_<site>`, with `recurrence` ->
+  `linear_attn_recurrence_output` and `out_proj` -> `linear_attn_output`; every site with a
+  head axis also as `head_linear_attn_<...>`, for `unit="h.pos"` (or `"h"`).
+
+pyvene indexes `[B, T, X]`. Each GDN value is shown to pyvene as that view and put back after:
+`[B, T, H, D]` -> `[B, T, H*D]`; gates `[B, T, HV]` are `[B, T, HV]` (one number per head,
+D = 1); the state `[B, HV, K, V]` -> `[B, 1, HV*K*V]`, i.e. one position (0) per call: the
+state after this call (each decode step in `generate`). Head h of a `head_` component is the
+slice `[h*D, (h+1)*D)` of that view; HK heads for q/k, HV heads otherwise.
+
+What `register()` changes in pyvene 0.1.8 (all through `_compat.wrap_pyvene`; every other
+model class goes to pyvene's own code unchanged):
+- `get_module_hook`: a GDN component resolves by layer index with a clear error (it names the
+  GDN layers; an attention component at a GDN layer names the attention layers) and hooks the
+  site through an adapter that hands pyvene a fresh `[B, T, X]` copy and returns it, reshaped,
+  as the site's value. pyvene edits the hooked tensor in place; on the copy that cannot
+  disturb autograd (sigmoid saves beta for backward) or a non-contiguous kernel output.
+  An out-of-range head or position raises `ValueError` naming the head count and T.
+- `get_dimension_by_component`: widths such as HV*V are products of two config fields, which
+  pyvene's dimension syntax cannot express; they are computed from the (text) config.
+- `remove_forward_hooks`: pyvene removes every forward hook of the model before and after
+  each call. transformers 5.x installs its `output_hidden_states`/`output_attentions`
+  capturing hooks once per model and marks them installed, so after one pyvene call those
+  outputs came back silently incomplete. For our model classes only pyvene's own hooks (and
+  the adapters) are removed; hooks of transformers and of the user stay.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import _compat
+from .families import FAMILIES
+from .patch import gdn_layers, site_module
+from .sites import SITES, Site
+
+__all__ = ["register", "COMPONENTS", "model_classes", "component"]
+
+
+@dataclass(frozen=True)
+class Component:
+    """One pyvene component. path: module under a decoder layer; site: the GDN site, if any;
+    heads: config field counting the heads of a `head_` component; width(c) -> X of the
+    `[B, T, X]` view (per head for a `head_` component) from the text config `c`."""
+
+    name: str
+    path: str
+    hook: str  # "output" or "input"
+    width: Callable
+    site: Site | None = None
+    heads: str | None = None
+
+
+def _letters(c) -> dict[str, int]:
+    HK, HV = c.linear_num_key_heads, c.linear_num_value_heads
+    K, V, D = c.linear_key_head_dim, c.linear_value_head_dim, c.hidden_size
+    return dict(HK=HK, HV=HV, K=K, V=V, D=D, C=2 * HK * K + HV * V)
+
+
+def _site_width(s: Site, per_head: bool) -> Callable:
+    # shape letters without B and T: the head letter, if any, comes first ([HV, K, V], [HV, V])
+    letters = [x.strip() for x in s.shape.strip("[]").split(",") if x.strip() not in ("B", "T")]
+    if per_head:
+        letters = letters[1:]
+    return lambda c: math.prod(_letters(c)[x] for x in letters)
+
+
+def _site_name(s: Site) -> str:
+    return {"recurrence": "linear_attn_recurrence_output", "out_proj": "linear_attn_output"}.get(
+        s.name, f"linear_attn_{s.name}"
+    )
+
+
+def _head_dim(c) -> int:
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def _block(c) -> int:  # Qwen4-Exp's hyper-connections carry hc_count streams of width D
+    return c.hidden_size * getattr(c, "hc_count", 1)
+
+
+def _components() -> dict[str, Component]:
+    D = lambda c: c.hidden_size  # noqa: E731
+    out = [
+        Component("block_input", "", "input", _block),
+        Component("block_output", "", "output", _block),
+        Component("mlp_input", "mlp", "input", D),
+        Component("mlp_output", "mlp", "output", D),
+        Component("attention_input", "self_attn", "input", D),
+        Component("attention_output", "self_attn", "output", D),
+        Component("attention_value_output", "self_attn.o_proj", "input", lambda c: c.num_attention_heads * _head_dim(c)),
+        Component("head_attention_value_output", "self_attn.o_proj", "input", _head_dim, heads="num_attention_heads"),
+        # q_proj also holds the output gate in the gated-attention families (2 x head_dim per
+        # head), which the config does not say: its width is left to pyvene (None).
+        Component("query_output", "self_attn.q_proj", "output", lambda c: None),
+        Component("head_query_output", "self_attn.q_proj", "output", lambda c: None, heads="num_attention_heads"),
+        Component("key_output", "self_attn.k_proj", "output", lambda c: c.num_key_value_heads * _head_dim(c)),
+        Component("head_key_output", "self_attn.k_proj", "output", _head_dim, heads="num_key_value_heads"),
+        Component("value_output", "self_attn.v_proj", "output", lambda c: c.num_key_value_heads * _head_dim(c)),
+        Component("head_value_output", "self_attn.v_proj", "output", _head_dim, heads="num_key_value_heads"),
+    ]
+    for s in SITES:
+        name = _site_name(s)
+        out.append(Component(name, f"linear_attn.{s.name}", "output", _site_width(s, False), site=s))
+        if s.head_axis is not None:
+            heads = {"HK": "linear_num_key_heads", "HV": "linear_num_value_heads"}[s.heads]
+            out.append(Component("head_" + name, f"linear_attn.{s.name}", "output", _site_width(s, True), s, heads))
+    return {c.name: c for c in out}
+
+
+COMPONENTS: dict[str, Component] = _components()
+
+
+def component(name: str) -> Component:
+    try:
+        return COMPONENTS[name]
+    except KeyError:
+        raise ValueError(f"unknown component {name!r}; components are: {', '.join(COMPONENTS)}") from None
+
+
+def model_classes() -> list[type]:
+    """Every model class of the families' modeling modules that holds decoder layers:
+    *ForCausalLM, *ForConditionalGeneration, *Model and *TextModel (not vision towers)."""
+    from transformers import PreTrainedModel
+
+    found = []
+    for fam in FAMILIES:
+        for mod_name, _ in fam.classes:
+            mod = importlib.import_module(mod_name)
+            for name, cls in vars(mod).items():
+                if (
+                    inspect.isclass(cls)
+                    and cls.__module__ == mod_name
+                    and issubclass(cls, PreTrainedModel)
+                    and name.endswith(("ForCausalLM", "ForConditionalGeneration", "Model"))
+                    and not name.endswith(("PreTrainedModel", "VisionModel"))
+                    and cls not in found
+                ):
+                    found.append(cls)
+    return found
+
+
+def _layers_prefix(cls: type) -> str:
+    """Path of the decoder-layer list, by HF's naming: multimodal models keep the text model
+    under `language_model`; `*ForX` heads keep the base model under `model`."""
+    mod = vars(importlib.import_module(cls.__module__))
+    multimodal = any(n.endswith("ForConditionalGeneration") for n in mod)
+    name = cls.__name__
+    if name.endswith("ForConditionalGeneration"):
+        return "model.language_model.layers"
+    if name.endswith("ForCausalLM") or name.endswith("TextModel") or not multimodal:
+        return "model.layers" if name.endswith("ForCausalLM") else "layers"
+    return "language_model.layers"
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+_REGISTERED: set[type] = set()
+
+
+def register() -> list[type]:
+    """Register every GDN model class with pyvene (idempotent); returns the classes."""
+    import pyvene
+    from pyvene.models.constants import CONST_INPUT_HOOK, CONST_OUTPUT_HOOK
+
+    _compat.check_version("pyvene", importlib.metadata.version("pyvene"))  # pyvene has no __version__
+    classes = model_classes()
+    for cls in classes:
+        prefix = _layers_prefix(cls)
+        cfg = "text_config." if prefix.startswith(("model.language_model", "language_model")) else ""
+        modules, dims = {}, {}
+        for c in COMPONENTS.values():
+            hook = CONST_OUTPUT_HOOK if c.hook == "output" else CONST_INPUT_HOOK
+            path = f"{prefix}[%s]" + (f".{c.path}" if c.path else "")
+            if c.site is not None and c.site.owner == "hf":  # norm/out_proj: o_norm/o_proj in OLMo-Hybrid
+                fam = next(f for f in FAMILIES if any(m == cls.__module__ for m, _ in f.classes))
+                path = f"{prefix}[%s].linear_attn.{fam.hf_names[c.site.name]}"
+            modules[c.name] = (path, hook) + (((_split_heads, c.heads),) if c.heads else ())
+            if c.heads:
+                dims[c.heads] = (cfg + c.heads,)  # pyvene reads split counts from here
+        pyvene.type_to_module_mapping[cls] = modules
+        pyvene.type_to_dimension_mapping[cls] = dims
+        _REGISTERED.add(cls)
+    _compat.wrap_pyvene(
+        {
+            "get_module_hook": _wrap_get_module_hook,
+            "get_dimension_by_component": _wrap_get_dimension,
+            "remove_forward_hooks": _wrap_remove_hooks,
+        }
+    )
+    return classes
+
+
+def _split_heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, T, n*D] -> [B, n, T, D], as pyvene's `split_head_and_permute` (D may be 1)."""
+    return x.view(*x.shape[:-1], n, x.shape[-1] // n).permute(0, 2, 1, 3)
+
+
+def _ours(model_or_type) -> bool:
+    t = model_or_type if isinstance(model_or_type, type) else type(model_or_type)
+    return t in _REGISTERED
+
+
+# ---- the three pyvene wrappers (installed by _compat.wrap_pyvene) ----
+
+
+def _wrap_get_dimension(original):
+    def get_dimension_by_component(model_type, model_config, comp):
+        if _ours(model_type) and comp in COMPONENTS:
+            return COMPONENTS[comp].width(_text_config(model_config))
+        return original(model_type, model_config, comp)
+
+    return get_dimension_by_component
+
+
+def _wrap_get_module_hook(original):
+    def get_module_hook(model, representation, backend="native"):
+        if not (_ours(model) and representation.component in COMPONENTS and backend == "native"):
+            return original(model, representation, backend)
+        c = COMPONENTS[representation.component]
+        layer = representation.layer
+        if c.site is not None:
+            gdn = gdn_layers(model)  # raises if the model is not patched
+            if layer not in gdn:
+                raise ValueError(
+                    f"pyvene component {c.name!r}: layer {layer} is not a Gated DeltaNet layer; "
+                    f"GDN layers are {list(gdn)}"
+                )
+            heads = _letters(_text_config(model.config))[c.site.heads] if c.heads else None
+            return _Adapter(site_module(model, layer, c.site.name), c, layer, heads)
+        decoder = _decoder_layer(model, layer)
+        if c.path.startswith("self_attn") and not hasattr(decoder, "self_attn"):
+            attn = [i for i, d in enumerate(_decoder_layers(model)) if hasattr(d, "self_attn")]
+            raise ValueError(
+                f"pyvene component {c.name!r}: layer {layer} has no self_attn (it is a linear-attention "
+                f"layer); full-attention layers are {attn}"
+            )
+        return original(model, representation, backend)
+
+    return get_module_hook
+
+
+def _wrap_remove_hooks(original):
+    def remove_forward_hooks(main_module):
+        if not _ours(main_module):
+            return original(main_module)
+        for m in main_module.modules():
+            for hooks, extra in (
+                (m._forward_hooks, (m._forward_hooks_with_kwargs, m._forward_hooks_always_called)),
+                (m._forward_pre_hooks, (m._forward_pre_hooks_with_kwargs,)),
+            ):
+                for hid in [h for h, fn in hooks.items() if _is_pyvene_hook(fn)]:
+                    hooks.pop(hid)
+                    for d in extra:
+                        d.pop(hid, None)
+
+    return remove_forward_hooks
+
+
+def _is_pyvene_hook(fn) -> bool:
+    return getattr(fn, "__module__", "").startswith("pyvene.") or getattr(fn, "_gdn_pyvene", False)
+
+
+def _decoder_layers(model) -> nn.ModuleList:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and name.endswith("layers") and "vision" not in name and "visual" not in name:
+            return m
+    raise ValueError(f"{type(model).__name__}: no decoder layer list found")
+
+
+def _decoder_layer(model, layer: int) -> nn.Module:
+    layers = _decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer} is out of range: the model has {len(layers)} decoder layers")
+    return layers[layer]
+
+
+class _Adapter:
+    """`pyvene` calls `module_hook(hook_callback, with_kwargs=True)` and later `.remove()` on
+    what it returns. We register one forward hook on the site that shows pyvene a fresh
+    `[B, T, X]` copy of the value (state: `[B, 1, HV*K*V]`) and returns it as the new value."""
+
+    def __init__(self, module: nn.Module, comp: Component, layer: int, heads: int | None):
+        self.module, self.comp, self.layer, self.heads = module, comp, layer, heads
+
+    def __call__(self, hook, with_kwargs: bool = True):
+        comp, layer, heads = self.comp, self.layer, self.heads
+
+        def adapter(module, args, kwargs, out):
+            lead = (out.shape[0], 1) if comp.site.name == "state" else tuple(out.shape[:2])
+            flat = out.reshape(*lead, -1).clone()
+            try:
+                hook(module, args, kwargs, flat)
+            except (IndexError, RuntimeError) as e:
+                if "out of bounds" not in str(e):
+                    raise
+                raise ValueError(_range_message(comp, layer, flat.shape[1], heads)) from e
+            return flat.view(out.shape)
+
+        adapter._gdn_pyvene = True
+        return self.module.register_forward_hook(adapter, with_kwargs=True)
+
+
+def _range_message(comp: Component, layer: int, T: int, heads: int | None) -> str:
+    where = f"positions 0..{T - 1} (T={T})" if comp.site.name != "state" else "position 0 only (one state per call)"
+    if heads is not None:
+        where = f"{heads} heads ({comp.site.heads}, indices 0..{heads - 1}) and {where}"
+    return f"pyvene component {comp.name!r} at layer {layer}: a unit location is out of range; this value has {where}"

@@ -1,0 +1,339 @@
+"""Effective attention and state tools (gdn_intervene.analysis, gdn_intervene.plot).
+
+References are independent of the patched forward: HF's own kernels run inside the UNPATCHED
+model (`kernel_edit` records their arguments and results), HF's `DynamicCache` after a prefix
+run gives the state at a position, and a two-segment cached run of the unpatched model is the
+reference for a state patched mid-prefill.
+"""
+
+import pytest
+import torch
+from conftest import ids_for, left_pad_mask
+from transformers import DynamicCache
+
+import gdn_intervene as gi
+from gdn_intervene import analysis as an
+from gdn_intervene import ops
+from models import MODELS
+from reference import kernel_edit
+
+NAMES = list(MODELS)
+SIZES = [1, 17, 64, 130]
+HV = pytest.mark.parametrize("hv_ratio", [1, 2], ids=["hv=hk", "hv=2hk"])
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def logits(model, ids, mask=None, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
+def kernel_calls(ref, layer, ids, mask=None, **kw):
+    """Run the unpatched model; return [(kernel kwargs, (o, S))] for each kernel call of `layer`."""
+    calls = []
+
+    def before(kwargs):
+        calls.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
+
+    def after(res):
+        calls[-1]["result"] = (res[0].clone(), res[1].clone())
+        return res
+
+    with kernel_edit(ref, layer, before=before, after=after):
+        out = logits(ref, ids, mask, **kw)
+    return calls, out
+
+
+def no_hooks(model):
+    return all(not (m._forward_hooks or m._forward_pre_hooks) for m in model.modules())
+
+
+# ---------------------------------------------------------------- effective attention
+
+
+@pytest.mark.parametrize("T", SIZES)
+@HV
+@pytest.mark.parametrize("name", NAMES)
+def test_effective_attention_reconstructs_the_kernel_output(pair, name, hv_ratio, T):
+    """Padded batch: the captured kernel inputs are HF's (bitwise) and M v reconstructs HF's
+    kernel output o to <= 1e-5 relative (M in fp32)."""
+    patched, ref = pair(name, hv_ratio)
+    ids, mask = ids_for(T), left_pad_mask(3, T)
+    caps = an.capture(patched, ids, attention_mask=mask)
+    result = an.effective_attention_for(patched, ids, attention_mask=mask, check=1e-5)
+    assert no_hooks(patched)
+    for layer, cap in caps.items():
+        (call,), _ = kernel_calls(ref, layer, ids, mask)
+        for field, arg in (("q", "q"), ("k", "k"), ("v", "v"), ("beta", "beta"), ("g", "g")):
+            assert torch.equal(getattr(cap, field), call[arg]), f"layer {layer}: captured {field} differs"
+        o, S = call["result"]
+        M = result[layer].matrix
+        assert M.shape == (3, 2 * hv_ratio, T, T) and M.dtype == torch.float32
+        assert result[layer].state_term is None
+        assert torch.equal(M.triu(1), torch.zeros_like(M))  # causal
+        assert rel(torch.einsum("bhts,bshv->bthv", M, call["v"]), o) <= 1e-5
+        assert result[layer].error <= 1e-5
+
+
+@HV
+@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid"])
+def test_rows_and_heads_slices_equal_the_full_matrix(pair, name, hv_ratio):
+    patched, _ = pair(name, hv_ratio)
+    ids, mask = ids_for(70), left_pad_mask(3, 70)
+    full = an.effective_attention_for(patched, ids, attention_mask=mask)
+    rows, heads = [69, 0, 33, 64], [2 * hv_ratio - 1, 0]
+    part = an.effective_attention_for(patched, ids, attention_mask=mask, rows=rows, heads=heads, check=1e-5)
+    for layer in full:
+        want = full[layer].matrix[:, heads][:, :, rows]
+        assert part[layer].matrix.shape == (3, 2, 4, 70)
+        torch.testing.assert_close(part[layer].matrix, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("T", [1, 17])
+@HV
+@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid", "qwen3_next"])
+def test_continuation_from_a_cache_adds_the_state_term(pair, name, hv_ratio, T):
+    """Prefix (padded) into a DynamicCache, then a T-token continuation (T=1: the recurrent
+    decode kernel): the captured initial state is the cache's, and M v + C reconstructs HF's o."""
+    patched, ref = pair(name, hv_ratio)
+    prefix, mask = ids_for(20), left_pad_mask(3, 20)
+    cont = ids_for(T, seed=3)
+    cmask = torch.cat([mask, torch.ones_like(cont)], 1)
+    cache_p, cache_r = (DynamicCache(config=m.config.get_text_config()) for m in (patched, ref))
+    logits(patched, prefix, mask, cache=cache_p, use_cache=True)
+    logits(ref, prefix, mask, cache=cache_r, use_cache=True)
+    layers = list(gi.gdn_layers(patched))
+    S0 = {l: cache_r.get_recurrent_state(l).clone() for l in layers}
+    result = an.effective_attention_for(patched, cont, attention_mask=cmask, cache=cache_p, use_cache=True, check=True)
+    calls = {}
+    for l in layers:  # each call advances cache_r; replay from a copy for every layer
+        c = DynamicCache(config=ref.config.get_text_config())
+        logits(ref, prefix, mask, cache=c, use_cache=True)
+        (calls[l],), _ = kernel_calls(ref, l, cont, cmask, cache=c, use_cache=True)
+    for l in layers:
+        call = calls[l]
+        assert torch.equal(call["initial_state"], S0[l])
+        o, _ = call["result"]
+        ea = ops.effective_attention(call["q"], call["k"], beta=call["beta"], g=call["g"], initial_state=S0[l])
+        assert rel(result[l].matrix, ea.matrix) == 0 and torch.equal(result[l].state_term, ea.state_term)
+        recon = torch.einsum("bhts,bshv->bthv", result[l].matrix, call["v"]) + result[l].state_term
+        assert rel(recon, o) <= 1e-5 and result[l].error <= 1e-5
+        assert rel(result[l].state_term, o) > 1e-2  # the state term matters here
+
+
+def test_too_large_matrix_surfaces_the_rows_hint(pair):
+    patched, _ = pair("qwen3_5")
+    ids = ids_for(64)
+    with pytest.raises(ValueError, match=r"layer 0: effective_attention would need .*rows=\[\.\.\.\]"):
+        an.effective_attention_for(patched, ids, max_bytes=200_000)
+    assert no_hooks(patched)
+    ok = an.effective_attention_for(patched, ids, max_bytes=200_000, rows=[63], heads=[0])
+    assert ok[0].matrix.shape == (3, 1, 1, 64)
+
+
+def test_bad_layers_and_failed_check_are_named(pair):
+    patched, _ = pair("qwen3_5")
+    with pytest.raises(ValueError, match=r"GDN layer indices from \[0, 2\]; got \[1\]"):
+        an.effective_attention_for(patched, ids_for(5), layers=[1])
+    with pytest.raises(RuntimeError, match=r"layer 0: .*relative error .* > 0"):
+        an.effective_attention_for(patched, ids_for(40), layers=0, check=0.0)
+    assert no_hooks(patched)
+
+
+# ---------------------------------------------------------------- state decomposition, written values
+
+
+@HV
+@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid"])
+def test_state_decomposition_sums_to_the_kernel_state(pair, name, hv_ratio):
+    patched, ref = pair(name, hv_ratio)
+    ids, mask = ids_for(130), left_pad_mask(3, 130)
+    for layer in gi.gdn_layers(patched):
+        (call,), _ = kernel_calls(ref, layer, ids, mask)
+        _, S = call["result"]
+        dec = an.state_decomposition_for(patched, ids, layer, attention_mask=mask)
+        assert rel(dec.state(), S) <= 1e-5
+        parts = dec.per_token()  # [B, T, HV, K, V]
+        assert rel(parts.sum(1), S) <= 1e-5
+        sizes = an.token_contributions(dec)
+        torch.testing.assert_close(sizes, parts.flatten(-2).norm(dim=-1), rtol=1e-5, atol=1e-7)
+        u = an.written_values_for(patched, ids, layer, attention_mask=mask)
+        assert torch.equal(u, ops.written_values(call["k"], call["v"], beta=call["beta"], g=call["g"]))
+        # hand check of the definition at one token: u_t = beta_t (v_t - exp(g_t) S_{t-1}^T k_t)
+        t = 90
+        prev = an.state_decomposition_for(patched, ids, layer, attention_mask=mask, position=t - 1).state()
+        kt = ops.l2norm(call["k"][:, t]).repeat_interleave(hv_ratio, dim=1)  # [B, HV, K]
+        want = call["beta"][:, t, :, None] * (
+            call["v"][:, t] - call["g"][:, t].exp()[..., None] * torch.einsum("bhkv,bhk->bhv", prev, kt)
+        )
+        assert rel(u[:, t], want) <= 1e-5
+
+
+def test_state_decomposition_after_a_cached_prefix(pair):
+    patched, ref = pair("qwen3_5")
+    prefix, cont = ids_for(30), ids_for(40, seed=4)
+    c_p, c_r = DynamicCache(config=patched.config), DynamicCache(config=ref.config)
+    logits(patched, prefix, cache=c_p, use_cache=True)
+    logits(ref, prefix, cache=c_r, use_cache=True)
+    dec = an.state_decomposition_for(patched, cont, 0, cache=c_p, use_cache=True)
+    logits(ref, cont, cache=c_r, use_cache=True)
+    assert dec.initial is not None
+    assert rel(dec.state(), c_r.get_recurrent_state(0)) <= 1e-5
+
+
+# ---------------------------------------------------------------- split prefill
+
+
+@pytest.mark.parametrize(
+    "positions,match",
+    [
+        ([5, 3], "strictly increasing"),
+        ([3, 3], "strictly increasing"),
+        ([-1], "non-negative"),
+        ([1.0], "must be ints"),
+        ([True], "must be ints"),
+        ([], "must not be empty"),
+        ("3", "an int or a sequence"),
+        (torch.tensor([1.5]), "integer tensor"),
+    ],
+)
+def test_state_at_validates_eagerly(pair, positions, match):
+    patched, _ = pair("qwen3_5")
+    with pytest.raises(ValueError, match=match):
+        with an.state_at(patched, positions):
+            pass
+    assert all(m.state_positions is None for m in gi.gdn_layers(patched).values())
+
+
+def test_state_positions_out_of_range_and_restore_on_error(pair):
+    patched, _ = pair("qwen3_5")
+    ids = ids_for(10)
+    with pytest.raises(ValueError, match=r"out of range for a call of T=10 tokens \(valid: 0\.\.9\)"):
+        an.states_at(patched, ids, [2, 10])
+    with pytest.raises(ValueError, match=r"layer 0: state positions must lie in \[0, 9\]"):
+        with an.state_at(patched, [12]):
+            logits(patched, ids)  # the core checks the range in the forward
+    layers = gi.gdn_layers(patched)
+    layers[2].state_positions = (1,)  # a previous value is restored, not reset to None
+    try:
+        with pytest.raises(KeyError):
+            with an.state_at(patched, 4, layers=[2]) as mods:
+                assert list(mods) == [2] and layers[2].state_positions == (4,) and layers[0].state_positions is None
+                raise KeyError("boom")
+        assert layers[2].state_positions == (1,)
+    finally:
+        layers[2].state_positions = None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_split_prefill_without_edit_matches_the_single_call(pair, name):
+    """Splitting moves chunk boundaries: logits equal to 1e-5 relative (fp32 torch path), not
+    bitwise; greedy generation after a split prefill gives the same tokens."""
+    patched, ref = pair(name)
+    ids, mask = ids_for(130), left_pad_mask(3, 130)
+    want = logits(ref, ids, mask)
+    with an.state_at(patched, [0, 5, 63, 64, 100, 129]):
+        got = logits(patched, ids, mask)
+    assert rel(got, want) <= 1e-5
+    short, smask = ids[:, :12], left_pad_mask(3, 12)
+    gen_ref = ref.generate(short, attention_mask=smask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    with an.state_at(patched, [3, 7]):
+        gen = patched.generate(short, attention_mask=smask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(gen, gen_ref)
+
+
+@HV
+@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid"])
+def test_states_at_match_the_cache_after_each_prefix(pair, name, hv_ratio):
+    patched, ref = pair(name, hv_ratio)
+    ids, mask = ids_for(100), left_pad_mask(3, 100)
+    positions = [4, 63, 64, 99]
+    states = an.states_at(patched, ids, positions, attention_mask=mask)
+    assert list(states) == list(gi.gdn_layers(patched))
+    for i, p in enumerate(positions):
+        cache = DynamicCache(config=ref.config)
+        logits(ref, ids[:, : p + 1], mask[:, : p + 1], cache=cache, use_cache=True)
+        for layer, S in states.items():
+            assert S.shape[:2] == (3, len(positions))
+            assert rel(S[:, i], cache.get_recurrent_state(layer)) <= 1e-5, (layer, p)
+    # layer 0 alone, same first segments: the same kernel calls, so bitwise the same states
+    only = an.states_at(patched, ids, [4, 63], layers=[0], attention_mask=mask)
+    assert list(only) == [0] and torch.equal(only[0], states[0][:, :2])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_patching_the_state_with_another_prompts_state(pair, name):
+    """Replace layer L's state after token t with prompt B's: logits equal (bitwise) the
+    unedited split run up to t and change from t+1; they match the unpatched model run in two
+    cached segments with L's recurrent state overwritten between them (the conv cache and the
+    other GDN layer's state stay prompt A's)."""
+    patched, ref = pair(name)
+    layers = list(gi.gdn_layers(patched))
+    L, other, t, T = layers[0], layers[1], 20, 50
+    a, b = ids_for(T, seed=1), ids_for(T, seed=2)
+
+    cache_b = DynamicCache(config=ref.config)
+    logits(ref, b[:, : t + 1], cache=cache_b, use_cache=True)
+    S_b = cache_b.get_recurrent_state(L).clone()
+
+    fired, seen = [], {}
+
+    def put_b(S):
+        fired.append(S.shape)
+        return S_b if len(fired) == 1 else None  # only the state after t (the first firing)
+
+    def record(key):
+        return lambda S: seen.setdefault(key, []).append(S.clone())
+
+    cache_p = DynamicCache(config=patched.config)
+    with an.state_at(patched, [t]):  # split every GDN layer; edit only L
+        with gi.intervene(patched, {(other, "state"): record("plain")}):
+            plain = logits(patched, a)
+        with gi.intervene(patched, {(L, "state"): put_b, (other, "state"): record("edited")}):
+            edited = logits(patched, a, cache=cache_p, use_cache=True)
+    assert len(fired) == 2  # after t, and the final state
+    assert torch.equal(edited[:, : t + 1], plain[:, : t + 1])
+    assert (edited[:, t + 1 :] - plain[:, t + 1 :]).abs().amax(-1).min() > 0  # every later position changes
+    assert torch.equal(seen["edited"][0], seen["plain"][0])  # the other layer's state at t is untouched
+    assert not torch.equal(seen["edited"][1], seen["plain"][1])  # its final state sees L's edit downstream
+
+    cache_r = DynamicCache(config=ref.config)
+    first = logits(ref, a[:, : t + 1], cache=cache_r, use_cache=True)
+    assert rel(seen["plain"][0], cache_r.get_recurrent_state(other)) <= 1e-5
+    cache_r.update_recurrent_state(S_b, L)  # overwrite only L's recurrent state; conv cache stays A's
+    second = logits(ref, a[:, t + 1 :], cache=cache_r, use_cache=True)
+    assert rel(edited, torch.cat([first, second], 1)) <= 1e-5
+    for l in layers:  # the caches both runs leave behind agree
+        assert rel(cache_p.get_recurrent_state(l), cache_r.get_recurrent_state(l)) <= 1e-5
+        assert rel(cache_p.get_conv_state(l), cache_r.get_conv_state(l)) <= 1e-5
+
+
+# ---------------------------------------------------------------- plots
+
+
+def test_heatmap_shows_the_head_mean_and_saves(pair, tmp_path):
+    from matplotlib.figure import Figure
+
+    from gdn_intervene import plot
+
+    patched, _ = pair("qwen3_5")
+    ids = ids_for(12)
+    res = an.effective_attention_for(patched, ids, layers=[0])[0]
+    tokens = [f"tok{i}" for i in range(12)]
+    fig = plot.effective_attention_heatmap(res, tokens=tokens, batch=1, path=tmp_path / "m.png")
+    assert isinstance(fig, Figure) and (tmp_path / "m.png").stat().st_size > 1000
+    ax = fig.axes[0]
+    assert (ax.images[0].get_array() == res.matrix[1].mean(0).numpy()).all()
+    assert [t.get_text() for t in ax.get_xticklabels()] == tokens
+    fig = plot.effective_attention_heatmap(res.matrix, head=3, tokens=tokens)
+    assert (fig.axes[0].images[0].get_array() == res.matrix[0, 3].numpy()).all()
+    rows = an.effective_attention_for(patched, ids, layers=[0], rows=[11, 4])[0]
+    fig = plot.effective_attention_heatmap(rows, head=0, tokens=tokens, rows=[11, 4])
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["tok11", "tok4"]
+    with pytest.raises(ValueError, match=r"head must be in \[0, 4\)"):
+        plot.effective_attention_heatmap(res, head=7)
+    with pytest.raises(ValueError, match=r"tokens must have T=12 labels"):
+        plot.effective_attention_heatmap(res, tokens=tokens[:3])
