@@ -94,24 +94,30 @@ class GDNMixin:
             S0 = cache.get_recurrent_state(self.layer_idx, state_idx=0)
 
         p = self._gdn_family.project(self, x)
-        q, k, v = self.q_pre_conv(p.q), self.k_pre_conv(p.k), self.v_pre_conv(p.v)
-        if p.qkv is not None and q is p.q and k is p.k and v is p.v:
-            qkv = p.qkv  # untouched views: no copy
-        else:
-            qkv = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
+        qkv = self._pre_conv(p, B, T)
+        z, b, a = p.z, p.b, p.a
+        del p  # HF frees the projections after the conv; `p` would hold them through the kernel
         qkv = self.conv(qkv, self.conv1d.weight, self.conv1d.bias, cache=cache, conv_state=conv_state, **kwargs)
         q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = self.q(q.reshape(B, T, -1, self.head_k_dim))
         k = self.k(k.reshape(B, T, -1, self.head_k_dim))
         v = self.v(v.reshape(B, T, -1, self.head_v_dim))
 
-        beta = self.beta_logit(p.b).sigmoid()
+        beta = self.beta_logit(b).sigmoid()
         beta = self.beta(beta * 2.0 if self._gdn_beta_x2 else beta)
-        g = self.decay(-self.A_log.float().exp() * F.softplus(self.decay_logit(p.a).float() + self.dt_bias))
+        g = self.decay(-self.A_log.float().exp() * F.softplus(self.decay_logit(a).float() + self.dt_bias))
 
         o = self.recurrence(self._delta_rule(q, k, v, g, beta, S0, cache, kwargs))
-        o = getattr(self, self._gdn_norm)(o, self.gate(p.z))
+        o = getattr(self, self._gdn_norm)(o, self.gate(z))
         return getattr(self, self._gdn_out)(o.reshape(B, T, -1))
+
+    def _pre_conv(self, p, B: int, T: int) -> torch.Tensor:
+        """The `*_pre_conv` sites, then the conv input [B, T, C]: the projection itself while the
+        sites return its views untouched (no copy), else the concatenation of their outputs."""
+        q, k, v = self.q_pre_conv(p.q), self.k_pre_conv(p.k), self.v_pre_conv(p.v)
+        if p.qkv is not None and q is p.q and k is p.k and v is p.v:
+            return p.qkv
+        return torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
 
     def _delta_rule(self, q, k, v, g, beta, S0, cache, kwargs) -> torch.Tensor:
         """Runs HF's kernel (recurrent for a cached decode step, chunked otherwise), fires the
