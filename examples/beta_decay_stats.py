@@ -31,11 +31,12 @@ def main(argv=None) -> None:
 
     model, tok = load(args.model)
     gi.patch(model)
-    if args.prompt is None:
-        from gdn_intervene.toy import mqar
+    if args.prompt is None:  # an MQAR prompt: 8 key-value pairs, then a queried key
+        from gdn_intervene.cli import demo_prompts
 
-        args.prompt = mqar.example_text() if hasattr(mqar, "example_text") else "k1 v3 k2 v7 k1"
-    ids = tok(args.prompt, return_tensors="pt").input_ids
+        ids = demo_prompts(seed=0)[0]
+    else:
+        ids = tok(args.prompt, return_tensors="pt").input_ids
 
     saved: dict[tuple[int, str], torch.Tensor] = {}
     save = {(layer, s): (lambda x, key=(layer, s): saved.__setitem__(key, x.detach().float()))

@@ -10,8 +10,8 @@ the corrupted run and record how much of the clean answer's logit comes back:
 
 `linear_attn_state` has one position per call (the state after the prompt), so its sweep has
 one column; it reaches the logits only through the cache, i.e. in later calls (generation),
-so a single forward shows zero recovery. Without the toy model (gdn_intervene.toy.load_toy) a tiny random Qwen3.5 model is
-used; its heatmap shows the mechanics, not a finding.
+so a single forward shows zero recovery. Offline, the bundled MQAR model and the demo prompt
+of `gdn-intervene demo` are used (the queried key replaced in the context).
 """
 
 from __future__ import annotations
@@ -33,28 +33,13 @@ def load(args):
         model = gi.patch(AutoModelForCausalLM.from_pretrained(args.model).eval())
         clean, corrupt = (tok(s, return_tensors="pt").input_ids for s in (args.clean, args.corrupt))
         return model, clean, corrupt
-    try:
-        from gdn_intervene.toy import load_toy
+    # The bundled MQAR model: the queried pair's key in the context replaced by an absent key.
+    from gdn_intervene.cli import demo_prompts
+    from gdn_intervene.toy import load_toy
 
-        model = gi.patch(load_toy())
-        vocab = model.config.get_text_config().vocab_size
-    except ImportError:  # the toy model is not available: a tiny random model
-        import transformers as tr
-
-        torch.manual_seed(0)
-        cfg = tr.Qwen3_5TextConfig(
-            vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=16, intermediate_size=48, linear_num_key_heads=2, linear_num_value_heads=4,
-            linear_key_head_dim=8, linear_value_head_dim=8,
-            layer_types=["linear_attention", "full_attention", "linear_attention"],
-        )
-        model = gi.patch(tr.Qwen3_5ForCausalLM(cfg).eval())
-        vocab = 64
-    g = torch.Generator().manual_seed(args.seed)
-    clean = torch.randint(3, vocab, (1, 12), generator=g)
-    corrupt = clean.clone()
-    corrupt[0, 2] = (clean[0, 2] + 1 - 3) % (vocab - 3) + 3  # one token differs
-    return model, clean, corrupt
+    model, _ = load_toy()
+    clean, corrupt, _ = demo_prompts(args.seed, corrupt="key")
+    return gi.patch(model), clean, corrupt
 
 
 def main():

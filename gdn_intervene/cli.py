@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import patch as _patch
+from .patch import from_pretrained, patch
 from .sites import SITE_NAMES
 from .tracing import TRACE_SITES, TraceResult, causal_trace
 
@@ -42,6 +42,19 @@ def _plot_trace(result: TraceResult, out: Path) -> list[Path]:
         paths.append(out / f"trace_{name}.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+    # all sites in one picture, for the README
+    n, width = len(result.scores), max(6, 0.32 * len(result.tokens))
+    fig, axes = plt.subplots(n, 1, figsize=(width, 0.9 + 0.32 * n * len(result.layers)), sharex=True,
+                             squeeze=False, layout="constrained")
+    for ax, (name, score) in zip(axes[:, 0], result.scores.items()):
+        im = ax.imshow(score.numpy(), aspect="auto", cmap="Purples", vmin=0, vmax=1)
+        ax.set_yticks(range(len(result.layers)), [f"{name}, layer {L}" for L in result.layers], fontsize=7)
+    axes[-1, 0].set_xticks(range(len(result.tokens)), result.tokens, rotation=90, fontsize=7)
+    fig.suptitle("restoring one GDN site of the clean run at (layer, position): recall restored (1) or not (0)", fontsize=9)
+    fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.02, pad=0.01)
+    paths.append(out / "trace.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
     return paths
 
 
@@ -93,7 +106,7 @@ def run_demo(out: Path, *, seed: int = 0, corrupt: str = "key", sites=TRACE_SITE
     from .toy import load_toy
 
     model, tokenizer = load_toy()
-    _patch.patch(model)
+    patch(model)
     clean, bad, info = demo_prompts(seed, corrupt)
     tokens = tokenizer.convert_ids_to_tokens(clean[0].tolist())
     result = causal_trace(model, clean, bad, sites=sites, tokens=tokens, progress=progress)
@@ -108,10 +121,10 @@ def _load(path: str | None, device: str, dtype: str):
         from .toy import load_toy
 
         model, tok = load_toy()
-        return _patch.patch(model).to(device), tok
+        return patch(model).to(device), tok
     from transformers import AutoTokenizer
 
-    model = _patch.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    model = from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
 

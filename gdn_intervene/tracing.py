@@ -22,7 +22,7 @@ from .sites import site
 
 __all__ = ["TRACE_SITES", "TraceResult", "causal_trace"]
 
-TRACE_SITES = ("beta", "decay", "recurrence", "state", "out_proj")
+TRACE_SITES = ("k", "v", "beta", "decay", "state", "recurrence", "out_proj")
 
 
 @dataclass
@@ -113,6 +113,7 @@ def causal_trace(
             raise ValueError(f"clean and corrupted prompts have the same answer (token {answers[0]}); nothing to restore")
         d_clean, d_corrupt = (float(_logit_diff(model, x, answers)) for x in (clean_ids, corrupt_ids))
         clean = _capture(model, clean_ids, names, layers, T)
+        corrupt = _capture(model, corrupt_ids, names, layers, T)
         result = TraceResult(names, layers, tokens or [str(int(t)) for t in clean_ids[0]], answers, d_clean, d_corrupt)
 
         bar = None
@@ -121,27 +122,47 @@ def causal_trace(
 
             bar = tqdm(total=len(names) * len(layers) * T, desc="causal trace", unit="cell")
         for n in names:
-            cells = [(L, p) for L in layers for p in range(T - 1 if n == "state" else T)]
-            diffs = []
-            for start in range(0, len(cells), batch_size):
-                chunk = cells[start : start + batch_size]
-                diffs.append(_restored(model, corrupt_ids, n, chunk, clean, layers, T, answers))
-                if bar:
-                    bar.update(len(chunk))
-            d = torch.cat(diffs) if diffs else torch.empty(0)
             score = torch.full((len(layers), T), float("nan"))
-            for (L, p), v in zip(cells, ((d - d_corrupt) / (d_clean - d_corrupt)).tolist()):
-                score[layers.index(L), p] = v
+            cells = []
+            for i, L in enumerate(layers):
+                for p in range(T - 1 if n == "state" else T):
+                    if torch.equal(_at(clean[(L, n)], n, p), _at(corrupt[(L, n)], n, p)):
+                        score[i, p] = 0.0  # restoring an identical value cannot change anything
+                    else:
+                        cells.append((L, p))
+            for chunk in _batches(cells, n, batch_size):
+                d = _restored(model, corrupt_ids, n, chunk, clean, layers, T, answers)
+                for (L, p), v in zip(chunk, ((d - d_corrupt) / (d_clean - d_corrupt)).tolist()):
+                    score[layers.index(L), p] = v
             result.scores[n] = score
+            if bar:
+                bar.update(len(layers) * T)
         if bar:
-            if "state" in names:
-                bar.update(len(layers))
             bar.close()
     return result
 
 
+def _at(value: torch.Tensor, name: str, p: int) -> torch.Tensor:
+    """A site's value at position p: the state after token p, or row p of a token site."""
+    return value[p] if name == "state" else value[0, p]
+
+
+def _batches(cells: list, name: str, batch_size: int):
+    """Rows of one forward each. A state restore needs the prefill split at its position, and a
+    split applies to the whole batch, so state cells are grouped by position."""
+    if name != "state":
+        yield from (cells[i : i + batch_size] for i in range(0, len(cells), batch_size))
+        return
+    by_pos: dict[int, list] = {}
+    for L, p in cells:
+        by_pos.setdefault(p, []).append((L, p))
+    for group in by_pos.values():
+        yield from (group[i : i + batch_size] for i in range(0, len(group), batch_size))
+
+
 def _restored(model, corrupt_ids, name, cells, clean, layers, T, answers) -> torch.Tensor:
-    """Logit differences [N] of N corrupted rows, row i restored at cells[i]."""
+    """Logit differences [N] of N corrupted rows, row i restored at cells[i] (state cells share
+    one position)."""
     N = len(cells)
     ids = corrupt_ids.expand(N, T)
     edits = {}
@@ -151,13 +172,10 @@ def _restored(model, corrupt_ids, name, cells, clean, layers, T, answers) -> tor
             continue
         pos = torch.tensor([p for l, p in cells if l == L], dtype=torch.long)
         value = clean[(L, name)]
-        if name == "state":
-            edits[(L, name)] = _state_restorer(rows, pos, value)
-        else:
-            edits[(L, name)] = _token_restorer(rows, pos, value)
+        edits[(L, name)] = _state_restorer(rows, value[cells[0][1]]) if name == "state" else _token_restorer(rows, pos, value)
     with intervene(model, edits):
-        if name == "state" and T > 1:
-            with state_at(model, list(range(T - 1)), layers):
+        if name == "state":
+            with state_at(model, [cells[0][1]], layers):  # split once, after the restored position
                 return _logit_diff(model, ids, answers)
         return _logit_diff(model, ids, answers)
 
@@ -173,19 +191,17 @@ def _token_restorer(rows, pos, clean):
     return edit
 
 
-def _state_restorer(rows, pos, clean_states):
-    """`state` fires once per split: call j carries the state after token j ([N, HV, K, V]);
-    rows whose cell is position j get the clean state after token j."""
+def _state_restorer(rows, clean_state):
+    """`state` fires after the split position, then at the end of the call: rows `rows` get the
+    clean state [HV, K, V] at the first firing only."""
     calls = [0]
 
     def edit(S):
-        j = calls[0]
         calls[0] += 1
-        hit = rows[pos == j]
-        if not len(hit):
+        if calls[0] > 1:
             return None
         S = S.clone()
-        S[hit] = clean_states[j]
+        S[rows] = clean_state
         return S
 
     return edit
