@@ -65,7 +65,7 @@ def naive(model, clean, bad, answers, d_clean, d_bad) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides (default: all cores)")
     ap.add_argument("--out", default="benchmarks/results/tracing-cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -144,8 +144,11 @@ def gdn_layers(model: nn.Module) -> dict[int, nn.Module]:
 
 def site_module(model: nn.Module, layer: int, name: str) -> nn.Module:
     """The module of site `name` in GDN layer `layer` (HF-owned sites resolved per family)."""
+    return _site_in(gdn_layers(model), layer, name)
+
+
+def _site_in(layers: dict[int, nn.Module], layer: int, name: str) -> nn.Module:
     s = site(name)
-    layers = gdn_layers(model)
     if layer not in layers:
         raise ValueError(f"layer {layer} is not a GDN layer; GDN layers are {list(layers)}")
     m = layers[layer]
@@ -165,8 +168,9 @@ def intervene(model: nn.Module, edits: Mapping[tuple[int, str], Edit]) -> Iterat
     """
     handles = []
     try:
+        layers = gdn_layers(model) if edits else {}
         for (layer, name), fn in edits.items():
-            module = site_module(model, layer, name)
+            module = _site_in(layers, layer, name)
             handles.append(module.register_forward_hook(lambda mod, args, out, fn=fn: fn(out)))
         yield
     finally:

@@ -64,20 +64,21 @@ def _logit_diff(model: nn.Module, ids: torch.Tensor, answers: tuple[int, int]) -
     return last[:, answers[0]] - last[:, answers[1]]
 
 
-def _capture(model, ids, names, layers, T) -> dict:
-    """{(layer, site): clean value}; `state` holds [T-1, ...] states after tokens 0..T-2."""
+def _capture(model, ids, names, layers, state_positions) -> dict:
+    """{(layer, site): value [1, ...]}; for `state`, {p: state [1, HV, K, V] after token p} for
+    each p of `state_positions` (the prefill split there)."""
     saved: dict = {}
 
     def keep(key):
         return lambda x: saved.setdefault(key, []).append(x.detach().clone())
 
     with intervene(model, {(L, n): keep((L, n)) for L in layers for n in names}):
-        if "state" in names and T > 1:
-            with state_at(model, list(range(T - 1)), layers):
+        if "state" in names and state_positions:
+            with state_at(model, state_positions, layers):
                 model(input_ids=ids, use_cache=False)
         else:
             model(input_ids=ids, use_cache=False)
-    return {k: (torch.cat(v[: T - 1]) if k[1] == "state" else v[0]) for k, v in saved.items()}
+    return {k: (dict(zip(state_positions, v)) if k[1] == "state" else v[0]) for k, v in saved.items()}
 
 
 def causal_trace(
@@ -88,7 +89,7 @@ def causal_trace(
     sites: Sequence[str] = TRACE_SITES,
     answers: tuple[int, int] | None = None,
     tokens: list[str] | None = None,
-    batch_size: int = 128,
+    batch_size: int = 256,
     progress: bool = False,
 ) -> TraceResult:
     """Restore each site at each (GDN layer, position) of the corrupted run; see module doc.
@@ -112,70 +113,66 @@ def causal_trace(
         if answers[0] == answers[1]:
             raise ValueError(f"clean and corrupted prompts have the same answer (token {answers[0]}); nothing to restore")
         d_clean, d_corrupt = (float(_logit_diff(model, x, answers)) for x in (clean_ids, corrupt_ids))
-        clean = _capture(model, clean_ids, names, layers, T)
-        corrupt = _capture(model, corrupt_ids, names, layers, T)
+        differ = (clean_ids[0] != corrupt_ids[0]).nonzero()
+        if not len(differ):
+            raise ValueError("the clean and corrupted prompts are the same tokens; nothing to restore")
+        # States before the first corrupted token are the same in both runs: only later ones count.
+        state_positions = list(range(int(differ[0]), T - 1))
+        clean = _capture(model, clean_ids, names, layers, state_positions)
+        corrupt = _capture(model, corrupt_ids, tuple(n for n in names if n != "state"), layers, [])
         result = TraceResult(names, layers, tokens or [str(int(t)) for t in clean_ids[0]], answers, d_clean, d_corrupt)
-
+        # Cells (site, layer, position) whose clean value equals the corrupted one cannot change
+        # anything: they score 0 without a forward.
+        cells, result.scores = [], {n: torch.full((len(layers), T), float("nan")) for n in names}
+        for n in names:
+            for i, L in enumerate(layers):
+                for p in range(T - 1 if n == "state" else T):
+                    same = p not in clean[(L, n)] if n == "state" else torch.equal(clean[(L, n)][0, p], corrupt[(L, n)][0, p])
+                    if same:
+                        result.scores[n][i, p] = 0.0
+                    else:
+                        cells.append((n, L, p))
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(names) * len(layers) * T, desc="causal trace", unit="cell")
-        for n in names:
-            score = torch.full((len(layers), T), float("nan"))
-            cells = []
-            for i, L in enumerate(layers):
-                for p in range(T - 1 if n == "state" else T):
-                    if torch.equal(_at(clean[(L, n)], n, p), _at(corrupt[(L, n)], n, p)):
-                        score[i, p] = 0.0  # restoring an identical value cannot change anything
-                    else:
-                        cells.append((L, p))
-            for chunk in _batches(cells, n, batch_size):
-                d = _restored(model, corrupt_ids, n, chunk, clean, layers, T, answers)
-                for (L, p), v in zip(chunk, ((d - d_corrupt) / (d_clean - d_corrupt)).tolist()):
-                    score[layers.index(L), p] = v
-            result.scores[n] = score
+            bar = tqdm(total=len(cells), desc="causal trace", unit="cell")
+        for batch in _batches(cells, batch_size):
+            d = _restored(model, corrupt_ids, batch, clean, T, answers)
+            for (n, L, p), v in zip(batch, ((d - d_corrupt) / (d_clean - d_corrupt)).tolist()):
+                result.scores[n][layers.index(L), p] = v
             if bar:
-                bar.update(len(layers) * T)
+                bar.update(len(batch))
         if bar:
             bar.close()
     return result
 
 
-def _at(value: torch.Tensor, name: str, p: int) -> torch.Tensor:
-    """A site's value at position p: the state after token p, or row p of a token site."""
-    return value[p] if name == "state" else value[0, p]
-
-
-def _batches(cells: list, name: str, batch_size: int):
-    """Rows of one forward each. A state restore needs the prefill split at its position, and a
-    split applies to the whole batch, so state cells are grouped by position."""
-    if name != "state":
-        yield from (cells[i : i + batch_size] for i in range(0, len(cells), batch_size))
-        return
-    by_pos: dict[int, list] = {}
-    for L, p in cells:
-        by_pos.setdefault(p, []).append((L, p))
-    for group in by_pos.values():
+def _batches(cells: list, batch_size: int):
+    """Rows of one forward each: token sites of any site and layer together; a state restore
+    needs the prefill split at its position, which applies to the whole batch, so state cells
+    are grouped by position."""
+    groups: dict = {}
+    for cell in cells:
+        groups.setdefault(cell[2] if cell[0] == "state" else "tokens", []).append(cell)
+    for group in groups.values():
         yield from (group[i : i + batch_size] for i in range(0, len(group), batch_size))
 
 
-def _restored(model, corrupt_ids, name, cells, clean, layers, T, answers) -> torch.Tensor:
-    """Logit differences [N] of N corrupted rows, row i restored at cells[i] (state cells share
-    one position)."""
-    N = len(cells)
-    ids = corrupt_ids.expand(N, T)
+def _restored(model, corrupt_ids, cells, clean, T, answers) -> torch.Tensor:
+    """Logit differences [N] of N corrupted rows, row i restored at cells[i] = (site, layer, p)."""
+    ids = corrupt_ids.expand(len(cells), T)
+    rows: dict = {}
+    for i, (n, L, p) in enumerate(cells):
+        rows.setdefault((L, n), []).append((i, p))
     edits = {}
-    for L in layers:
-        rows = torch.tensor([i for i, (l, _) in enumerate(cells) if l == L], dtype=torch.long)
-        if not len(rows):
-            continue
-        pos = torch.tensor([p for l, p in cells if l == L], dtype=torch.long)
-        value = clean[(L, name)]
-        edits[(L, name)] = _state_restorer(rows, value[cells[0][1]]) if name == "state" else _token_restorer(rows, pos, value)
+    for (L, n), rp in rows.items():
+        r, pos = (torch.tensor(x, dtype=torch.long) for x in zip(*rp))
+        value = clean[(L, n)]
+        edits[(L, n)] = _state_restorer(r, value[rp[0][1]][0]) if n == "state" else _token_restorer(r, pos, value)
     with intervene(model, edits):
-        if name == "state":
-            with state_at(model, [cells[0][1]], layers):  # split once, after the restored position
+        if cells[0][0] == "state":
+            with state_at(model, [cells[0][2]], sorted({L for _, L, _ in cells})):  # split after that position
                 return _logit_diff(model, ids, answers)
         return _logit_diff(model, ids, answers)
 
