@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="gdn-intervene", description="Interventions on Gated DeltaNet layers.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="causal tracing of the bundled MQAR model (offline, ~1 min on a CPU)")
+    d = sub.add_parser("demo", help="causal tracing of the bundled MQAR model (offline, ~10 s on a CPU)")
     d.add_argument("--out", default="gdn_demo", help="output directory for trace.json and PNGs")
     d.add_argument("--seed", type=int, default=0, help="which key-value pairs and query to use")
     d.add_argument("--corrupt", default="key", choices=["key", "value", "query"], help="what the corrupted prompt replaces")
