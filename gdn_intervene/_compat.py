@@ -5,6 +5,7 @@ cache API a cached forward needs.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -91,10 +92,15 @@ CACHE_API = ("get_conv_state", "get_recurrent_state", "update_conv_state", "upda
 
 
 def cache_gap(cache: Any) -> str | None:
-    """Why the decomposed forward cannot serve `cache` (None if it can)."""
-    missing = [n for n in CACHE_API if not callable(getattr(cache, n, None))]
+    """Why the decomposed forward cannot serve `cache` (None if it can); decided per type."""
+    return _cache_type_gap(type(cache))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_type_gap(cls: type) -> str | None:
+    missing = [n for n in CACHE_API if not callable(getattr(cls, n, None))]
     if missing:
-        return f"cache type {type(cache).__name__} lacks {', '.join(missing)}"
+        return f"cache type {cls.__name__} lacks {', '.join(missing)}"
     return None
 
 

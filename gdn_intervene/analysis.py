@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import _compat, ops
+from .layer import check_positions
 from .patch import gdn_layers
 
 __all__ = [
@@ -255,7 +256,8 @@ def effective_attention_for(
 
 
 def _positions(positions) -> tuple:
-    """Validate state positions eagerly: non-empty, ints, non-negative, strictly increasing."""
+    """Validate state positions eagerly (an int, a sequence or a 1-D integer tensor): the same
+    rule the layer applies at call time (`layer.check_positions`)."""
     if isinstance(positions, Tensor):
         if positions.dim() > 1 or positions.dtype.is_floating_point or positions.dtype == torch.bool:
             raise ValueError(f"positions must be ints (or a 1-D integer tensor); got a {positions.dtype} tensor of shape {list(positions.shape)}")
@@ -264,17 +266,7 @@ def _positions(positions) -> tuple:
         positions = [positions]
     if isinstance(positions, (str, bytes)) or not isinstance(positions, Sequence):
         raise ValueError(f"positions must be an int or a sequence of ints; got {type(positions).__name__}")
-    ps = list(positions)
-    if not ps:
-        raise ValueError("positions must not be empty")
-    if any(isinstance(p, bool) or not hasattr(p, "__index__") for p in ps):
-        raise ValueError(f"positions must be ints; got {ps}")
-    ps = [p.__index__() for p in ps]
-    if ps[0] < 0:
-        raise ValueError(f"positions must be non-negative token indices; got {ps}")
-    if any(b <= a for a, b in zip(ps, ps[1:])):
-        raise ValueError(f"positions must be strictly increasing (sorted, no repeats); got {ps}")
-    return tuple(ps)
+    return tuple(check_positions(positions, "state_at"))
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from .families import Family, family_of
 from .modules import CausalConv, Tap
 from .sites import TAP_SITES
 
-__all__ = ["GDNMixin", "NativeFallbackWarning", "hookable_class", "is_patched"]
+__all__ = ["GDNMixin", "NativeFallbackWarning", "check_positions", "hookable_class", "is_patched"]
 
 
 class NativeFallbackWarning(UserWarning):
@@ -158,14 +158,25 @@ class GDNMixin:
         return torch.cat(outs, dim=1), S
 
 
+def check_positions(positions: Sequence[int], where: str) -> list[int]:
+    """Strictly increasing, non-negative ints, or a ValueError that starts with `where`."""
+    ps = list(positions)
+    if not ps:
+        raise ValueError(f"{where}: positions must not be empty")
+    if any(isinstance(p, bool) or not hasattr(p, "__index__") for p in ps):
+        raise ValueError(f"{where}: positions must be ints; got {ps}")
+    ps = [p.__index__() for p in ps]
+    if ps[0] < 0:
+        raise ValueError(f"{where}: positions must be non-negative token indices; got {ps}")
+    if any(b <= a for a, b in zip(ps, ps[1:])):
+        raise ValueError(f"{where}: positions must be strictly increasing (sorted, no repeats); got {ps}")
+    return ps
+
+
 def _split_bounds(positions: Sequence[int], T: int, layer_idx: int) -> list[int]:
     """[0, p1+1, p2+1, ..., T]: segment bounds so that a state is taken after each position."""
-    ps = list(positions)
-    if any(not isinstance(p, int) or isinstance(p, bool) for p in ps):
-        raise ValueError(f"layer {layer_idx}: state positions must be ints, got {ps}")
-    if ps != sorted(set(ps)):
-        raise ValueError(f"layer {layer_idx}: state positions must be strictly increasing, got {ps}")
-    if ps and (ps[0] < 0 or ps[-1] >= T):
+    ps = check_positions(positions, f"layer {layer_idx}: state")
+    if ps[-1] >= T:
         raise ValueError(f"layer {layer_idx}: state positions must lie in [0, {T - 1}] for a call of T={T}, got {ps}")
     return [0] + [p + 1 for p in ps if p + 1 < T] + [T]
 

@@ -52,7 +52,7 @@ from torch import nn
 
 from . import _compat
 from .families import FAMILIES
-from .patch import gdn_layers, site_module
+from .patch import site_module
 from .sites import SITES, Site
 
 __all__ = ["register", "COMPONENTS", "model_classes", "component"]
@@ -243,14 +243,12 @@ def _wrap_get_module_hook(original):
         c = COMPONENTS[representation.component]
         layer = representation.layer
         if c.site is not None:
-            gdn = gdn_layers(model)  # raises if the model is not patched
-            if layer not in gdn:
-                raise ValueError(
-                    f"pyvene component {c.name!r}: layer {layer} is not a Gated DeltaNet layer; "
-                    f"GDN layers are {list(gdn)}"
-                )
+            try:  # the core's error names the GDN layers (or says the model is not patched)
+                module = site_module(model, layer, c.site.name)
+            except ValueError as e:
+                raise ValueError(f"pyvene component {c.name!r}: {e}") from None
             heads = _letters(_text_config(model.config))[c.site.heads] if c.heads else None
-            return _Adapter(site_module(model, layer, c.site.name), c, layer, heads)
+            return _Adapter(module, c, layer, heads)
         decoder = _decoder_layer(model, layer)
         if c.path.startswith("self_attn") and not hasattr(decoder, "self_attn"):
             attn = [i for i, d in enumerate(_decoder_layers(model)) if hasattr(d, "self_attn")]

@@ -224,7 +224,7 @@ def same(got, want):
 
 def test_gdn_component_at_attention_layer(models):
     patched, _ = models("qwen3_5")
-    with pytest.raises(ValueError, match=r"layer 1 is not a Gated DeltaNet layer; GDN layers are \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"linear_attn_beta.*layer 1 is not a GDN layer; GDN layers are \[0, 2\]"):
         pv.IntervenableModel([{"layer": 1, "component": "linear_attn_beta"}], patched)
     with pytest.raises(ValueError, match=r"full-attention layers are \[1\]"):
         pv.IntervenableModel([{"layer": 0, "component": "head_query_output", "unit": "h.pos"}], patched)
