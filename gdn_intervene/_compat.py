@@ -10,18 +10,22 @@ import importlib
 import os
 import sys
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "TESTED",
     "UnsupportedVersionError",
     "check_version",
-    "hf_namespace",
+    "check_hf_module",
+    "hf_function",
+    "Step",
+    "cache_step",
     "CACHE_API",
     "cache_gap",
+    "cache_kwarg",
     "force_accelerate_hooks",
     "deprecate_cache_params",
-    "rebind_wrapped_forward",
+    "rebind_forwards",
 ]
 
 # package -> (lowest tested, first untested). Keep in step with pyproject.toml.
@@ -60,25 +64,6 @@ def check_version(package: str, version: str | None = None) -> None:
         )
 
 
-def hf_namespace(cls: type) -> dict[str, Any]:
-    """Globals of the modeling file that defines an HF GDN class.
-
-    The native forward calls module-level functions (`torch_chunk_gated_delta_rule`,
-    `torch_recurrent_gated_delta_rule`, `causal_conv1d_fn`, `causal_conv1d_update`,
-    `apply_mask_to_padding_states`) that transformers binds to flash-linear-attention /
-    causal-conv1d when installed. We look them up in the same namespace at call time, so both
-    forwards always run the same kernels, even if someone rebinds them later.
-    """
-    module: ModuleType = sys.modules[cls.__module__]
-    missing = [n for n in KERNELS if n not in vars(module)]
-    if missing:
-        raise UnsupportedVersionError(
-            f"{cls.__name__}: {cls.__module__} no longer defines {missing}; this transformers release "
-            f"changed the GDN code (tested: transformers >={TESTED['transformers'][0]},<{TESTED['transformers'][1]})."
-        )
-    return vars(module)
-
-
 KERNELS = (
     "torch_chunk_gated_delta_rule",
     "torch_recurrent_gated_delta_rule",
@@ -86,6 +71,57 @@ KERNELS = (
     "causal_conv1d_update",
     "apply_mask_to_padding_states",
 )
+
+
+def check_hf_module(cls: type) -> None:
+    """Raise `UnsupportedVersionError` unless the modeling file of HF GDN class `cls` defines
+    the module-level functions the decomposed forward calls (`KERNELS`)."""
+    module: ModuleType = sys.modules[cls.__module__]
+    missing = [n for n in KERNELS if n not in vars(module)]
+    if missing:
+        raise UnsupportedVersionError(
+            f"{cls.__name__}: {cls.__module__} no longer defines {missing}; this transformers release "
+            f"changed the GDN code (tested: transformers >={TESTED['transformers'][0]},<{TESTED['transformers'][1]})."
+        )
+
+
+def hf_function(cls: type, name: str):
+    """The module-level function `name` of the modeling file that defines HF GDN class `cls`.
+
+    The native forward calls `torch_chunk_gated_delta_rule`, `torch_recurrent_gated_delta_rule`,
+    `causal_conv1d_fn`, `causal_conv1d_update` and `apply_mask_to_padding_states`, which
+    transformers binds to flash-linear-attention / causal-conv1d when installed. Looked up at
+    call time, so both forwards always run the same kernels, even if someone rebinds them."""
+    return vars(sys.modules[cls.__module__])[name]
+
+
+class Step(NamedTuple):
+    """What one layer call reads from the cache, decided once per call (before the conv writes
+    the cache, as HF does).
+
+    conv_state: [B, C, W] or None.  initial_state: S_0 [B, HV, K, V] or None.
+    conv_decode: the conv runs the single-token update kernel (HF: a conv state, T == 1 and the
+        cache is not recording past states).  recurrent_decode: the recurrent kernel runs (HF:
+        a recurrent state and T == 1). HF decides the two separately; so do we, in one place."""
+
+    conv_state: Any
+    initial_state: Any
+    conv_decode: bool
+    recurrent_decode: bool
+
+
+_NO_CACHE = Step(None, None, False, False)
+
+
+def cache_step(cache: Any, layer_idx: int, T: int) -> Step:
+    """The `Step` of a layer call with `cache` (None: no cache)."""
+    if cache is None:
+        return _NO_CACHE
+    conv_state = cache.get_conv_state(layer_idx, state_idx=0)
+    S0 = cache.get_recurrent_state(layer_idx, state_idx=0)
+    conv_decode = conv_state is not None and T == 1 and not cache.is_recording_past(layer_idx)
+    return Step(conv_state, S0, conv_decode, S0 is not None and T == 1)
+
 
 # The transformers 5.x cache methods the decomposed cached forward calls.
 CACHE_API = ("get_conv_state", "get_recurrent_state", "update_conv_state", "update_recurrent_state", "is_recording_past")
@@ -122,43 +158,24 @@ def deprecate_cache_params(fn):
     return _decorators()[1]("cache_params", "5.40.0", new_name="cache")(fn)
 
 
-def rebind_wrapped_forward(module) -> None:
-    """After a class swap, point forward wrappers installed on the instance at the new class's
-    forward. accelerate's `add_hook_to_module` (device_map dispatch, CPU/disk offload) keeps
-    the bound method it wrapped in `module._old_forward`; left alone, the old class's forward
-    would keep running and no site would fire."""
+def cache_kwarg(kwargs: dict) -> Any:
+    """The cache a GDN forward was called with: `cache`, or its pre-5.24 name `cache_params`."""
+    return kwargs.get("cache", kwargs.get("cache_params"))
+
+
+def rebind_forwards(module, old_forward=None) -> None:
+    """After a class swap, point every forward wrapper installed on the instance at the new
+    class's forward.
+
+    - accelerate's `add_hook_to_module` (device_map dispatch, CPU/disk offload) keeps the bound
+      method it wrapped in `module._old_forward`; left alone, the old class's forward would keep
+      running and no site would fire.
+    - nnsight 0.8 wraps a module once, keeping the (unbound) forward it runs in
+      `module.__dict__["__nnsight__"].body`. `old_forward` defaults to any base class's forward
+      (the HF class after `patch`); bodies nnsight did not take from a class are left alone.
+    """
     if "_old_forward" in module.__dict__:
         module._old_forward = type(module).forward.__get__(module)
-
-
-# --- nnsight integration (gdn_intervene.nnsight) ---
-
-
-def pipeline_class(task: str | None) -> type | None:
-    """The pipeline class of a transformers task, or None if unknown.
-
-    transformers 5.24 lists it as a dotted string in `check_task(task)[1]["impl"]`; nnsight
-    0.8.1 reads class flags (`_load_tokenizer`, ...) off that entry, finds none on a string, and
-    so its lazy build loads no tokenizer ("Impossible to guess which tokenizer to use")."""
-    from transformers.pipelines import check_task
-
-    try:
-        impl = check_task(task)[1]["impl"]
-    except Exception:  # unknown or unset task: let nnsight decide
-        return None
-    if isinstance(impl, str):
-        module, _, name = impl.rpartition(".")
-        impl = getattr(importlib.import_module(module), name)
-    return impl
-
-
-def rebind_nnsight_body(module, old_forward=None) -> None:
-    """After a class swap, point nnsight's controller at the new class's forward.
-
-    nnsight 0.8 wraps a module once, keeping the (unbound) forward it runs in
-    `module.__dict__["__nnsight__"].body`; a module wrapped before `patch` would keep running
-    HF's forward, and no site would fire. `old_forward` defaults to any base class's forward
-    (the HF class after `patch`). Bodies nnsight did not take from a class are left alone."""
     state = module.__dict__.get("__nnsight__")
     if state is None or state.original is type(module).forward:
         return
@@ -169,21 +186,3 @@ def rebind_nnsight_body(module, old_forward=None) -> None:
     if inherited:
         state.body = state.original = type(module).forward
         state.sourced, state.compiled = False, None  # `.source` rebuilds from the new body
-
-
-# --- pyvene integration (gdn_intervene.pyvene) ---
-
-
-def wrap_pyvene(wrappers: dict) -> None:
-    """Replace functions of pyvene 0.1.8's `pyvene.models.intervenable_base`, once each:
-    `{name: make}` sets `name` there to `make(original)`. `IntervenableModel` calls
-    `get_module_hook`, `get_dimension_by_component` and `remove_forward_hooks` through that
-    module's globals (star-imported from `modeling_utils`), so this is where they are reached."""
-    import pyvene.models.intervenable_base as base
-
-    for name, make in wrappers.items():
-        original = getattr(base, name)
-        if not getattr(original, "_gdn_wrapped", False):
-            new = make(original)
-            new._gdn_wrapped = True
-            setattr(base, name, new)

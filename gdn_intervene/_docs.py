@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .families import FAMILIES, UNSUPPORTED
-from .sites import SITES
+from .sites import SITES, Fires, Owner
 
 
 def site_table() -> str:
@@ -17,8 +17,10 @@ def site_table() -> str:
         names = ", ".join(f"`{p}`" for p in f.projections)
         rows.append(f"| HF's projections ({f.name}) | as HF | {names} |")
     for s in SITES:
-        owner = " (HF's module)" if s.owner == "hf" else ""
-        rows.append(f"| `{s.name}`{owner} | `{s.shape}` | {s.meaning} |")
+        owner = " (HF's module)" if s.owner is Owner.HF else ""
+        shape = f"`{s.shape_str()}`" + "".join(f"; {m.value.upper()}: `{s.shape_str(m)}`" for m in s.shapes)
+        fires = "" if s.fires is Fires.PER_CALL else f" (fires {s.fires.value})"
+        rows.append(f"| `{s.name}`{owner} | {shape} | {s.meaning}{fires} |")
     return "\n".join(rows)
 
 

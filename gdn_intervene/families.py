@@ -13,15 +13,20 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "UNSUPPORTED", "Projected", "family_of", "supported_class_names"]
+from .sites import Mixer
+
+__all__ = ["Family", "FAMILIES", "UNSUPPORTED", "Projected", "family_for", "family_of", "supported_class_names"]
 
 
 class Projected(NamedTuple):
     """Per-head projections of one call, before the causal conv.
 
     q, k: [B, T, HK, K]; v, z: [B, T, HV, V]; b, a: [B, T, HV].
-    qkv: [B, T, C] when q, k, v are views into one concatenated projection (so the conv
+    qkv: [B, T, C] when q, k, v are slices of one concatenated projection (so the conv
     input needs no copy while nobody replaces them), else None.
+
+    Every value is a slice or a reshape, never an output of `torch.split`: autograd forbids
+    in-place edits of split's views, and users edit sites in place.
     """
 
     q: torch.Tensor
@@ -33,16 +38,39 @@ class Projected(NamedTuple):
     qkv: torch.Tensor | None
 
 
+def _slices(x: torch.Tensor, sizes: list[int], dim: int) -> list[torch.Tensor]:
+    """`torch.split(x, sizes, dim)` as plain slices (same memory, same numbers)."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(x.narrow(dim, start, n))
+        start += n
+    return out
+
+
 def _project_fused_qkvz(m: nn.Module, x: torch.Tensor) -> Projected:
-    # Qwen3-Next interleaves q, k, v, z per key-head group; HF's own method untangles it.
-    q, k, v, z, b, a = m.fix_query_key_value_ordering(m.in_proj_qkvz(x), m.in_proj_ba(x))
-    return Projected(q, k, v, z, b, a, None)
+    # Qwen3-Next interleaves q, k, v, z per key-head group: HF's fix_query_key_value_ordering,
+    # with slices for its torch.split.
+    B, T, _ = x.shape
+    HK, r = m.num_k_heads, m.num_v_heads // m.num_k_heads
+    qkvz = m.in_proj_qkvz(x).view(B, T, HK, 2 * m.head_k_dim + 2 * r * m.head_v_dim)
+    ba = m.in_proj_ba(x).view(B, T, HK, 2 * r)
+    q, k, v, z = _slices(qkvz, [m.head_k_dim, m.head_k_dim, r * m.head_v_dim, r * m.head_v_dim], 3)
+    b, a = _slices(ba, [r, r], 3)
+    return Projected(
+        q,
+        k,
+        v.reshape(B, T, -1, m.head_v_dim),
+        z.reshape(B, T, -1, m.head_v_dim),
+        b.reshape(B, T, m.num_v_heads),
+        a.reshape(B, T, m.num_v_heads),
+        None,
+    )
 
 
 def _project_split_qkv(m: nn.Module, x: torch.Tensor) -> Projected:
     B, T, _ = x.shape
     qkv = m.in_proj_qkv(x)
-    q, k, v = torch.split(qkv, [m.key_dim, m.key_dim, m.value_dim], dim=-1)
+    q, k, v = _slices(qkv, [m.key_dim, m.key_dim, m.value_dim], -1)
     return Projected(
         q.view(B, T, -1, m.head_k_dim),
         k.view(B, T, -1, m.head_k_dim),
@@ -79,6 +107,10 @@ class Family:
     projections: HF's projection submodules, in call order.
     hf_names: canonical site name -> this family's attribute, for HF-owned sites.
     neg_eigval_attr: module attribute that, when true, doubles beta (beta in [0, 2]).
+    conv_trims_always: HF slices the conv output to the last T positions on every call (not
+        only with a cache). A no-op on the values, but it changes the layout autograd hands the
+        conv's backward, so gradients are bitwise only if we do the same.
+    mixer: the decay's form (`Mixer.GDN`: per head); sites' shapes depend on it.
     """
 
     name: str
@@ -88,6 +120,8 @@ class Family:
     project: Callable[[nn.Module, torch.Tensor], Projected]
     hf_names: dict[str, str] = field(default_factory=lambda: {"norm": "norm", "out_proj": "out_proj"})
     neg_eigval_attr: str | None = None
+    conv_trims_always: bool = False
+    mixer: Mixer = Mixer.GDN
 
 
 _M = "transformers.models."
@@ -119,6 +153,7 @@ FAMILIES: tuple[Family, ...] = (
         _project_separate,
         hf_names={"norm": "o_norm", "out_proj": "o_proj"},
         neg_eigval_attr="allow_neg_eigval",
+        conv_trims_always=True,
     ),
 )
 
@@ -135,5 +170,14 @@ _BY_CLASS_NAME = {(mod, name): f for f in FAMILIES for mod, name in f.classes}
 
 
 def family_of(cls: type) -> Family | None:
-    """The family of an HF GDN class (matched by defining module and name), or None."""
+    """The family of exactly this HF GDN class (matched by defining module and name), or None."""
     return _BY_CLASS_NAME.get((cls.__module__, cls.__name__))
+
+
+def family_for(cls: type) -> tuple[Family, type] | None:
+    """(family, HF base class) of `cls` or of its nearest HF GDN ancestor (a patched class,
+    a user subclass), or None. The one MRO walk everything else uses."""
+    for c in cls.__mro__:
+        if (fam := family_of(c)) is not None:
+            return fam, c
+    return None

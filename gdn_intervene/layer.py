@@ -7,6 +7,7 @@ kernels are HF's own module-level functions, so the numbers are HF's.
 
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Sequence
 
@@ -14,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from . import _compat
-from .families import Family, family_of
-from .modules import CausalConv, Tap
+from .families import Family, family_for
+from .modules import CausalConv, SiteValueError, Tap
+from ._positions import check_positions
 from .sites import TAP_SITES
 
-__all__ = ["GDNMixin", "NativeFallbackWarning", "check_positions", "hookable_class", "is_patched"]
+__all__ = ["GDNMixin", "NativeFallbackWarning", "hookable_class", "is_patched", "check_positions"]
 
 
 class NativeFallbackWarning(UserWarning):
@@ -39,13 +41,33 @@ def _warn_native(reason: str) -> None:
         )
 
 
+class _Sigmoid(torch.autograd.Function):
+    """`b.sigmoid()` that saves its input, not its output, for backward (same numbers, same
+    gradient): autograd's sigmoid saves the output, which is the `beta` site's value, so an
+    in-place edit of beta would break `backward()`."""
+
+    @staticmethod
+    def forward(ctx, b):
+        ctx.save_for_backward(b)
+        return b.sigmoid()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (b,) = ctx.saved_tensors
+        return torch.ops.aten.sigmoid_backward(grad, b.sigmoid())
+
+
+def _sigmoid(b: torch.Tensor) -> torch.Tensor:
+    return _Sigmoid.apply(b) if torch.is_grad_enabled() and b.requires_grad else b.sigmoid()
+
+
 class GDNMixin:
     """Mixed in front of an HF GDN class. Attributes added per instance (removed by unpatch):
     one module per site in `TAP_SITES`, plus `native_cached`, `state_positions` and
     `_gdn_beta_x2`."""
 
     _gdn_family: Family
-    _gdn_ns: dict
+    _gdn_hf_class: type
     _gdn_norm: str
     _gdn_out: str
     _GDN_ATTRS = ("native_cached", "state_positions", "_gdn_beta_x2")
@@ -60,7 +82,14 @@ class GDNMixin:
             raise RuntimeError(f"{type(self).__name__} already has attributes {clash}; cannot add sites")
         for s in TAP_SITES:
             if s.name == "conv":
-                module = CausalConv(s.name, self.layer_idx, self._gdn_ns, self.activation, self.conv_kernel_size)
+                module = CausalConv(
+                    s.name,
+                    self.layer_idx,
+                    self._gdn_hf_class.__module__,
+                    self.activation,
+                    self.conv_kernel_size,
+                    self._gdn_family.conv_trims_always,
+                )
             else:
                 module = Tap(s.name, self.layer_idx)
             self.add_module(s.name, module)
@@ -75,10 +104,17 @@ class GDNMixin:
         for name in self._GDN_ATTRS:
             self.__dict__.pop(name, None)
 
-    def _native_reason(self, cache) -> str | None:
-        if self.native_cached:
-            return "native_cached=True was requested"
-        return _compat.cache_gap(cache)
+    def __setattr__(self, name, value):
+        # kernels' `kernelize` / `use_kernels=True` replace a module's forward by binding the hub
+        # layer's forward to the instance; every site would then go silent.
+        if name == "forward" and isinstance(value, types.MethodType) and value.__func__ is not type(self).forward:
+            raise RuntimeError(
+                f"gdn_intervene: layer {self.layer_idx} ({type(self).__name__}) is patched; replacing its forward "
+                f"with {getattr(value.__func__, '__qualname__', value)} (hub kernels: kernelize / use_kernels=True?) "
+                "would bypass every linear_attn site. Call gdn_intervene.unpatch(model) before kernelizing, or keep "
+                "the GDN layers out of kernelize."
+            )
+        super().__setattr__(name, value)
 
     def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, **kwargs) -> torch.Tensor:
         """[B, T, D] -> [B, T, D], exactly as HF's forward, through the sites."""
@@ -86,57 +122,84 @@ class GDNMixin:
             _warn_native(reason)
             return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
 
-        x = self._gdn_ns["apply_mask_to_padding_states"](hidden_states, attention_mask)
+        x = _compat.hf_function(self._gdn_hf_class, "apply_mask_to_padding_states")(hidden_states, attention_mask)
         B, T, _ = x.shape
-        conv_state = S0 = None
-        if cache is not None:  # read before the conv writes the cache, as HF does
-            conv_state = cache.get_conv_state(self.layer_idx, state_idx=0)
-            S0 = cache.get_recurrent_state(self.layer_idx, state_idx=0)
+        step = _compat.cache_step(cache, self.layer_idx, T)  # read before the conv writes the cache, as HF does
 
         p = self._gdn_family.project(self, x)
         qkv = self._pre_conv(p, B, T)
         z, b, a = p.z, p.b, p.a
         del p  # HF frees the projections after the conv; `p` would hold them through the kernel
-        qkv = self.conv(qkv, self.conv1d.weight, self.conv1d.bias, cache=cache, conv_state=conv_state, **kwargs)
-        q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        qkv = self.conv(
+            qkv, self.conv1d.weight, self.conv1d.bias, cache=cache, conv_state=step.conv_state, decode=step.conv_decode, **kwargs
+        )
+        q, k, v = (qkv.narrow(-1, s, n) for s, n in ((0, self.key_dim), (self.key_dim, self.key_dim), (2 * self.key_dim, self.value_dim)))
         q = self.q(q.reshape(B, T, -1, self.head_k_dim))
         k = self.k(k.reshape(B, T, -1, self.head_k_dim))
         v = self.v(v.reshape(B, T, -1, self.head_v_dim))
 
-        beta = self.beta_logit(b).sigmoid()
+        beta = _sigmoid(self.beta_logit(b))
         beta = self.beta(beta * 2.0 if self._gdn_beta_x2 else beta)
         g = self.decay(-self.A_log.float().exp() * F.softplus(self.decay_logit(a).float() + self.dt_bias))
 
-        o = self.recurrence(self._delta_rule(q, k, v, g, beta, S0, cache, kwargs))
-        o = getattr(self, self._gdn_norm)(o, self.gate(z))
-        return getattr(self, self._gdn_out)(o.reshape(B, T, -1))
+        o = self.recurrence(self._delta_rule(q, k, v, g, beta, step, cache, kwargs))
+        o = self._hf_site("norm", getattr(self, self._gdn_norm)(o, self.gate(z)), o)
+        out = getattr(self, self._gdn_out)(o.reshape(B, T, -1))
+        return self._hf_site("out_proj", out, hidden_states, dtype=o.dtype)
+
+    def _native_reason(self, cache) -> str | None:
+        if self.native_cached:
+            return "native_cached=True was requested"
+        return _compat.cache_gap(cache)
+
+    def _hf_site(self, name: str, out, like: torch.Tensor, dtype=None):
+        """HF-owned sites (norm, out_proj) are HF's modules: a hook may replace their output, so
+        check it as ours are checked (shape of `like`, dtype `dtype` or like's, device)."""
+        if not (
+            isinstance(out, torch.Tensor)
+            and out.shape == like.shape
+            and out.dtype == (dtype or like.dtype)
+            and out.device == like.device
+        ):
+            got = f"{list(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+            raise SiteValueError(
+                f"site linear_attn.{name} of layer {self.layer_idx}: expected a tensor {list(like.shape)} "
+                f"{dtype or like.dtype} on {like.device}, received {got}"
+            )
+        return out
 
     def _pre_conv(self, p, B: int, T: int) -> torch.Tensor:
-        """The `*_pre_conv` sites, then the conv input [B, T, C]: the projection itself while the
-        sites return its views untouched (no copy), else the concatenation of their outputs."""
+        """The `*_pre_conv` sites, then the conv input [B, T, C]: the fused projection itself while
+        the sites hand back its slices (no copy; edits in place land in it), else the
+        concatenation of their outputs (a listened site under autograd hands back a copy, so
+        its output is in the graph)."""
         q, k, v = self.q_pre_conv(p.q), self.k_pre_conv(p.k), self.v_pre_conv(p.v)
         if p.qkv is not None and q is p.q and k is p.k and v is p.v:
             return p.qkv
         return torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
 
-    def _delta_rule(self, q, k, v, g, beta, S0, cache, kwargs) -> torch.Tensor:
+    def _delta_rule(self, q, k, v, g, beta, step, cache, kwargs) -> torch.Tensor:
         """Runs HF's kernel (recurrent for a cached decode step, chunked otherwise), fires the
         `state` site on each final state and writes the last one to the cache.
 
-        q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV] -> o [B, T, HV, V].
+        q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV] (g <= 0) -> o [B, T, HV, V].
         """
-        T = q.shape[1]
         cu_seqlens = kwargs.pop("cu_seq_lens_q", None)
         # The final state is always requested so the `state` site fires without a cache too;
         # it does not change o.
         common = dict(output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens, **kwargs)
-        if S0 is not None and T == 1:
-            o, S = self._gdn_ns["torch_recurrent_gated_delta_rule"](q, k, v, g=g, beta=beta, initial_state=S0, **common)
+        S0 = step.initial_state
+        if step.recurrent_decode:
+            o, S = _compat.hf_function(self._gdn_hf_class, "torch_recurrent_gated_delta_rule")(
+                q, k, v, g=g, beta=beta, initial_state=S0, **common
+            )
             S = self.state(S)
         elif self.state_positions:
             o, S = self._split_delta_rule(q, k, v, g, beta, S0, common)
         else:
-            o, S = self._gdn_ns["torch_chunk_gated_delta_rule"](q, k, v, g=g, beta=beta, initial_state=S0, **common)
+            o, S = _compat.hf_function(self._gdn_hf_class, "torch_chunk_gated_delta_rule")(
+                q, k, v, g=g, beta=beta, initial_state=S0, **common
+            )
             S = self.state(S)
         if cache is not None:
             cache.update_recurrent_state(S, self.layer_idx)
@@ -149,7 +212,7 @@ class GDNMixin:
         if common["cu_seqlens"] is not None:
             raise ValueError(f"layer {self.layer_idx}: state_positions cannot split packed sequences (cu_seqlens)")
         bounds = _split_bounds(self.state_positions, T, self.layer_idx)
-        chunk = self._gdn_ns["torch_chunk_gated_delta_rule"]
+        chunk = _compat.hf_function(self._gdn_hf_class, "torch_chunk_gated_delta_rule")
         outs = []
         for s, e in zip(bounds[:-1], bounds[1:]):
             o, S = chunk(q[:, s:e], k[:, s:e], v[:, s:e], g=g[:, s:e], beta=beta[:, s:e], initial_state=S, **common)
@@ -157,20 +220,15 @@ class GDNMixin:
             outs.append(o)
         return torch.cat(outs, dim=1), S
 
+    def __reduce_ex__(self, protocol):
+        # The patched class is built at run time, so pickle (copy.deepcopy, torch.save) cannot
+        # name it: name the HF class instead and rebuild the patched one from it.
+        return (_rebuild, (self._gdn_hf_class,), *super().__reduce_ex__(protocol)[2:])
 
-def check_positions(positions: Sequence[int], where: str) -> list[int]:
-    """Strictly increasing, non-negative ints, or a ValueError that starts with `where`."""
-    ps = list(positions)
-    if not ps:
-        raise ValueError(f"{where}: positions must not be empty")
-    if any(isinstance(p, bool) or not hasattr(p, "__index__") for p in ps):
-        raise ValueError(f"{where}: positions must be ints; got {ps}")
-    ps = [p.__index__() for p in ps]
-    if ps[0] < 0:
-        raise ValueError(f"{where}: positions must be non-negative token indices; got {ps}")
-    if any(b <= a for a, b in zip(ps, ps[1:])):
-        raise ValueError(f"{where}: positions must be strictly increasing (sorted, no repeats); got {ps}")
-    return ps
+
+def _rebuild(hf_class: type):
+    cls = hookable_class(hf_class)
+    return cls.__new__(cls)
 
 
 def _split_bounds(positions: Sequence[int], T: int, layer_idx: int) -> list[int]:
@@ -188,10 +246,11 @@ def hookable_class(cls: type) -> type:
     """The patched subclass of HF GDN class `cls` (built once, then reused)."""
     if cls in _CLASSES:
         return _CLASSES[cls]
-    fam = next((f for c in cls.__mro__ if (f := family_of(c))), None)
-    if fam is None:
+    found = family_for(cls)
+    if found is None:
         raise ValueError(f"{cls.__name__} is not a supported GDN class")
-    ns = _compat.hf_namespace(next(c for c in cls.__mro__ if family_of(c)))
+    fam, hf = found
+    _compat.check_hf_module(hf)
     forward = _compat.force_accelerate_hooks("conv1d")(_compat.deprecate_cache_params(GDNMixin.forward))
     new = type(
         f"Hookable{cls.__name__}",
@@ -199,10 +258,11 @@ def hookable_class(cls: type) -> type:
         {
             "forward": forward,
             "_gdn_family": fam,
-            "_gdn_ns": ns,
+            "_gdn_hf_class": hf,
             "_gdn_norm": fam.hf_names["norm"],
             "_gdn_out": fam.hf_names["out_proj"],
             "__module__": __name__,
+            "__qualname__": f"Hookable{cls.__name__}",
             "__doc__": f"{cls.__name__} with a decomposed, hookable forward (gdn_intervene).",
         },
     )

@@ -1,50 +1,95 @@
 """The parameter-free site modules a patched GDN layer routes its values through.
 
 A site's output is the value: read it with a forward hook (nnsight `.output`, pyvene), or
-replace it by returning another tensor from the hook. A replacement must keep the value's
-shape, dtype and device; anything else is an error that names the site, never a broadcast.
+replace it by returning another tensor from the hook, or edit it in place. A replaced or edited
+value must keep its shape, dtype and device and stay finite; anything else is a
+`SiteValueError` that names the site, never a broadcast.
+
+A site nobody listens to (no hooks, no instance `forward` wrapper of nnsight or accelerate, no
+global hooks) is skipped entirely: calling it costs one check, not an `nn.Module` call.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
-__all__ = ["SiteValueError", "Tap", "CausalConv"]
+__all__ = ["SiteValueError", "Tap", "CausalConv", "listened", "own_storage", "contiguous_grad"]
 
 
 class SiteValueError(ValueError):
-    """A site's output was replaced by a value of the wrong type, shape, dtype or device."""
+    """A site's output was replaced by a value of the wrong type, shape, dtype or device, or
+    by a non-finite value."""
+
+
+def _global_hooks() -> bool:
+    m = _torch_module
+    return bool(
+        m._global_forward_hooks
+        or m._global_forward_pre_hooks
+        or m._global_backward_hooks
+        or m._global_backward_pre_hooks
+    )
+
+
+def listened(module: nn.Module) -> bool:
+    """Whether anything can observe `module`'s call: its own hooks, an instance `forward`
+    (nnsight's controller, accelerate's wrapper, a user's patch) or torch's global hooks."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in module.__dict__
+        or _global_hooks()
+    )
 
 
 class _SiteModule(nn.Module):
-    """Base of every site: knows its name and layer, checks replaced outputs."""
+    """Base of every site: knows its name and layer, checks replaced or edited outputs."""
 
     def __init__(self, site_name: str, layer_idx: int):
         super().__init__()
         self.site_name = site_name
         self.layer_idx = layer_idx
 
+    def _where(self) -> str:
+        return f"site linear_attn.{self.site_name} of layer {self.layer_idx}"
+
     def _expect(self, out: Any, like: torch.Tensor) -> None:
-        # Only called when a hook returned a new object; in-place edits cannot change shape.
-        if (
+        """Raise `SiteValueError` unless `out` is a finite tensor like `like` (shape, dtype, device)."""
+        if not (
             isinstance(out, torch.Tensor)
             and out.shape == like.shape
             and out.dtype == like.dtype
             and out.device == like.device
         ):
-            return
-        got = (
-            f"{list(out.shape)} {out.dtype} on {out.device}"
-            if isinstance(out, torch.Tensor)
-            else f"a {type(out).__name__}"
-        )
-        raise SiteValueError(
-            f"site linear_attn.{self.site_name} of layer {self.layer_idx}: expected a tensor "
-            f"{list(like.shape)} {like.dtype} on {like.device}, received {got}"
-        )
+            got = (
+                f"{list(out.shape)} {out.dtype} on {out.device}"
+                if isinstance(out, torch.Tensor)
+                else f"a {type(out).__name__}"
+            )
+            raise SiteValueError(
+                f"{self._where()}: expected a tensor {list(like.shape)} {like.dtype} on {like.device}, "
+                f"received {got}"
+            )
+        bad = ~torch.isfinite(out.detach())
+        if bool(bad.any()):
+            where = bad.nonzero()[0].tolist()
+            value = out.detach()[tuple(where)].item()
+            axes = "position" if out.dim() > 2 and self.site_name != "state" else "index"
+            at = f"{axes} {where[1]}" if axes == "position" else f"index {where}"
+            raise SiteValueError(
+                f"{self._where()}: the new value is not finite ({value} at batch row {where[0]}, {at}). "
+                "The chunk kernel mixes every position of a 64-token chunk, so a NaN or inf would "
+                "silently corrupt earlier positions too. To forget the state at position p, split the "
+                "prefill with gdn_intervene.state_at(model, [p - 1]) and set the `state` site to zero "
+                "there (README, 'Resetting the state')."
+            )
 
     def extra_repr(self) -> str:
         return f"site={self.site_name!r}"
@@ -57,42 +102,118 @@ class Tap(_SiteModule):
         return x
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not listened(self):
+            return x
+        x = own_storage(x)
+        version = x._version
         out = super().__call__(x)
-        if out is not x:
+        if out is not x or out._version != version:  # replaced, or edited in place
             self._expect(out, x)
-        return out
+        return contiguous_grad(out)
 
 
 class CausalConv(_SiteModule):
     """Causal depthwise conv + activation over the concatenated q, k, v, as HF computes it.
 
-    `forward(qkv [B, T, C], weight [C, 1, W], bias, *, cache, conv_state) -> [B, T, C]`.
-    Decode steps (T == 1 with a conv state) use the per-step update kernel, which advances
-    the conv cache in place; other calls write the cache first and run the full conv kernel.
-    The kernels are HF's module-level functions, looked up in `ns` at call time.
+    `forward(qkv [B, T, C], weight [C, 1, W], bias, *, cache, conv_state, decode) -> [B, T, C]`.
+    A decode step (`decode`, decided once per layer call) uses the per-step update kernel,
+    which advances the conv cache in place; other calls write the cache first and run the full
+    conv kernel. The kernels are HF's module-level functions, looked up by module name at call
+    time (a module name, unlike the module's globals, survives `deepcopy` and `pickle`).
+    `trim_always`: HF slices the output to the last T positions on every call, not only with a
+    cache (OLMo-Hybrid); the slice is a no-op on values but not on gradient layout.
     """
 
-    def __init__(self, site_name: str, layer_idx: int, ns: dict, activation: str, kernel_size: int):
+    def __init__(self, site_name: str, layer_idx: int, hf_module: str, activation: str, kernel_size: int, trim_always: bool):
         super().__init__(site_name, layer_idx)
-        self._ns = ns  # a plain dict: not a submodule, not a parameter
+        self.hf_module = hf_module
         self.activation = activation
         self.kernel_size = kernel_size
+        self.trim_always = trim_always
+        self.wrote_cache = False
+        self._produced = None
 
-    def forward(self, qkv, weight, bias=None, *, cache=None, conv_state=None, **kwargs) -> torch.Tensor:
+    def forward(self, qkv, weight, bias=None, *, cache=None, conv_state=None, decode=False, **kwargs) -> torch.Tensor:
+        out = own_storage(self._conv(qkv, weight, bias, cache=cache, conv_state=conv_state, decode=decode, **kwargs))
+        self._produced = (out, out._version)  # lets __call__ tell a hook's edit from our output
+        return out
+
+    def _conv(self, qkv, weight, bias=None, *, cache=None, conv_state=None, decode=False, **kwargs) -> torch.Tensor:
+        ns = vars(sys.modules[self.hf_module])
         T = qkv.shape[1]
         x = qkv.transpose(1, 2)
-        if conv_state is not None and T == 1 and not cache.is_recording_past(self.layer_idx):
-            x = self._ns["causal_conv1d_update"](x, conv_state, weight.squeeze(1), bias, self.activation)
+        if decode:
+            x = ns["causal_conv1d_update"](x, conv_state, weight.squeeze(1), bias, self.activation)
         else:
             if cache is not None:
                 x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.kernel_size)
-            x = self._ns["causal_conv1d_fn"](x, weight.squeeze(1), bias, activation=self.activation, **kwargs)
-            if cache is not None:  # drop the cached left context
+            x = ns["causal_conv1d_fn"](x, weight.squeeze(1), bias, activation=self.activation, **kwargs)
+            if cache is not None or self.trim_always:  # drop the cached left context
                 x = x[:, :, -T:]
+        self.wrote_cache = cache is not None
         return x.transpose(1, 2)
 
-    def __call__(self, qkv, *args, **kwargs) -> torch.Tensor:
-        out = super().__call__(qkv, *args, **kwargs)
-        if not (isinstance(out, torch.Tensor) and out.shape == qkv.shape and out.dtype == qkv.dtype):
+    def write_cache(self, qkv, *, cache, conv_state, decode) -> None:
+        """What `forward` writes to the conv cache, without the conv: for a call whose forward
+        did not run (nnsight `.skip()` with a replacement value)."""
+        x = qkv.transpose(1, 2)
+        if decode:  # the update kernel rolls the window by one column
+            conv_state.copy_(torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)[:, :, -conv_state.shape[-1] :])
+        else:
+            cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.kernel_size)
+
+    def __call__(self, qkv, *args, cache=None, conv_state=None, decode=False, **kwargs) -> torch.Tensor:
+        if not listened(self):
+            return self._conv(qkv, *args, cache=cache, conv_state=conv_state, decode=decode, **kwargs)
+        self.wrote_cache = False
+        self._produced = None
+        try:
+            out = super().__call__(qkv, *args, cache=cache, conv_state=conv_state, decode=decode, **kwargs)
+        finally:
+            produced, self._produced = self._produced, None
+        if produced is None or out is not produced[0] or out._version != produced[1]:
             self._expect(out, qkv)
-        return out
+        if cache is not None and not self.wrote_cache:  # skipped: keep the cache consistent
+            self.write_cache(qkv, cache=cache, conv_state=conv_state, decode=decode)
+        return contiguous_grad(out)
+
+
+# ------------------------------------------------------------------ autograd plumbing
+#
+# Only for a site something listens to, and only under autograd: a site nobody listens to
+# passes its value through untouched, so the backward is HF's, bit for bit.
+
+
+def own_storage(x: torch.Tensor) -> torch.Tensor:
+    """Under autograd, a value listeners may edit or read `.grad` of must own contiguous storage:
+    an in-place edit of a view of another site's value (q of the conv output) would change that
+    value too, and nnsight 0.8.1 reads a batched invoke's gradient by the value's strides and
+    offset in its base. Views and non-contiguous values are copied; others pass as they are."""
+    if torch.is_grad_enabled() and x.requires_grad and (x._base is not None or not x.is_contiguous()):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands upstream a contiguous gradient.
+
+    The kernels transpose their inputs, so the gradient reaching beta, g, q, k, v is a
+    transposed view; nnsight 0.8.1 reads a batch slice of a gradient (a second invoke's rows)
+    with `as_strided` at the value's own (contiguous) strides, and so read permuted numbers.
+    Its output is a view made in a custom Function, which must not be edited in place: every
+    later site takes `own_storage` of what it is given first."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    """`x`, whose gradient arrives contiguous under autograd (see `_ContiguousGrad`)."""
+    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+        return _ContiguousGrad.apply(x)
+    return x

@@ -92,7 +92,7 @@ class PatchedTransformersModel(TransformersModel):
         if not any(isinstance(m, GDNMixin) for m in module.modules()):  # keep a caller's patch options
             patch(module)  # ValueError if there is no GDN module
         for m in gdn_layers(module).values():  # wrapped by another envoy before the patch?
-            _compat.rebind_nnsight_body(m)
+            _compat.rebind_forwards(m)
         return module
 
     def _load_meta(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
@@ -108,10 +108,33 @@ class PatchedTransformersModel(TransformersModel):
         return super()._wrap(self._gdn_patch(module), *args, **kwargs)
 
     def _loaded_preprocessors(self) -> set:
-        impl = _compat.pipeline_class(self.task)
+        impl = _pipeline_class(self.task)
         if impl is None:
             return super()._loaded_preprocessors()
         return {attr for attr, flag in _PREPROCESSOR_FLAGS.items() if getattr(impl, flag, False)}
+
+
+# --- nnsight 0.8.1 / transformers 5.x shims ---
+
+
+def _pipeline_class(task: str | None) -> type | None:
+    """The pipeline class of a transformers task, or None if unknown.
+
+    transformers 5.24 lists it as a dotted string in `check_task(task)[1]["impl"]`; nnsight
+    0.8.1 reads class flags (`_load_tokenizer`, ...) off that entry, finds none on a string, and
+    so its lazy build loads no tokenizer ("Impossible to guess which tokenizer to use")."""
+    import importlib
+
+    from transformers.pipelines import check_task
+
+    try:
+        impl = check_task(task)[1]["impl"]
+    except Exception:  # unknown or unset task: let nnsight decide
+        return None
+    if isinstance(impl, str):
+        module, _, name = impl.rpartition(".")
+        impl = getattr(importlib.import_module(module), name)
+    return impl
 
 
 def load(

@@ -4,15 +4,15 @@ copied), add the site modules, and undo it all exactly."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Mapping
+import types
+from typing import Iterator
 
-import torch
 from torch import nn
 
 from . import _compat
-from .families import family_of, supported_class_names
+from .families import family_for, supported_class_names
 from .layer import GDNMixin, hookable_class
-from .sites import site
+from .sites import Owner, site
 
 __all__ = [
     "patch",
@@ -20,10 +20,22 @@ __all__ = [
     "patched",
     "patch_on_load",
     "from_pretrained",
+    "as_module",
     "gdn_layers",
+    "select_layers",
     "site_module",
-    "intervene",
 ]
+
+
+def as_module(model) -> nn.Module:
+    """The `nn.Module` behind `model`: the model itself, or the module an nnsight model (or any
+    wrapper that keeps it as `_module`, e.g. `gdn_intervene.nnsight.load(...)`) wraps."""
+    if isinstance(model, nn.Module):
+        return model
+    inner = getattr(model, "_module", None)
+    if isinstance(inner, nn.Module):
+        return inner
+    raise TypeError(f"expected a torch.nn.Module (or an nnsight model wrapping one); got {type(model).__name__}")
 
 
 def _looks_gdn(m: nn.Module) -> bool:
@@ -33,7 +45,7 @@ def _looks_gdn(m: nn.Module) -> bool:
 def _candidates(model: nn.Module) -> list[nn.Module]:
     found = []
     for m in model.modules():
-        if isinstance(m, GDNMixin) or any(family_of(c) for c in type(m).__mro__):
+        if isinstance(m, GDNMixin) or family_for(type(m)):
             found.append(m)
         elif _looks_gdn(m):
             raise ValueError(
@@ -44,16 +56,19 @@ def _candidates(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def patch(model: nn.Module, *, native_cached: bool = False, _strict: bool = True) -> nn.Module:
+def patch(model: nn.Module, *, native_cached: bool | None = None, _strict: bool = True) -> nn.Module:
     """Make every GDN module of `model` hookable, in place; returns `model`. Idempotent.
 
         model = gdn_intervene.patch(model)
         model.model.layers[0].linear_attn.beta   # a module now: hook it, trace it
 
     `native_cached=True` runs HF's native forward for every cached call (generation), with a
-    warning that the sites do not fire there. Raises ValueError if `model` has no GDN module.
+    warning that the sites do not fire there; `False` the decomposed one (the default for a new
+    patch). Left out, an already patched module keeps its setting. Raises ValueError if `model`
+    has no GDN module.
     """
     _compat.check_version("transformers")
+    model = as_module(model)
     mods = _candidates(model)
     if not mods and _strict:
         raise ValueError(
@@ -62,37 +77,50 @@ def patch(model: nn.Module, *, native_cached: bool = False, _strict: bool = True
         )
     for m in mods:
         if isinstance(m, GDNMixin):
-            m.native_cached = native_cached
+            if native_cached is not None:
+                m.native_cached = native_cached
             continue
+        _refuse_replaced_forward(m)
         orig = type(m)
         m.__class__ = hookable_class(orig)
         try:
-            m._gdn_install(native_cached)
+            m._gdn_install(bool(native_cached))
         except BaseException:
             m.__class__ = orig
             raise
-        _compat.rebind_wrapped_forward(m)
-        _compat.rebind_nnsight_body(m, orig.forward)
+        _compat.rebind_forwards(m, orig.forward)
     return model
+
+
+def _refuse_replaced_forward(m: nn.Module) -> None:
+    """A forward bound on the instance (hub kernels' `kernelize`) would shadow the patched one."""
+    fwd = m.__dict__.get("forward")
+    if isinstance(fwd, types.MethodType) and fwd.__func__ is not type(m).forward:
+        raise RuntimeError(
+            f"{type(m).__name__} (layer {getattr(m, 'layer_idx', '?')}) has its forward replaced by "
+            f"{getattr(fwd.__func__, '__qualname__', fwd)} (hub kernels: kernelize / use_kernels=True?); a patched "
+            "layer would still run that forward and no site would fire. Load the model without use_kernels, or "
+            "patch before kernelizing and keep the GDN layers out of it."
+        )
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the original HF classes; removes the site modules (and any hooks on them)."""
+    model = as_module(model)
     for m in model.modules():
         if isinstance(m, GDNMixin):
             patched_forward = type(m).forward
             m._gdn_uninstall()
             m.__class__ = next(c for c in type(m).__mro__[1:] if not issubclass(c, GDNMixin) and c is not object)
-            _compat.rebind_wrapped_forward(m)
-            _compat.rebind_nnsight_body(m, patched_forward)
+            _compat.rebind_forwards(m, patched_forward)
     return model
 
 
 @contextlib.contextmanager
 def patched(model: nn.Module, **kw) -> Iterator[nn.Module]:
     """`with patched(model) as m:` patches for the block and restores on exit, also on error.
-    A model that was already patched stays patched."""
-    was = [m for m in model.modules() if isinstance(m, GDNMixin)]
+    A model that was already patched stays patched, with its settings (unless `kw` sets them)."""
+    was = [m for m in as_module(model).modules() if isinstance(m, GDNMixin)]
     patch(model, **kw)
     try:
         yield model
@@ -122,7 +150,7 @@ def patch_on_load() -> Iterator[None]:
         PreTrainedModel.post_init = original
 
 
-def from_pretrained(path: str, *, model_class=None, native_cached: bool = False, **kwargs) -> nn.Module:
+def from_pretrained(path: str, *, model_class=None, native_cached: bool | None = None, **kwargs) -> nn.Module:
     """Load a checkpoint with its GDN modules patched from construction on.
 
     `model_class` defaults to `transformers.AutoModelForCausalLM`; kwargs go to its
@@ -135,11 +163,24 @@ def from_pretrained(path: str, *, model_class=None, native_cached: bool = False,
 
 
 def gdn_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """{layer_idx: patched GDN module}, in layer order."""
+    """{layer_idx: patched GDN module}, in layer order (`model` may be an nnsight model)."""
+    model = as_module(model)
     out = {m.layer_idx: m for m in model.modules() if isinstance(m, GDNMixin)}
     if not out:
         raise ValueError(f"{type(model).__name__} is not patched (call gdn_intervene.patch(model) first)")
     return dict(sorted(out.items()))
+
+
+def select_layers(model: nn.Module, layers=None) -> dict[int, nn.Module]:
+    """{layer: patched GDN module} for `layers`: None (all), an int, or an iterable of ints."""
+    mods = gdn_layers(model)
+    if layers is None:
+        return mods
+    wanted = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else list(layers)
+    bad = [l for l in wanted if isinstance(l, bool) or not isinstance(l, int) or l not in mods]
+    if bad or not wanted:
+        raise ValueError(f"layers must be GDN layer indices from {list(mods)}; got {wanted!r}")
+    return {l: mods[l] for l in wanted}
 
 
 def site_module(model: nn.Module, layer: int, name: str) -> nn.Module:
@@ -152,28 +193,12 @@ def _site_in(layers: dict[int, nn.Module], layer: int, name: str) -> nn.Module:
     if layer not in layers:
         raise ValueError(f"layer {layer} is not a GDN layer; GDN layers are {list(layers)}")
     m = layers[layer]
-    return getattr(m, m._gdn_family.hf_names[name]) if s.owner == "hf" else getattr(m, name)
+    return getattr(m, m._gdn_family.hf_names[name]) if s.owner is Owner.HF else getattr(m, name)
 
 
-Edit = Callable[[torch.Tensor], "torch.Tensor | None"]
+def __getattr__(name: str):  # `intervene` moved to gdn_intervene.edit
+    if name == "intervene":
+        from .edit import intervene
 
-
-@contextlib.contextmanager
-def intervene(model: nn.Module, edits: Mapping[tuple[int, str], Edit]) -> Iterator[None]:
-    """Plain-PyTorch interventions: `{(layer, site): fn}`; `fn(value)` returns a replacement
-    or None (after editing in place). Hooks are removed on exit, also on error.
-
-        with gdn_intervene.intervene(model, {(0, "beta"): lambda b: b * 0}):
-            logits = model(ids).logits
-    """
-    handles = []
-    try:
-        layers = gdn_layers(model) if edits else {}
-        for (layer, name), fn in edits.items():
-            module = _site_in(layers, layer, name)
-            handles.append(module.register_forward_hook(lambda mod, args, out, fn=fn: fn(out)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
+        return intervene
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

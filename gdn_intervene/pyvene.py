@@ -51,9 +51,9 @@ import torch
 from torch import nn
 
 from . import _compat
-from .families import FAMILIES
+from .families import FAMILIES, Family
 from .patch import site_module
-from .sites import SITES, Site
+from .sites import SITES, Mixer, Owner, Site
 
 __all__ = ["register", "COMPONENTS", "model_classes", "component"]
 
@@ -79,11 +79,17 @@ def _letters(c) -> dict[str, int]:
 
 
 def _site_width(s: Site, per_head: bool) -> Callable:
-    # shape letters without B and T: the head letter, if any, comes first ([HV, K, V], [HV, V])
-    letters = [x.strip() for x in s.shape.strip("[]").split(",") if x.strip() not in ("B", "T")]
-    if per_head:
-        letters = letters[1:]
-    return lambda c: math.prod(_letters(c)[x] for x in letters)
+    """width(config, mixer) of the site's `[B, T, X]` view, read off the registry's shape letters
+    (without B and T; the head letter, if any, comes first: [HV, K, V], [HV, V])."""
+
+    def width(c, mixer: Mixer = Mixer.GDN) -> int:
+        letters = [x for x in s.shape_for(mixer) if x not in ("B", "T")]
+        return math.prod(_letters(c)[x] for x in (letters[1:] if per_head else letters))
+
+    return width
+
+
+_HEAD_FIELDS = {"HK": "linear_num_key_heads", "HV": "linear_num_value_heads"}
 
 
 def _site_name(s: Site) -> str:
@@ -124,7 +130,7 @@ def _components() -> dict[str, Component]:
         name = _site_name(s)
         out.append(Component(name, f"linear_attn.{s.name}", "output", _site_width(s, False), site=s))
         if s.head_axis is not None:
-            heads = {"HK": "linear_num_key_heads", "HV": "linear_num_value_heads"}[s.heads]
+            heads = _HEAD_FIELDS[s.heads]
             out.append(Component("head_" + name, f"linear_attn.{s.name}", "output", _site_width(s, True), s, heads))
     return {c.name: c for c in out}
 
@@ -195,16 +201,15 @@ def register() -> list[type]:
         for c in COMPONENTS.values():
             hook = CONST_OUTPUT_HOOK if c.hook == "output" else CONST_INPUT_HOOK
             path = f"{prefix}[%s]" + (f".{c.path}" if c.path else "")
-            if c.site is not None and c.site.owner == "hf":  # norm/out_proj: o_norm/o_proj in OLMo-Hybrid
-                fam = next(f for f in FAMILIES if any(m == cls.__module__ for m, _ in f.classes))
-                path = f"{prefix}[%s].linear_attn.{fam.hf_names[c.site.name]}"
+            if c.site is not None and c.site.owner is Owner.HF:  # norm/out_proj: o_norm/o_proj in OLMo-Hybrid
+                path = f"{prefix}[%s].linear_attn.{_family_of_model(cls).hf_names[c.site.name]}"
             modules[c.name] = (path, hook) + (((_split_heads, c.heads),) if c.heads else ())
             if c.heads:
                 dims[c.heads] = (cfg + c.heads,)  # pyvene reads split counts from here
         pyvene.type_to_module_mapping[cls] = modules
         pyvene.type_to_dimension_mapping[cls] = dims
         _REGISTERED.add(cls)
-    _compat.wrap_pyvene(
+    _wrap_pyvene(
         {
             "get_module_hook": _wrap_get_module_hook,
             "get_dimension_by_component": _wrap_get_dimension,
@@ -212,6 +217,12 @@ def register() -> list[type]:
         }
     )
     return classes
+
+
+def _family_of_model(model_type) -> Family:
+    """The GDN family of a registered model class (by its modeling module)."""
+    cls = model_type if isinstance(model_type, type) else type(model_type)
+    return next(f for f in FAMILIES if any(m == cls.__module__ for m, _ in f.classes))
 
 
 def _split_heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -224,13 +235,33 @@ def _ours(model_or_type) -> bool:
     return t in _REGISTERED
 
 
-# ---- the three pyvene wrappers (installed by _compat.wrap_pyvene) ----
+# ---- pyvene 0.1.8 shims: the three wrappers, installed by _wrap_pyvene ----
+
+
+def _wrap_pyvene(wrappers: dict) -> None:
+    """Replace functions of pyvene 0.1.8's `pyvene.models.intervenable_base`, once each:
+    `{name: make}` sets `name` there to `make(original)`. `IntervenableModel` calls
+    `get_module_hook`, `get_dimension_by_component` and `remove_forward_hooks` through that
+    module's globals (star-imported from `modeling_utils`), so this is where they are reached."""
+    import pyvene.models.intervenable_base as base
+
+    for name, make in wrappers.items():
+        original = getattr(base, name)
+        if not getattr(original, "_gdn_wrapped", False):
+            new = make(original)
+            new._gdn_wrapped = True
+            setattr(base, name, new)
+
+
+
 
 
 def _wrap_get_dimension(original):
     def get_dimension_by_component(model_type, model_config, comp):
         if _ours(model_type) and comp in COMPONENTS:
-            return COMPONENTS[comp].width(_text_config(model_config))
+            c = COMPONENTS[comp]
+            cfg = _text_config(model_config)
+            return c.width(cfg, _family_of_model(model_type).mixer) if c.site is not None else c.width(cfg)
         return original(model_type, model_config, comp)
 
     return get_dimension_by_component
@@ -308,7 +339,7 @@ class _Adapter:
         comp, layer, heads = self.comp, self.layer, self.heads
 
         def adapter(module, args, kwargs, out):
-            lead = (out.shape[0], 1) if comp.site.name == "state" else tuple(out.shape[:2])
+            lead = tuple(out.shape[:2]) if comp.site.has_time else (out.shape[0], 1)
             flat = out.reshape(*lead, -1).clone()
             try:
                 hook(module, args, kwargs, flat)
@@ -323,7 +354,7 @@ class _Adapter:
 
 
 def _range_message(comp: Component, layer: int, T: int, heads: int | None) -> str:
-    where = f"positions 0..{T - 1} (T={T})" if comp.site.name != "state" else "position 0 only (one state per call)"
+    where = f"positions 0..{T - 1} (T={T})" if comp.site.has_time else "position 0 only (one value per call)"
     if heads is not None:
         where = f"{heads} heads ({comp.site.heads}, indices 0..{heads - 1}) and {where}"
     return f"pyvene component {comp.name!r} at layer {layer}: a unit location is out of range; this value has {where}"

@@ -1,63 +1,115 @@
 """The site registry: every hook point of a patched GDN layer, in execution order.
 
-One tuple, `SITES`, drives the README table, the pyvene component mapping and the test
-parametrisation. Shape letters: B batch, T tokens of this call, HK key heads, HV value heads,
-K key head dim, V value head dim, C = 2*HK*K + HV*V conv channels, D model width.
+`SITES` holds every per-site fact; the README table, the pyvene components and widths, the
+capture object and the test parametrisation read it. Shape letters: B batch, T tokens of this
+call, HK key heads, HV value heads, K key head dim, V value head dim, C = 2*HK*K + HV*V conv
+channels, D model width.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping
 
-__all__ = ["Site", "SITES", "SITE_NAMES", "TAP_SITES", "site"]
+__all__ = ["Owner", "Fires", "Mixer", "Site", "SITES", "SITE_NAMES", "TAP_SITES", "site"]
+
+HEAD_LETTERS = ("HK", "HV")
+
+
+class Owner(enum.Enum):
+    OURS = "ours"  # a parameter-free module this library adds
+    HF = "hf"  # HF's own module (the gated norm, the output projection)
+
+
+class Fires(enum.Enum):
+    PER_CALL = "once per forward call"
+    PER_SPLIT = "once per split of the prefill (see state_at), else once per call"
+
+
+class Mixer(enum.Enum):
+    """What the token mixer's decay looks like; sites whose shape depends on it say so."""
+
+    GDN = "gdn"  # one log decay per value head: g [B, T, HV]
+    KDA = "kda"  # Kimi Delta Attention: one log decay per key channel: g [B, T, HV, K]
 
 
 @dataclass(frozen=True)
 class Site:
     """One hook point under `linear_attn`.
 
-    name:  attribute name on every patched GDN module (for HF-owned modules, the canonical
-           name; `Family.hf_names` maps it to the family's attribute, e.g. norm -> o_norm).
-    shape: shape letters of the module's output.
-    meaning: one line for the docs.
-    head_axis: axis of the output that indexes heads (None: no head axis).
-    heads: "HK" or "HV", which head count `head_axis` counts.
-    owner: "ours" (a parameter-free module this library adds) or "hf" (HF's own module).
+    name: attribute on every patched GDN module (for HF-owned modules the canonical name;
+        `Family.hf_names` maps it to the family's attribute, e.g. norm -> o_norm).
+    shape: letters of the output's axes, for GDN; `shapes` overrides it per `Mixer`.
+    owner: `Owner.OURS` or `Owner.HF`.  fires: how often the site fires per forward call.
     """
 
     name: str
-    shape: str
+    shape: tuple[str, ...]
     meaning: str
-    head_axis: int | None = None
-    heads: str | None = None
-    owner: str = "ours"
+    owner: Owner = Owner.OURS
+    fires: Fires = Fires.PER_CALL
+    shapes: Mapping[Mixer, tuple[str, ...]] = field(default_factory=dict)
+
+    def shape_for(self, mixer: Mixer = Mixer.GDN) -> tuple[str, ...]:
+        return self.shapes.get(mixer, self.shape)
+
+    @property
+    def head_axis(self) -> int | None:
+        """Axis of the output that indexes heads (derived from the shape), or None."""
+        return next((i for i, x in enumerate(self.shape) if x in HEAD_LETTERS), None)
+
+    @property
+    def heads(self) -> str | None:
+        """"HK" or "HV": which head count `head_axis` counts."""
+        return None if self.head_axis is None else self.shape[self.head_axis]
+
+    @property
+    def has_time(self) -> bool:
+        """Whether the output has a T axis (axis 1); the state has none."""
+        return "T" in self.shape
 
     @property
     def ndim(self) -> int:
-        return len(self.shape.strip("[]").split(","))
+        return len(self.shape)
 
+    def shape_str(self, mixer: Mixer = Mixer.GDN) -> str:
+        return "[" + ", ".join(self.shape_for(mixer)) + "]"
+
+
+_KDA_DECAY = {Mixer.KDA: ("B", "T", "HV", "K")}
 
 SITES: tuple[Site, ...] = (
-    Site("q_pre_conv", "[B, T, HK, K]", "query projection per head, before the causal conv", 2, "HK"),
-    Site("k_pre_conv", "[B, T, HK, K]", "key projection per head, before the causal conv", 2, "HK"),
-    Site("v_pre_conv", "[B, T, HV, V]", "value projection per head, before the causal conv", 2, "HV"),
-    Site("conv", "[B, T, C]", "causal depthwise conv + SiLU over concatenated q, k, v (reads/writes the conv cache)"),
-    Site("q", "[B, T, HK, K]", "query after the conv, before L2 norm, scaling and GQA expansion", 2, "HK"),
-    Site("k", "[B, T, HK, K]", "key after the conv, before L2 norm and GQA expansion", 2, "HK"),
-    Site("v", "[B, T, HV, V]", "value after the conv", 2, "HV"),
-    Site("beta_logit", "[B, T, HV]", "write strength before the sigmoid", 2, "HV"),
-    Site("beta", "[B, T, HV]", "write strength the recurrence uses: sigmoid (x2 where negative eigenvalues are allowed)", 2, "HV"),
-    Site("decay_logit", "[B, T, HV]", "decay input a, before softplus", 2, "HV"),
-    Site("decay", "[B, T, HV]", "log decay g = -exp(A_log) * softplus(a + dt_bias); g <= 0, decay = exp(g)", 2, "HV"),
-    Site("state", "[B, HV, K, V]", "recurrent state after this call (or after each split, see state_at); written to the cache", 1, "HV"),
-    Site("recurrence", "[B, T, HV, V]", "delta-rule output o (chunk kernel in prefill, recurrent kernel in decode)", 2, "HV"),
-    Site("gate", "[B, T, HV, V]", "output gate z, before SiLU", 2, "HV"),
-    Site("norm", "[B, T, HV, V]", "gated RMSNorm output (HF's module, called on 4-D input)", 2, "HV", owner="hf"),
-    Site("out_proj", "[B, T, D]", "layer output (HF's module)", owner="hf"),
+    Site("q_pre_conv", ("B", "T", "HK", "K"), "query projection per head, before the causal conv"),
+    Site("k_pre_conv", ("B", "T", "HK", "K"), "key projection per head, before the causal conv"),
+    Site("v_pre_conv", ("B", "T", "HV", "V"), "value projection per head, before the causal conv"),
+    Site("conv", ("B", "T", "C"), "causal depthwise conv + SiLU over concatenated q, k, v (reads/writes the conv cache)"),
+    Site("q", ("B", "T", "HK", "K"), "query after the conv, before L2 norm, scaling and GQA expansion"),
+    Site("k", ("B", "T", "HK", "K"), "key after the conv, before L2 norm and GQA expansion"),
+    Site("v", ("B", "T", "HV", "V"), "value after the conv"),
+    Site("beta_logit", ("B", "T", "HV"), "write strength before the sigmoid"),
+    Site("beta", ("B", "T", "HV"), "write strength the recurrence uses: sigmoid (x2 where negative eigenvalues are allowed)"),
+    Site("decay_logit", ("B", "T", "HV"), "decay input a, before softplus", shapes=_KDA_DECAY),
+    Site(
+        "decay",
+        ("B", "T", "HV"),
+        "log decay g = -exp(A_log) * softplus(a + dt_bias); g <= 0, decay = exp(g)",
+        shapes=_KDA_DECAY,
+    ),
+    Site(
+        "state",
+        ("B", "HV", "K", "V"),
+        "recurrent state after this call (or after each split, see state_at); written to the cache",
+        fires=Fires.PER_SPLIT,
+    ),
+    Site("recurrence", ("B", "T", "HV", "V"), "delta-rule output o (chunk kernel in prefill, recurrent kernel in decode)"),
+    Site("gate", ("B", "T", "HV", "V"), "output gate z, before SiLU"),
+    Site("norm", ("B", "T", "HV", "V"), "gated RMSNorm output (HF's module, called on 4-D input)", owner=Owner.HF),
+    Site("out_proj", ("B", "T", "D"), "layer output (HF's module)", owner=Owner.HF),
 )
 
 SITE_NAMES: tuple[str, ...] = tuple(s.name for s in SITES)
-TAP_SITES: tuple[Site, ...] = tuple(s for s in SITES if s.owner == "ours")
+TAP_SITES: tuple[Site, ...] = tuple(s for s in SITES if s.owner is Owner.OURS)
 _BY_NAME = {s.name: s for s in SITES}
 
 
@@ -65,5 +117,5 @@ def site(name: str) -> Site:
     """The `Site` called `name`; a clear error listing the sites otherwise."""
     try:
         return _BY_NAME[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown site {name!r}; sites are: {', '.join(SITE_NAMES)}") from None

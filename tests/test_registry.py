@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_public_api_is_pinned():
     assert sorted(gi.__all__) == sorted([
         "patch", "unpatch", "patched", "patch_on_load", "from_pretrained", "gdn_layers", "site_module",
-        "intervene", "SITES", "Site", "FAMILIES", "SiteValueError", "NativeFallbackWarning", "UnsupportedVersionError",
+        "intervene", "state_at", "capture", "Capture", "SITES", "Site", "FAMILIES", "family_for", "SiteValueError",
+        "NativeFallbackWarning", "UnsupportedVersionError",
     ])
     assert all(hasattr(gi, name) for name in gi.__all__)
 
