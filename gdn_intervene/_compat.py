@@ -26,6 +26,7 @@ __all__ = [
     "force_accelerate_hooks",
     "deprecate_cache_params",
     "rebind_forwards",
+    "remove_forward_hooks_where",
 ]
 
 # package -> (lowest tested, first untested). Keep in step with pyproject.toml.
@@ -156,6 +157,19 @@ def force_accelerate_hooks(name: str):
 def deprecate_cache_params(fn):
     """Accept the pre-5.x keyword `cache_params` as HF's GDN forward does."""
     return _decorators()[1]("cache_params", "5.40.0", new_name="cache")(fn)
+
+
+def remove_forward_hooks_where(module, predicate) -> None:
+    """Remove the forward (pre-)hooks of `module` whose function satisfies `predicate`, with the
+    bookkeeping torch keeps beside them (private dicts: `_forward_hooks_with_kwargs`, ...)."""
+    for hooks, extra in (
+        (module._forward_hooks, (module._forward_hooks_with_kwargs, module._forward_hooks_always_called)),
+        (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+    ):
+        for hid in [h for h, fn in hooks.items() if predicate(fn)]:
+            hooks.pop(hid)
+            for d in extra:
+                d.pop(hid, None)
 
 
 def cache_kwarg(kwargs: dict) -> Any:

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
+from .sites import site
+
 __all__ = ["SiteValueError", "Tap", "CausalConv", "listened", "own_storage", "contiguous_grad"]
 
 
@@ -81,8 +83,7 @@ class _SiteModule(nn.Module):
         if bool(bad.any()):
             where = bad.nonzero()[0].tolist()
             value = out.detach()[tuple(where)].item()
-            axes = "position" if out.dim() > 2 and self.site_name != "state" else "index"
-            at = f"{axes} {where[1]}" if axes == "position" else f"index {where}"
+            at = f"position {where[1]}" if site(self.site_name).has_time else f"head {where[1]}"
             raise SiteValueError(
                 f"{self._where()}: the new value is not finite ({value} at batch row {where[0]}, {at}). "
                 "The chunk kernel mixes every position of a 64-token chunk, so a NaN or inf would "
@@ -180,16 +181,19 @@ class CausalConv(_SiteModule):
 
 # ------------------------------------------------------------------ autograd plumbing
 #
-# Only for a site something listens to, and only under autograd: a site nobody listens to
-# passes its value through untouched, so the backward is HF's, bit for bit.
+# Only for a site something listens to: a site nobody listens to passes its value through
+# untouched, so the forward and the backward are HF's, bit for bit. (For a listened site the
+# gradient's layout may change, and with it the last bits of the parameter gradients that sum
+# over positions, such as A_log's and dt_bias's.)
 
 
 def own_storage(x: torch.Tensor) -> torch.Tensor:
-    """Under autograd, a value listeners may edit or read `.grad` of must own contiguous storage:
-    an in-place edit of a view of another site's value (q of the conv output) would change that
-    value too, and nnsight 0.8.1 reads a batched invoke's gradient by the value's strides and
-    offset in its base. Views and non-contiguous values are copied; others pass as they are."""
-    if torch.is_grad_enabled() and x.requires_grad and (x._base is not None or not x.is_contiguous()):
+    """A value listeners may edit in place or read `.grad` of must own contiguous storage. As a
+    view of another value (q, k, v of the conv output; the pre-conv slices of a fused
+    projection) an in-place edit would silently change that value too, autograd may refuse the
+    edit, and nnsight 0.8.1 reads a batched invoke's gradient by the value's strides and offset
+    in its base. Views and non-contiguous values are copied; others pass as they are."""
+    if x._base is not None or not x.is_contiguous():
         return x.clone(memory_format=torch.contiguous_format)
     return x
 

@@ -297,14 +297,7 @@ def _wrap_remove_hooks(original):
         if not _ours(main_module):
             return original(main_module)
         for m in main_module.modules():
-            for hooks, extra in (
-                (m._forward_hooks, (m._forward_hooks_with_kwargs, m._forward_hooks_always_called)),
-                (m._forward_pre_hooks, (m._forward_pre_hooks_with_kwargs,)),
-            ):
-                for hid in [h for h, fn in hooks.items() if _is_pyvene_hook(fn)]:
-                    hooks.pop(hid)
-                    for d in extra:
-                        d.pop(hid, None)
+            _compat.remove_forward_hooks_where(m, _is_pyvene_hook)
 
     return remove_forward_hooks
 

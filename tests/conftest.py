@@ -1,18 +1,34 @@
+"""Shared fixtures and helpers. `tests/` is on the import path through pytest's `pythonpath`
+setting (pyproject.toml), so test files import `models`, `reference` and these helpers directly."""
+
 import copy
 import functools
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: threads only add contention
 
 import models  # noqa: E402
 
 import gdn_intervene as gi  # noqa: E402
+
+
+def logits(model, ids, mask=None, **kw) -> torch.Tensor:
+    """[B, T, vocab] logits of one no-grad forward."""
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
+def no_hooks(model) -> bool:
+    return all(not (m._forward_hooks or m._forward_pre_hooks) for m in model.modules())
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ids_for, left_pad_mask
+from conftest import ids_for, left_pad_mask, logits, no_hooks
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import gdn_intervene as gi
@@ -22,15 +22,6 @@ from reference import hf_gdn, kernel_edit
 
 NAMES = list(MODELS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def logits(model, ids, mask=None, **kw):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, **kw).logits
-
-
-def no_hooks(model):
-    return all(not (m._forward_hooks or m._forward_pre_hooks) for m in model.modules())
 
 
 # ---------------------------------------------------------------- parity

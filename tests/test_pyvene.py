@@ -7,7 +7,7 @@ the edit through the recurrence).
 
 import pytest
 import torch
-from conftest import ids_for
+from conftest import ids_for, no_hooks
 
 import gdn_intervene as gi
 from models import MODELS, build
@@ -35,10 +35,6 @@ def models(pair):
         for p in patched.parameters():
             p.requires_grad_(True)
         assert all(not (m._forward_hooks or m._forward_pre_hooks) for m in patched.modules()), "hooks left behind"
-
-
-def no_hooks(model):
-    return all(not (m._forward_hooks or m._forward_pre_hooks) for m in model.modules())
 
 
 def hp(h, p):  # h.pos unit location, same for every batch row
