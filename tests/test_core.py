@@ -45,33 +45,47 @@ def _conv_rec(cache, layers):
     return [(cache.get_conv_state(i).clone(), cache.get_recurrent_state(i).clone()) for i in layers]
 
 
+def _decode_both(patched, ref, steps=7):
+    """A 64-token padded prefill (pads inside the one 64-token chunk), then greedy decode steps
+    by hand on both models; yields (step, logits_p, logits_r, caches, mask) after every call."""
+    layers = list(gi.gdn_layers(patched))
+    ids, mask = ids_for(64), left_pad_mask(3, 64)
+    caches = {k: DynamicCache(config=m.config.get_text_config()) for k, m in (("p", patched), ("r", ref))}
+    step_ids = ids
+    for step in range(steps):
+        outs = {k: logits(m, step_ids, mask, cache=caches[k], use_cache=True) for k, m in (("p", patched), ("r", ref))}
+        yield step, outs, [(_conv_rec(caches[k], layers)) for k in ("p", "r")], caches, mask
+        nxt = outs["p"][:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        step_ids = nxt
+
+
 @pytest.mark.parametrize("hv_ratio", [1, 2], ids=["hv=hk", "hv=2hk"])
 @pytest.mark.parametrize("name", NAMES)
-def test_cached_decode_bitwise(pair, name, hv_ratio):
-    """Prefill (padded), then 6 decode steps by hand: logits and both cache states equal after
-    every call; then a 5-token cached continuation; then greedy generate of 20 tokens."""
+def test_cached_decode_steps_bitwise(pair, name, hv_ratio):
+    """Prefill (padded), then 6 decode steps: logits and both cache states equal after every call."""
     patched, ref = pair(name, hv_ratio)
-    layers = list(gi.gdn_layers(patched))
-    ids, mask = ids_for(64), left_pad_mask(3, 64)  # pads inside the one 64-token chunk
-    caches = {}
-    for key, model in (("p", patched), ("r", ref)):
-        caches[key] = DynamicCache(config=model.config.get_text_config())
-    step_ids, step_mask = ids, mask
-    for step in range(7):
-        outs = {k: logits(m, step_ids, step_mask, cache=caches[k], use_cache=True)
-                for k, m in (("p", patched), ("r", ref))}
+    for step, outs, (mine, theirs), _, _ in _decode_both(patched, ref):
         assert torch.equal(outs["p"], outs["r"]), f"logits differ at step {step}"
-        for (cp, rp), (cr, rr) in zip(_conv_rec(caches["p"], layers), _conv_rec(caches["r"], layers)):
+        for (cp, rp), (cr, rr) in zip(mine, theirs):
             assert torch.equal(cp, cr) and torch.equal(rp, rr), f"cache differs at step {step}"
-        nxt = outs["p"][:, -1:].argmax(-1)
-        step_mask = torch.cat([step_mask, torch.ones_like(nxt)], dim=1)
-        step_ids = nxt
-    more = ids_for(5, seed=1)
-    step_mask = torch.cat([step_mask, torch.ones_like(more)], dim=1)
-    cont = {k: logits(m, more, step_mask, cache=caches[k], use_cache=True)
-            for k, m in (("p", patched), ("r", ref))}
-    assert torch.equal(cont["p"], cont["r"])  # multi-token cached continuation (chunk kernel + initial state)
 
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cached_multi_token_continuation_bitwise(pair, name):
+    """After prefill and two decode steps, a 5-token cached call (chunk kernel + initial state)."""
+    patched, ref = pair(name)
+    *_, (_, _, _, caches, mask) = _decode_both(patched, ref, steps=3)
+    more = ids_for(5, seed=1)
+    mask = torch.cat([mask, torch.ones_like(more)], dim=1)  # the mask of the last call, plus 5
+    cont = {k: logits(m, more, mask, cache=caches[k], use_cache=True) for k, m in (("p", patched), ("r", ref))}
+    assert torch.equal(cont["p"], cont["r"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_generate_bitwise(pair, name):
+    patched, ref = pair(name)
+    ids, mask = ids_for(64), left_pad_mask(3, 64)
     gen = {k: m.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, min_new_tokens=20)
            for k, m in (("p", patched), ("r", ref))}
     assert gen["p"].shape[1] == 84 and torch.equal(gen["p"], gen["r"])
@@ -155,26 +169,22 @@ def test_patch_on_load_builds_patched_modules(tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_site_fires_once_per_call(pair, name):
+    """Fire counts as the registry states them: once per call (prefill and each decode step);
+    `state` (Fires.PER_SPLIT) once per split of a prefill under state_at."""
     patched, _ = pair(name)
-    counts = {}
-    handles = [
-        gi.site_module(patched, layer, s.name).register_forward_hook(
-            lambda *a, key=(layer, s.name): counts.__setitem__(key, counts.get(key, 0) + 1)
-        )
-        for layer in gi.gdn_layers(patched)
-        for s in SITES
-    ]
-    try:
-        cache = DynamicCache(config=patched.config.get_text_config())
-        ids = ids_for(5)
-        logits(patched, ids, cache=cache, use_cache=True)
-        assert set(counts.values()) == {1} and len(counts) == 2 * len(SITES)
+    ids = ids_for(5)
+    with gi.capture(patched, clone=False) as cache:
+        kv = DynamicCache(config=patched.config.get_text_config())
+        logits(patched, ids, cache=kv, use_cache=True)
+        assert {len(v) for _, v in cache.items()} == {1} and len(cache) == 2 * len(SITES)
         for step in range(1, 4):
-            logits(patched, ids[:, :1], cache=cache, use_cache=True)
-            assert set(counts.values()) == {1 + step}
-    finally:
-        for h in handles:
-            h.remove()
+            logits(patched, ids[:, :1], cache=kv, use_cache=True)
+            assert {len(v) for _, v in cache.items()} == {1 + step}
+    with gi.capture(patched, clone=False) as cache, gi.state_at(patched, [1, 3]):
+        logits(patched, ids, use_cache=False)
+    for (layer, sname), values in cache.items():
+        assert len(values) == (3 if gi.sites.site(sname).fires is gi.sites.Fires.PER_SPLIT else 1), sname
+    assert no_hooks(patched)
 
 
 # ---------------------------------------------------------------- interventions

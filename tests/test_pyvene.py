@@ -267,7 +267,7 @@ def test_mapping_paths_and_widths(models, name):
         assert mod is gi.site_module(patched, 0, c.site.name)
 
         def keep(m, a, o, c=c):
-            lead = 1 if c.site.name == "state" else o.shape[1]
+            lead = o.shape[1] if c.site.has_time else 1
             widths[c.name] = o[0].numel() // lead
         hooks.append(mod.register_forward_hook(keep))
     with torch.no_grad():
