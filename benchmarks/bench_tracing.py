@@ -20,8 +20,8 @@ import torch
 import transformers
 
 import gdn_intervene as gi
-from gdn_intervene.analysis import state_at
-from gdn_intervene.cli import demo_prompts
+from gdn_intervene import state_at
+from gdn_intervene.toy.mqar import demo_prompts
 from gdn_intervene.toy import load_toy
 from gdn_intervene.tracing import TRACE_SITES, causal_trace
 

@@ -32,9 +32,9 @@ def main(argv=None) -> None:
     model, tok = load(args.model)
     gi.patch(model)
     if args.prompt is None:  # an MQAR prompt: 8 key-value pairs, then a queried key
-        from gdn_intervene.cli import demo_prompts
+        from gdn_intervene.toy.mqar import demo_prompts
 
-        ids = demo_prompts(seed=0)[0]
+        ids = demo_prompts(seed=0).clean
     else:
         ids = tok(args.prompt, return_tensors="pt").input_ids
 

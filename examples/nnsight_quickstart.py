@@ -57,21 +57,29 @@ def read_beta_decay(lm, prompt: str) -> tuple[dict[int, torch.Tensor], dict[int,
 
 
 def plot(beta: dict, decay: dict, out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Two heatmaps (GDN layer x value head) on ONE fixed 0-1 scale (beta up to 2 where negative
+    eigenvalues are allowed), each cell labelled with its value."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     layers = list(beta)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 1.5 + 0.4 * len(layers)), squeeze=False)
-    for ax, (title, values) in zip(axes[0], [("mean beta", beta), ("mean decay = exp(g)", decay)]):
-        grid = torch.stack([values[layer].mean(0) for layer in layers]).numpy()  # [layers, HV]
-        im = ax.imshow(grid, aspect="auto", cmap="viridis")
-        ax.set(title=title, xlabel="value head", ylabel="GDN layer", xticks=range(grid.shape[1]),
+    grids = [(title, torch.stack([values[layer].mean(0) for layer in layers]).numpy())  # [layers, HV]
+             for title, values in [("mean beta\n(write strength)", beta), ("mean decay = exp(g)\n(1 keeps the state, 0 forgets)", decay)]]
+    top = max(1.0, max(float(g.max()) for _, g in grids))
+    HV = grids[0][1].shape[1]
+    fig = Figure(figsize=(max(7.5, 3 + 1.3 * HV), 2.6 + 0.45 * len(layers)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    for ax, (title, grid) in zip(axes, grids):
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top)
+        for (i, h), v in np.ndenumerate(grid):
+            ax.text(h, i, f"{v:.3f}", ha="center", va="center", fontsize=8, color="white" if v < 0.6 * top else "black")
+        ax.set_title(title, fontsize=10)
+        ax.set(xlabel="value head", ylabel="GDN layer", xticks=range(grid.shape[1]),
                yticks=range(len(layers)), yticklabels=layers)
-        fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.colorbar(im, ax=list(axes), shrink=0.9).set_label(f"mean over tokens (one scale, 0 to {top:g})")
+    fig.savefig(out, dpi=160)
 
 
 def main(argv=None) -> None:

@@ -26,20 +26,46 @@ import gdn_intervene.pyvene as gp
 
 
 def load(args):
+    """(patched model, clean ids [1, T], corrupted ids [1, T], token labels)."""
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(args.model)
         model = gi.patch(AutoModelForCausalLM.from_pretrained(args.model).eval())
         clean, corrupt = (tok(s, return_tensors="pt").input_ids for s in (args.clean, args.corrupt))
-        return model, clean, corrupt
+        return model, clean, corrupt, tok.convert_ids_to_tokens(clean[0].tolist())
     # The bundled MQAR model: the queried pair's key in the context replaced by an absent key.
-    from gdn_intervene.cli import demo_prompts
     from gdn_intervene.toy import load_toy
+    from gdn_intervene.toy.mqar import demo_prompts
 
-    model, _ = load_toy()
-    clean, corrupt, _ = demo_prompts(args.seed, corrupt="key")
-    return gi.patch(model), clean, corrupt
+    model, tok = load_toy()
+    clean, corrupt, _ = demo_prompts(args.seed, "key")
+    return gi.patch(model), clean, corrupt, tok.convert_ids_to_tokens(clean[0].tolist())
+
+
+def plot(grid, layers, positions, tokens, corrupted, title, out):
+    """Layers x positions heatmap, x ticks `pos:token` (corrupted positions in red)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2.5 + 0.45 * len(positions), 2.2 + 0.45 * len(layers)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(grid.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    for i in range(len(layers)):
+        for j in range(len(positions)):
+            if abs(grid[i, j]) >= 0.05:
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(grid[i, j]) > 0.6 else "black")
+    ax.set_xticks(range(len(positions)), [f"{p}:{tokens[p]}" for p in positions], rotation=60, ha="right",
+                  rotation_mode="anchor", fontsize=8)
+    for j, p in enumerate(positions):
+        if p in corrupted:
+            ax.get_xticklabels()[j].set_color("#d62728")
+    ax.set(yticks=range(len(layers)), yticklabels=[f"layer {L}" for L in layers], xlabel="position:token (red: corrupted)",
+           title=title)
+    fig.colorbar(im, ax=ax).set_label("recovery: fraction of the clean answer's\nlogit gap restored", fontsize=8)
+    fig.savefig(out, dpi=160)
 
 
 def main():
@@ -55,7 +81,7 @@ def main():
     import pyvene as pv
 
     gp.register()
-    model, clean, corrupt = load(args)
+    model, clean, corrupt, tokens = load(args)
     if clean.shape != corrupt.shape:
         raise SystemExit(f"clean and corrupted prompts must have the same length: {clean.shape[1]} vs {corrupt.shape[1]}")
     with torch.no_grad():
@@ -76,20 +102,12 @@ def main():
             bar.update()
     bar.close()
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1 + 0.45 * len(positions), 1 + 0.5 * len(layers)))
-    im = ax.imshow(grid.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-    ax.set(xticks=range(len(positions)), xticklabels=positions, yticks=range(len(layers)), yticklabels=layers,
-           xlabel="position", ylabel="GDN layer", title=f"{args.component}: clean -> corrupted, logit recovery")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"answer token {answer}; max recovery {grid.max():.3f} at layer {layers[int(grid.argmax()) // len(positions)]}, "
-          f"position {positions[int(grid.argmax()) % len(positions)]}; wrote {args.out}")
+    corrupted = set((clean[0] != corrupt[0]).nonzero().flatten().tolist())
+    plot(grid, layers, positions, tokens, corrupted, f"pyvene {args.component}: clean -> corrupted, logit recovery "
+         f"of the clean answer", args.out)
+    best = int(grid.argmax())
+    print(f"answer token {answer}; max recovery {grid.max():.3f} at layer {layers[best // len(positions)]}, "
+          f"position {positions[best % len(positions)]}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -6,38 +6,49 @@
     with gi.capture(model, sites=["beta"]) as cache:
         model(ids)
     cache[0, "beta"]                           # [prefill beta [B, T, HV]]
+
+The public names are loaded on first use: `import gdn_intervene` imports neither torch nor
+transformers (the CLI's `--help` stays fast), and nothing is patched or registered on import.
 """
 
 from __future__ import annotations
 
-from ._compat import UnsupportedVersionError
-from .capture import Capture, capture
-from .edit import intervene, state_at
-from .families import FAMILIES, family_for
-from .layer import NativeFallbackWarning
-from .modules import SiteValueError
-from .patch import from_pretrained, gdn_layers, patch, patch_on_load, patched, site_module, unpatch
-from .sites import SITES, Site
+import importlib
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "patch",
-    "unpatch",
-    "patched",
-    "patch_on_load",
-    "from_pretrained",
-    "gdn_layers",
-    "site_module",
-    "intervene",
-    "state_at",
-    "capture",
-    "Capture",
-    "SITES",
-    "Site",
-    "FAMILIES",
-    "family_for",
-    "SiteValueError",
-    "NativeFallbackWarning",
-    "UnsupportedVersionError",
-]
+# public name -> defining submodule
+_WHERE = {
+    "patch": "patching",
+    "unpatch": "patching",
+    "patched": "patching",
+    "patch_on_load": "patching",
+    "from_pretrained": "patching",
+    "gdn_layers": "patching",
+    "site_module": "patching",
+    "intervene": "edit",
+    "state_at": "edit",
+    "capture": "capturing",
+    "Capture": "capturing",
+    "SITES": "sites",
+    "Site": "sites",
+    "FAMILIES": "families",
+    "family_for": "families",
+    "SiteValueError": "modules",
+    "NativeFallbackWarning": "layer",
+    "UnsupportedVersionError": "_compat",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value  # later lookups are plain attribute reads
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,220 +1,440 @@
-"""Command line: `gdn-intervene {demo,trace,attention}` (also `python -m gdn_intervene`)."""
+"""Command line: `gdn-intervene {demo,trace,attention}` (also `python -m gdn_intervene`).
+
+This module parses arguments and calls the library; torch, transformers and the rest of the
+package are imported inside the command functions, so `--help` stays fast. Library functions
+raise exceptions; `main` alone turns a usage or input error into one line `error: ...` on
+stderr and exit status 2, checked before the model runs where the input allows.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
-import torch
+from .sites import SITE_NAMES, TRACE_SITES  # the registry imports no torch: --help stays fast
+DTYPES = ("float32", "bfloat16", "float16")
+CORRUPTIONS = ("key", "value", "query")  # toy.mqar.CORRUPTIONS
+# owner/name or name: what the hub accepts as a model id
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
 
-from .patch import from_pretrained, patch
-from .sites import SITE_NAMES
-from .tracing import TRACE_SITES, TraceResult, causal_trace
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+class UsageError(Exception):
+    """A bad command line or input; `main` prints it as `error: ...` and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message and exits; we want one line
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+# ------------------------------------------------------------------ argument types (no torch)
 
 
 def _sites(text: str) -> tuple[str, ...]:
     names = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"no site names in {text!r}; sites are: {', '.join(SITE_NAMES)}")
     bad = [n for n in names if n not in SITE_NAMES]
     if bad:
-        raise SystemExit(f"error: unknown site(s) {bad}; sites are: {', '.join(SITE_NAMES)}")
+        raise argparse.ArgumentTypeError(f"unknown site(s) {', '.join(map(repr, bad))}; sites are: {', '.join(SITE_NAMES)}")
     return names
 
 
-def _plot_trace(result: TraceResult, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for name, score in result.scores.items():
-        fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(result.tokens)), 1.2 + 0.5 * len(result.layers)))
-        im = ax.imshow(score.numpy(), aspect="auto", cmap="Purples", vmin=0, vmax=1)
-        ax.set_xticks(range(len(result.tokens)), result.tokens, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(result.layers)), [f"layer {L}" for L in result.layers])
-        ax.set_title(f"restoring linear_attn.{name} of the clean run (1 = recall restored)")
-        fig.colorbar(im, ax=ax, fraction=0.03)
-        fig.tight_layout()
-        paths.append(out / f"trace_{name}.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    # all sites in one picture, for the README
-    n, width = len(result.scores), max(6, 0.32 * len(result.tokens))
-    fig, axes = plt.subplots(n, 1, figsize=(width, 0.9 + 0.32 * n * len(result.layers)), sharex=True,
-                             squeeze=False, layout="constrained")
-    for ax, (name, score) in zip(axes[:, 0], result.scores.items()):
-        im = ax.imshow(score.numpy(), aspect="auto", cmap="Purples", vmin=0, vmax=1)
-        ax.set_yticks(range(len(result.layers)), [f"{name}, layer {L}" for L in result.layers], fontsize=7)
-    axes[-1, 0].set_xticks(range(len(result.tokens)), result.tokens, rotation=90, fontsize=7)
-    fig.suptitle("restoring one GDN site of the clean run at (layer, position): recall restored (1) or not (0)", fontsize=9)
-    fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.02, pad=0.01)
-    paths.append(out / "trace.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+def _ints(text: str) -> list[int]:
+    parts = [s.strip() for s in text.split(",")]
+    try:
+        values = [int(s) for s in parts]
+    except ValueError:
+        bad = next(s for s in parts if not s.lstrip("-").isdigit())
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3,4; {bad!r} in {text!r} is not one") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"positions and indices must be >= 0; got {text!r}")
+    return values
 
 
-def _summary(result: TraceResult, tok) -> str:
-    lines = [f"clean answer {tok(result.answers[0])!r}, corrupted answer {tok(result.answers[1])!r}; "
-             f"logit diff clean {result.clean_diff:.2f}, corrupted {result.corrupt_diff:.2f}",
-             f"{'site':<11} {'best layer':>10} {'position':>8} {'token':>8} {'score':>6}"]
-    for name in result.sites:
-        L, p, s = result.best(name)
-        lines.append(f"{name:<11} {L:>10} {p:>8} {result.tokens[p]:>8} {s:6.2f}")
-    return "\n".join(lines)
+def _tokens(text: str) -> tuple[str, str]:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected two tokens A,B; got {text!r}")
+    return parts[0], parts[1]
 
 
-def _write(result: TraceResult, out: Path, extra: dict) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "trace.json").write_text(json.dumps({**extra, **result.to_json()}, indent=1))
-    return [out / "trace.json", *_plot_trace(result, out)]
+# ------------------------------------------------------------------ checks before any work
 
 
-def demo_prompts(seed: int = 0, corrupt: str = "key"):
-    """(clean ids [1, T], corrupted ids [1, T], info) for the bundled MQAR model.
-
-    corrupt="key": the queried pair's key in the context is replaced by a key absent from
-    the context; "value": its value by an absent value; "query": the final query by another
-    context key."""
-    from .toy import mqar
-
-    g = torch.Generator().manual_seed(seed)
-    pairs = mqar.sample_pairs(8, generator=g)
-    qi = int(torch.randint(len(pairs), (1,), generator=g))
-    key, value = pairs[qi]
-    clean = mqar.prompt(pairs, key)
-    ids = clean.input_ids.clone()
-    kpos, vpos = 1 + 2 * qi, 2 + 2 * qi
-    if corrupt == "key":
-        ids[0, kpos] = mqar.key_id(next(k for k in range(mqar.NUM_KEYS) if k not in dict(pairs)))
-    elif corrupt == "value":
-        used = {v for _, v in pairs}
-        ids[0, vpos] = mqar.value_id(next(v for v in range(mqar.NUM_VALUES) if v not in used))
-    elif corrupt == "query":
-        ids = mqar.corrupt(pairs, key, generator=g).input_ids
-    else:
-        raise SystemExit(f"error: --corrupt must be key, value or query, got {corrupt!r}")
-    return clean.input_ids, ids, {"key_position": kpos, "value_position": vpos, "query_position": ids.shape[1] - 1,
-                                  "corrupt": corrupt}
+def _out_dir(path: str) -> Path:
+    """Create `path` (parents too) and prove a file can be written there."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".gdn-write-test-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot create or write there ({e.strerror or e})") from None
+    return out
 
 
-def run_demo(out: Path, *, seed: int = 0, corrupt: str = "key", sites=TRACE_SITES, progress: bool = True) -> TraceResult:
-    from .toy import load_toy
+def _html_wanted(flag) -> bool:
+    """--html: True (asked, needs plotly), False, or None (the demo: when plotly is installed)."""
+    import importlib.util
 
-    model, tokenizer = load_toy()
-    patch(model)
-    clean, bad, info = demo_prompts(seed, corrupt)
-    tokens = tokenizer.convert_ids_to_tokens(clean[0].tolist())
-    result = causal_trace(model, clean, bad, sites=sites, tokens=tokens, progress=progress)
-    files = _write(result, out, {"model": "bundled MQAR toy", **info})
-    print(_summary(result, lambda i: tokenizer.convert_ids_to_tokens(i)))
-    print(f"key at position {info['key_position']}, value at {info['value_position']}; wrote {', '.join(map(str, files))}")
-    return result
+    have = importlib.util.find_spec("plotly") is not None
+    if flag and not have:
+        raise UsageError('--html needs plotly: pip install "gdn_intervene[all]" (or pip install plotly)')
+    if flag is None and not have:
+        print('note: plotly is not installed, so no report.html (pip install "gdn_intervene[all]")', file=sys.stderr)
+    return bool(have if flag is None else flag)
 
 
-def _load(path: str | None, device: str, dtype: str):
-    if path is None:
+def _device(name: str):
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
+    return dev
+
+
+def _load(model: str | None, device, dtype: str):
+    """(patched model in eval mode on `device`, tokenizer, name)."""
+    import torch
+
+    import gdn_intervene as gi
+
+    dt = getattr(torch, dtype)
+    if model is None:
         from .toy import load_toy
 
-        model, tok = load_toy()
-        return patch(model).to(device), tok
+        m, tok = load_toy(dtype=dt)
+        return gi.patch(m).to(device), tok, "bundled MQAR toy"
+    p = Path(model).expanduser()
+    if not p.is_dir():
+        if p.exists():
+            raise UsageError(f"--model {model}: a file, not a checkpoint directory")
+        if not _HUB_ID.fullmatch(model) or "--" in model or ".." in model:
+            raise UsageError(f"--model {model!r} is neither a directory nor a hub id (owner/name)")
     from transformers import AutoTokenizer
 
-    model = from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    try:
+        m = gi.from_pretrained(model, dtype=dt)
+    except OSError as e:  # not found locally or on the hub, offline, gated, no config.json, ...
+        raise UsageError(f"--model {model!r}: cannot load it ({_first_line(e)})") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {model!r}: cannot load its tokenizer ({_first_line(e)})") from None
+    return m.to(device).eval(), tok, model
 
 
-def run_trace(args) -> TraceResult:
-    model, tok = _load(args.model, args.device, args.dtype)
-    clean = tok(args.prompt, return_tensors="pt").input_ids.to(args.device)
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _token_id(tok, token: str | None, option: str = "--replacement") -> int:
+    """The id of a token given on the command line; refuse one the tokenizer does not know."""
+    unk = tok.unk_token_id
+    if token is None:
+        if unk is None:
+            raise UsageError("--corrupt-positions needs --replacement TOKEN: this tokenizer has no unknown token")
+        return unk
+    i = tok.convert_tokens_to_ids(token)
+    if i is None or (i == unk and token != tok.unk_token):
+        raise UsageError(f"{option} {token!r} is not a token of this tokenizer (it maps to the unknown token); "
+                         f"use a token from its vocabulary, e.g. {tok.convert_ids_to_tokens(min(5, len(tok) - 1))!r}")
+    return i
+
+
+def _same_answer_hint(command: str) -> str:
+    if command == "demo":
+        return "try another corruption: --corrupt value or --corrupt query, or another --seed"
+    return "try another corruption: corrupt a token the answer depends on (--corrupt-positions / --replacement or --corrupt)"
+
+
+# ------------------------------------------------------------------ commands
+
+
+def _labels(tok, ids) -> list[str]:
+    return tok.convert_ids_to_tokens([int(i) for i in ids])
+
+
+def _attribution(model, tok, ids, answers: tuple[int, int], position: int, out: Path):
+    """Direct logit-difference attribution of logit(a) - logit(b) at `position`: (Attribution,
+    PNG path, json record, printed lines)."""
+    from . import plot
+    from .analysis import attribution_for
+
+    att = attribution_for(model, ids, positions=[position], direction=answers)
+    a, b = _labels(tok, answers)
+    what = f"logit({a}) - logit({b})"
+    tokens = _labels(tok, ids[0])
+    path = out / "attribution.png"
+    plot.attribution_heatmap(att, tokens=tokens, what=what, path=path)
+    per_source = att.contributions[0, :, :, 0].sum(1)  # [L, T], summed over heads
+    record = {"of": what, "position": position, "layers": list(att.layers),
+              "direct_effect": [round(float(v), 6) for v in att.value[0, :, 0]],
+              "per_source": [[round(float(v), 6) for v in row] for row in per_source],
+              "peak": {str(L): int(per_source[i].argmax()) for i, L in enumerate(att.layers)}}
+    lines = [f"attribution of {what} at {position}:{tokens[position]}: " + "; ".join(
+        f"layer {L} direct effect {float(att.value[0, i, 0]):.2f}, peak at {int(per_source[i].argmax())}:"
+        f"{tokens[int(per_source[i].argmax())]}" for i, L in enumerate(att.layers))]
+    return att, path, record, lines, what
+
+
+def _trace_and_write(model, tok, clean, bad, *, sites, out: Path, html: bool, progress: bool, record: dict,
+                     command: str, attention_ids=None, attribution: bool = False) -> list[Path]:
+    import json
+
+    from . import plot
+    from .tracing import SameAnswerError, causal_trace
+
+    tokens = _labels(tok, clean[0])
+    try:
+        result = causal_trace(model, clean, bad, sites=sites, tokens=tokens, progress=progress)
+    except SameAnswerError as e:
+        raise UsageError(f"the clean and corrupted prompts have the same answer {_labels(tok, [e.answer])[0]!r}: the "
+                         f"corruption does not change the prediction, so nothing can be restored; "
+                         f"{_same_answer_hint(command)}") from None
+    answers = _labels(tok, result.answers)
+    corrupted = _labels(tok, bad[0, list(result.corrupted_positions)])
+    record = {**record, "corruption": {**record.get("corruption", {}), "positions": list(result.corrupted_positions),
+                                       "tokens": corrupted},
+              "answer_tokens": {"clean": answers[0], "corrupt": answers[1]}}
+    marks = dict(zip(result.corrupted_positions, corrupted))
+    files, lines, att, what = [out / "trace.json"], [], None, ""
+    if attribution:  # the clean run's answer against the corrupted run's, at the last position
+        att, png, record["attribution"], lines, what = _attribution(model, tok, clean, result.answers, clean.shape[1] - 1, out)
+        files.append(png)
+    files[0].write_text(json.dumps({**record, **result.to_json()}, indent=1))
+    files.append(out / "trace.png")  # all sites on one scale (plot.trace_heatmap draws one site)
+    plot.trace_figure(result, answer_labels=answers, corrupt_tokens=marks, path=files[-1])
+    if html:
+        attention = None
+        if attention_ids is not None:
+            from .analysis import effective_attention_for
+
+            attention = effective_attention_for(model, attention_ids, check=True)
+        from . import report
+
+        files.append(report.write_html(out / "report.html", trace=result, trace_answers=answers, attention=attention,
+                                       attribution=att, attribution_of=what, tokens=tokens,
+                                       title=f"gdn-intervene {command}: {record.get('model', '')}"))
+    print(result.summary(answers))
+    for line in lines:
+        print(line)
+    return files
+
+
+def cmd_demo(args) -> None:
+    html = _html_wanted(args.html)
+    out = _out_dir(args.out)
+    from .toy import load_toy, mqar
+
+    import gdn_intervene as gi
+
+    model, tok = load_toy()
+    gi.patch(model)
+    clean, bad, info = mqar.demo_prompts(args.seed, args.corrupt)
+    record = {"model": "bundled MQAR toy", "seed": args.seed, **info,
+              "corruption": {"kind": args.corrupt, "clean_prompt": " ".join(_labels(tok, clean[0])),
+                             "corrupt_prompt": " ".join(_labels(tok, bad[0]))}}
+    files = _trace_and_write(model, tok, clean, bad, sites=args.sites, out=out, html=html, progress=not args.no_progress,
+                             record=record, command="demo", attention_ids=clean, attribution=True)
+    print(f"queried key at position {info['key_position']}, its value at {info['value_position']}; "
+          f"wrote {', '.join(map(str, files))}")
+
+
+def cmd_trace(args) -> None:
+    html = _html_wanted(args.html)
+    out = _out_dir(args.out)
+    device = _device(args.device)
+    model, tok, name = _load(args.model, device, args.dtype)
+    clean = tok(args.prompt, return_tensors="pt").input_ids.to(device)
+    T = clean.shape[1]
     if args.corrupt is not None:
-        bad = tok(args.corrupt, return_tensors="pt").input_ids.to(args.device)
+        bad = tok(args.corrupt, return_tensors="pt").input_ids.to(device)
         if bad.shape != clean.shape:
-            raise SystemExit(
-                f"error: the prompt has {clean.shape[1]} tokens and --corrupt has {bad.shape[1]}; causal tracing "
-                "needs equal token lengths (or use --corrupt-positions)"
-            )
+            raise UsageError(f"the prompt has {T} tokens and --corrupt has {bad.shape[1]}; causal tracing needs equal "
+                             "token lengths (or use --corrupt-positions)")
+        corruption = {"kind": "prompt", "corrupt_prompt": args.corrupt}
     else:
-        positions = [int(p) for p in args.corrupt_positions.split(",")]
-        if any(not 0 <= p < clean.shape[1] for p in positions):
-            raise SystemExit(f"error: --corrupt-positions {positions} out of range for {clean.shape[1]} tokens")
+        positions = args.corrupt_positions
+        if any(p >= T for p in positions):
+            raise UsageError(f"--corrupt-positions {','.join(map(str, positions))}: the prompt has {T} tokens "
+                             f"(positions 0..{T - 1}, <bos> included where the tokenizer adds it)")
+        rid = _token_id(tok, args.replacement)
         bad = clean.clone()
-        bad[0, positions] = tok.convert_tokens_to_ids(args.replacement) if args.replacement else (tok.unk_token_id or 0)
-    tokens = tok.convert_ids_to_tokens(clean[0].tolist())
-    result = causal_trace(model, clean, bad, sites=args.sites, tokens=tokens, progress=not args.no_progress)
-    files = _write(result, Path(args.out), {"model": args.model or "bundled MQAR toy", "prompt": args.prompt})
-    print(_summary(result, lambda i: tok.convert_ids_to_tokens(i)))
+        bad[0, positions] = rid
+        corruption = {"kind": "positions", "replacement": tok.convert_ids_to_tokens(rid)}
+    if args.attention_report and not html:
+        raise UsageError("--attention-report goes with --html")
+    record = {"model": name, "prompt": args.prompt, "dtype": args.dtype, "device": str(device), "corruption": corruption}
+    files = _trace_and_write(model, tok, clean, bad, sites=args.sites, out=out, html=html, progress=not args.no_progress,
+                             record=record, command="trace", attention_ids=clean if args.attention_report else None)
     print(f"wrote {', '.join(map(str, files))}")
-    return result
 
 
-def run_attention(args) -> None:
+def cmd_attention(args) -> None:
+    html = _html_wanted(args.html)
+    out = _out_dir(args.out)
+    device = _device(args.device)
+    model, tok, name = _load(args.model, device, args.dtype)
+    import gdn_intervene as gi
+
+    from . import plot
     from .analysis import effective_attention_for
-    from .plot import effective_attention_heatmap
 
-    model, tok = _load(args.model, args.device, args.dtype)
     if args.prompt is None:
-        clean, _, _ = demo_prompts(0)
-        ids = clean.to(args.device)
+        from .toy import mqar
+
+        if args.model is not None:
+            raise UsageError("--prompt is required with --model (the default prompt is for the bundled toy model)")
+        ids = mqar.demo_prompts(0).clean.to(device)
     else:
-        ids = tok(args.prompt, return_tensors="pt").input_ids.to(args.device)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    heads = [int(x) for x in args.heads.split(",")] if args.heads else None
-    tokens = tok.convert_ids_to_tokens(ids[0].tolist())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for layer, att in effective_attention_for(model, ids, layers=layers, heads=heads, check=True).items():
-        for h in range(att.matrix.shape[1]):
-            head = heads[h] if heads else h
-            path = out / f"attention_layer{layer}_head{head}.png"
-            effective_attention_heatmap(att.matrix.cpu(), head=h, tokens=tokens, title=f"layer {layer} head {head}: exact M", path=str(path))
-            print(f"layer {layer} head {head}: |Mv - o|/|o| = {att.error:.1e}; wrote {path}")
+        ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
+    gdn = list(gi.gdn_layers(model))
+    if args.layers is not None and (bad := [L for L in args.layers if L not in gdn]):
+        raise UsageError(f"--layers {','.join(map(str, bad))}: not GDN layers; the GDN layers are {', '.join(map(str, gdn))}")
+    HV = next(iter(gi.gdn_layers(model).values())).num_v_heads
+    if args.heads is not None and (bad := [h for h in args.heads if h >= HV]):
+        raise UsageError(f"--heads {','.join(map(str, bad))}: the layers have {HV} value heads (0..{HV - 1})")
+    tokens = plot.position_labels(_labels(tok, ids[0]))
+    att = effective_attention_for(model, ids, layers=args.layers, heads=args.heads, check=True)
+    files = []
+    heads = args.heads if args.heads is not None else list(range(HV))
+    for layer, a in att.items():
+        files.append(out / f"attention_layer{layer}.png")
+        plot.effective_attention_grid(a, head_labels=heads, tokens=tokens, path=files[-1],
+                                      title=f"{name}: GDN layer {layer}, exact effective attention M")
+        print(f"layer {layer}: heads {','.join(map(str, heads))}; |M v - o| / |o| = {a.error:.1e}")
+    attribution, what = None, ""
+    if args.attribution:
+        T = ids.shape[1]
+        position = T - 1 if args.position is None else args.position
+        if position >= T:
+            raise UsageError(f"--position {position}: the prompt has {T} tokens (0..{T - 1})")
+        if args.answers is not None:
+            answers = tuple(_token_id(tok, t, option="--answers") for t in args.answers)
+        else:  # the model's top two predictions at that position
+            import torch
+
+            with torch.no_grad():
+                answers = tuple(int(i) for i in model(input_ids=ids).logits[0, position].topk(2).indices)
+        attribution, png, _, lines, what = _attribution(model, tok, ids, answers, position, out)
+        files.append(png)
+        print(*lines, sep="\n")
+    if html:
+        from . import report
+
+        mats = {layer: (a.matrix[0], heads) for layer, a in att.items()}
+        files.append(report.write_html(out / "report.html", attention=mats, attribution=attribution, attribution_of=what,
+                                       tokens=_labels(tok, ids[0]), title=f"gdn-intervene attention: {name}"))
+    print(f"wrote {', '.join(map(str, files))}")
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    sites = ", ".join(SITE_NAMES)
+    default_sites = ",".join(TRACE_SITES)
+    ap = _Parser(prog="gdn-intervene", description="Interventions on Gated DeltaNet layers of HF hybrid models: causal "
+                 "tracing over the GDN sites and exact effective attention. Run `gdn-intervene demo` first.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,trace,attention}")
+
+    def common_out(p, default, what):
+        p.add_argument("--out", default=default, metavar="DIR",
+                       help=f"output directory for {what}; created if missing, checked before the model runs "
+                       "(default: %(default)s)")
+
+    def site_arg(p):
+        p.add_argument("--sites", type=_sites, default=TRACE_SITES, metavar="S1,S2",
+                       help=f"comma-separated GDN sites to restore (default: {default_sites}); valid: {sites}")
+
+    def model_args(p):
+        p.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                       help="checkpoint directory or hub id (owner/name) (default: the bundled MQAR toy model)")
+        p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default: %(default)s)")
+        p.add_argument("--dtype", default="float32", choices=DTYPES,
+                       help="weights and compute dtype, also for the bundled model (default: %(default)s)")
+
+    d = sub.add_parser("demo", help="causal tracing of the bundled MQAR model (offline)",
+                       description="Causal tracing of the bundled MQAR model: restore each GDN site of the clean run "
+                       "at each (layer, position) of the corrupted run and measure the fraction of the clean-vs-corrupt "
+                       "logit difference that comes back.")
+    common_out(d, "gdn_demo", "trace.json, trace.png, attribution.png and report.html")
+    d.add_argument("--seed", type=int, default=0, help="which 8 key-value pairs and which queried key (default: %(default)s)")
+    d.add_argument("--corrupt", default="key", choices=CORRUPTIONS,
+                   help="what the corrupted prompt replaces: the queried pair's key in the context (key), its value "
+                   "(value), or the final query by another context key (query) (default: %(default)s)")
+    site_arg(d)
+    d.add_argument("--html", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the interactive report.html (default: yes when plotly is installed)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    t = sub.add_parser("trace", help="causal tracing on any supported checkpoint",
+                       description="Causal tracing on any supported checkpoint: a clean prompt and either a corrupted "
+                       "prompt of the same token length or positions to overwrite.")
+    t.add_argument("--prompt", required=True, help="the clean prompt (text; the tokenizer's special tokens are added)")
+    g = t.add_mutually_exclusive_group(required=True)
+    g.add_argument("--corrupt", metavar="TEXT", help="the corrupted prompt (same token length as --prompt)")
+    g.add_argument("--corrupt-positions", type=_ints, metavar="P1,P2",
+                   help="comma-separated token positions of --prompt to overwrite with --replacement (0 = first token)")
+    t.add_argument("--replacement", default=None, metavar="TOKEN",
+                   help="vocabulary token written at --corrupt-positions (default: the tokenizer's unknown token)")
+    model_args(t)
+    site_arg(t)
+    common_out(t, "gdn_trace", "trace.json, trace.png (and report.html)")
+    t.add_argument("--html", action="store_true", help="also write the interactive report.html")
+    t.add_argument("--attention-report", action="store_true",
+                   help="with --html: add the effective attention of the clean prompt to the report")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    a = sub.add_parser("attention", help="exact effective-attention heatmaps (o = M v)",
+                       description="Exact effective attention M of GDN layers (o = M v, o the delta-rule output): one "
+                       "PNG per layer with the chosen heads on one colour scale.")
+    a.add_argument("--prompt", default=None, help="text to run (default: the demo's clean MQAR prompt; required with --model)")
+    a.add_argument("--layers", type=_ints, default=None, metavar="L1,L2", help="comma-separated GDN layer indices (default: all GDN layers)")
+    a.add_argument("--heads", type=_ints, default=None, metavar="H1,H2", help="comma-separated value heads (default: all)")
+    model_args(a)
+    common_out(a, "gdn_attention", "attention_layer<L>.png (and attribution.png, report.html)")
+    a.add_argument("--attribution", action="store_true",
+                   help="also attribute logit(A) - logit(B) at --position to (layer, head, source position): "
+                   "attribution.png, and a view in report.html")
+    a.add_argument("--position", type=int, default=None, help="query position for --attribution (default: the last token)")
+    a.add_argument("--answers", type=_tokens, default=None, metavar="A,B",
+                   help="the two tokens whose logit difference --attribution splits (default: the model's top two "
+                   "predictions at --position)")
+    a.add_argument("--html", action="store_true", help="also write the interactive report.html (head picker, token hover)")
+    return ap
+
+
+COMMANDS = {"demo": cmd_demo, "trace": cmd_trace, "attention": cmd_attention}
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="gdn-intervene", description="Interventions on Gated DeltaNet layers.")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("demo", help="causal tracing of the bundled MQAR model (offline, ~10 s on a CPU)")
-    d.add_argument("--out", default="gdn_demo", help="output directory for trace.json and PNGs")
-    d.add_argument("--seed", type=int, default=0, help="which key-value pairs and query to use")
-    d.add_argument("--corrupt", default="key", choices=["key", "value", "query"], help="what the corrupted prompt replaces")
-    d.add_argument("--sites", type=_sites, default=TRACE_SITES, help=f"comma-separated (default {','.join(TRACE_SITES)})")
-    d.add_argument("--no-progress", action="store_true")
-
-    t = sub.add_parser("trace", help="causal tracing on any supported checkpoint")
-    t.add_argument("--model", default=None, help="checkpoint path or hub id (default: bundled toy model)")
-    t.add_argument("--prompt", required=True)
-    g = t.add_mutually_exclusive_group(required=True)
-    g.add_argument("--corrupt", help="corrupted prompt (same token length)")
-    g.add_argument("--corrupt-positions", help="comma-separated token positions to replace")
-    t.add_argument("--replacement", default=None, help="token used by --corrupt-positions (default: unk)")
-    t.add_argument("--sites", type=_sites, default=TRACE_SITES)
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    t.add_argument("--out", default="gdn_trace")
-    t.add_argument("--no-progress", action="store_true")
-
-    a = sub.add_parser("attention", help="exact effective-attention heatmaps")
-    a.add_argument("--model", default=None, help="checkpoint path or hub id (default: bundled toy model)")
-    a.add_argument("--prompt", default=None, help="default: a demo MQAR prompt")
-    a.add_argument("--layers", default=None, help="comma-separated GDN layer indices (default all)")
-    a.add_argument("--heads", default=None, help="comma-separated value heads (default all)")
-    a.add_argument("--device", default="cpu")
-    a.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    a.add_argument("--out", default="gdn_attention")
-
-    args = ap.parse_args(argv)
-    if args.command == "demo":
-        run_demo(Path(args.out), seed=args.seed, corrupt=args.corrupt, sites=args.sites, progress=not args.no_progress)
-    elif args.command == "trace":
-        run_trace(args)
-    else:
-        run_attention(args)
+    """Run a command; 0 on success, 2 (after one line `error: ...` on stderr) on bad input."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, ImportError) as e:  # library errors: bad input, files, missing extras
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ._positions import check_positions
-from .patch import _site_in, gdn_layers, select_layers
+from .patching import _site_in, gdn_layers, select_layers
 
 __all__ = ["intervene", "state_at"]
 

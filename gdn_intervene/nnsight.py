@@ -29,7 +29,7 @@ from nnsight.modeling.transformers import TransformersModel
 
 from . import _compat
 from .layer import GDNMixin
-from .patch import gdn_layers, patch, patch_on_load, site_module
+from .patching import gdn_layers, patch, patch_on_load, site_module
 from .sites import SITE_NAMES
 
 __all__ = ["PatchedTransformersModel", "load", "site", "layers"]

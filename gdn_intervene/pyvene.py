@@ -52,7 +52,7 @@ from torch import nn
 
 from . import _compat
 from .families import FAMILIES, Family
-from .patch import site_module
+from .patching import site_module
 from .sites import SITES, Mixer, Owner, Site
 
 __all__ = ["register", "COMPONENTS", "model_classes", "component"]

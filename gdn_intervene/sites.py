@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Mapping
 
-__all__ = ["Owner", "Fires", "Mixer", "Site", "SITES", "SITE_NAMES", "TAP_SITES", "site"]
+__all__ = ["Owner", "Fires", "Mixer", "Site", "SITES", "SITE_NAMES", "TAP_SITES", "TRACE_SITES", "site"]
 
 HEAD_LETTERS = ("HK", "HV")
 
@@ -110,6 +110,9 @@ SITES: tuple[Site, ...] = (
 
 SITE_NAMES: tuple[str, ...] = tuple(s.name for s in SITES)
 TAP_SITES: tuple[Site, ...] = tuple(s for s in SITES if s.owner is Owner.OURS)
+# The default sites of a causal trace: one per stage of the layer (write key, value, gates,
+# state, read-out, output).
+TRACE_SITES: tuple[str, ...] = ("k", "v", "beta", "decay", "state", "recurrence", "out_proj")
 _BY_NAME = {s.name: s for s in SITES}
 
 

@@ -11,25 +11,55 @@ between the clean answer and the corrupted answer at the last position:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from .analysis import state_at
-from .patch import gdn_layers, intervene
-from .sites import site
+from .capturing import capture  # the core's; tracing never imports analysis
+from .edit import intervene, state_at
+from .patching import gdn_layers
+from .sites import TRACE_SITES, site
 
-__all__ = ["TRACE_SITES", "TraceResult", "causal_trace"]
+__all__ = ["TRACE_SITES", "Cell", "Best", "TraceResult", "SameAnswerError", "causal_trace"]
 
-TRACE_SITES = ("k", "v", "beta", "decay", "state", "recurrence", "out_proj")
+#: |score| below this counts as "nothing restored" in `TraceResult.summary`.
+RESTORED = 0.05
+
+
+class SameAnswerError(ValueError):
+    """The clean and corrupted prompts have the same answer (`answer`, a token id): the
+    corruption does not change the prediction, so there is nothing to restore."""
+
+    def __init__(self, answer: int):
+        self.answer = answer
+        super().__init__(f"clean and corrupted prompts have the same answer (token {answer}): the corruption does not "
+                         "change the prediction, so there is nothing to restore; corrupt a token the answer depends on")
+
+
+class Cell(NamedTuple):
+    """One restoration: site `site` of GDN layer `layer` at token `position` (for `state`: the
+    state after that token)."""
+
+    site: str
+    layer: int
+    position: int
+
+
+class Best(NamedTuple):
+    """The highest-scoring cell of a site: GDN layer, position and its score."""
+
+    layer: int
+    position: int
+    score: float
 
 
 @dataclass
 class TraceResult:
     """scores[site]: [L, T] restoration scores (layers in `layers` order). For `state`, column p
     restores the state after token p; the last column (the final state) cannot affect the
-    last token's logits and is NaN."""
+    last token's logits and is NaN (not applicable). `corrupted_positions`: the positions where
+    the two prompts differ."""
 
     sites: tuple[str, ...]
     layers: tuple[int, ...]
@@ -38,19 +68,40 @@ class TraceResult:
     clean_diff: float
     corrupt_diff: float
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    corrupted_positions: tuple[int, ...] = ()
 
-    def best(self, name: str) -> tuple[int, int, float]:
-        """(layer, position, score) of the highest-scoring cell of site `name`."""
+    def best(self, name: str) -> Best:
+        """The highest-scoring (layer, position, score) of site `name` (NaN cells ignored)."""
         s = torch.nan_to_num(self.scores[name], nan=-float("inf"))
         i = int(s.argmax())
         L, p = divmod(i, s.shape[1])
-        return self.layers[L], p, float(s[L, p])
+        return Best(self.layers[L], p, float(s[L, p]))
+
+    def summary(self, answer_labels: Sequence[str] | None = None) -> str:
+        """A few lines for a terminal: the answers, then per site its best cell, or that no cell
+        of the site restored anything (|score| < RESTORED everywhere)."""
+        a = answer_labels or [str(x) for x in self.answers]
+        lines = [f"clean answer {a[0]!r}, corrupted answer {a[1]!r}; logit diff clean {self.clean_diff:.2f}, "
+                 f"corrupted {self.corrupt_diff:.2f}; score = fraction of that difference restored"]
+        rows, quiet = [], []
+        for name in self.sites:
+            b = self.best(name)
+            if b.score >= RESTORED:
+                rows.append(f"{name:<11} {b.layer:>10} {b.position:>8} {self.tokens[b.position]:>8} {b.score:6.2f}")
+            else:
+                quiet.append(name)
+        if rows:
+            lines += [f"{'site':<11} {'best layer':>10} {'position':>8} {'token':>8} {'score':>6}", *rows]
+        if quiet:
+            lines.append(f"no cell restored anything (score < {RESTORED}) at: {', '.join(quiet)}")
+        return "\n".join(lines)
 
     def to_json(self) -> dict:
         return {
             "sites": list(self.sites),
             "layers": list(self.layers),
             "tokens": self.tokens,
+            "corrupted_positions": list(self.corrupted_positions),
             "answers": {"clean": self.answers[0], "corrupt": self.answers[1]},
             "logit_diff": {"clean": self.clean_diff, "corrupt": self.corrupt_diff},
             "scores": {k: [[None if v != v else round(float(v), 6) for v in row] for row in s.tolist()]
@@ -67,18 +118,16 @@ def _logit_diff(model: nn.Module, ids: torch.Tensor, answers: tuple[int, int]) -
 def _capture(model, ids, names, layers, state_positions) -> dict:
     """{(layer, site): value [1, ...]}; for `state`, {p: state [1, HV, K, V] after token p} for
     each p of `state_positions` (the prefill split there)."""
-    saved: dict = {}
-
-    def keep(key):
-        return lambda x: saved.setdefault(key, []).append(x.detach().clone())
-
-    with intervene(model, {(L, n): keep((L, n)) for L in layers for n in names}):
+    if not names:
+        return {}
+    with capture(model, sites=names, layers=layers) as cache:
         if "state" in names and state_positions:
             with state_at(model, state_positions, layers):
                 model(input_ids=ids, use_cache=False)
         else:
             model(input_ids=ids, use_cache=False)
-    return {k: (dict(zip(state_positions, v)) if k[1] == "state" else v[0]) for k, v in saved.items()}
+    return {(L, n): dict(zip(state_positions, cache[L, n])) if n == "state" else cache[L, n][0]
+            for L in layers for n in names}
 
 
 def causal_trace(
@@ -111,7 +160,7 @@ def causal_trace(
         if answers is None:
             answers = tuple(int(model(input_ids=x, use_cache=False).logits[0, -1].argmax()) for x in (clean_ids, corrupt_ids))
         if answers[0] == answers[1]:
-            raise ValueError(f"clean and corrupted prompts have the same answer (token {answers[0]}); nothing to restore")
+            raise SameAnswerError(answers[0])
         d_clean, d_corrupt = (float(_logit_diff(model, x, answers)) for x in (clean_ids, corrupt_ids))
         differ = (clean_ids[0] != corrupt_ids[0]).nonzero()
         if not len(differ):
@@ -120,7 +169,8 @@ def causal_trace(
         state_positions = list(range(int(differ[0]), T - 1))
         clean = _capture(model, clean_ids, names, layers, state_positions)
         corrupt = _capture(model, corrupt_ids, tuple(n for n in names if n != "state"), layers, [])
-        result = TraceResult(names, layers, tokens or [str(int(t)) for t in clean_ids[0]], answers, d_clean, d_corrupt)
+        result = TraceResult(names, layers, tokens or [str(int(t)) for t in clean_ids[0]], answers, d_clean, d_corrupt,
+                             corrupted_positions=tuple(differ.flatten().tolist()))
         # Cells (site, layer, position) whose clean value equals the corrupted one cannot change
         # anything: they score 0 without a forward.
         cells, result.scores = [], {n: torch.full((len(layers), T), float("nan")) for n in names}
@@ -131,7 +181,7 @@ def causal_trace(
                     if same:
                         result.scores[n][i, p] = 0.0
                     else:
-                        cells.append((n, L, p))
+                        cells.append(Cell(n, L, p))
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -139,8 +189,8 @@ def causal_trace(
             bar = tqdm(total=len(cells), desc="causal trace", unit="cell")
         for batch in _batches(cells, batch_size):
             d = _restored(model, corrupt_ids, batch, clean, T, answers)
-            for (n, L, p), v in zip(batch, ((d - d_corrupt) / (d_clean - d_corrupt)).tolist()):
-                result.scores[n][layers.index(L), p] = v
+            for cell, v in zip(batch, ((d - d_corrupt) / (d_clean - d_corrupt)).tolist()):
+                result.scores[cell.site][layers.index(cell.layer), cell.position] = v
             if bar:
                 bar.update(len(batch))
         if bar:
@@ -148,31 +198,31 @@ def causal_trace(
     return result
 
 
-def _batches(cells: list, batch_size: int):
+def _batches(cells: list[Cell], batch_size: int):
     """Rows of one forward each: token sites of any site and layer together; a state restore
     needs the prefill split at its position, which applies to the whole batch, so state cells
     are grouped by position."""
     groups: dict = {}
     for cell in cells:
-        groups.setdefault(cell[2] if cell[0] == "state" else "tokens", []).append(cell)
+        groups.setdefault(cell.position if cell.site == "state" else "tokens", []).append(cell)
     for group in groups.values():
         yield from (group[i : i + batch_size] for i in range(0, len(group), batch_size))
 
 
-def _restored(model, corrupt_ids, cells, clean, T, answers) -> torch.Tensor:
-    """Logit differences [N] of N corrupted rows, row i restored at cells[i] = (site, layer, p)."""
+def _restored(model, corrupt_ids, cells: list[Cell], clean, T, answers) -> torch.Tensor:
+    """Logit differences [N] of N corrupted rows, row i restored at cells[i]."""
     ids = corrupt_ids.expand(len(cells), T)
     rows: dict = {}
-    for i, (n, L, p) in enumerate(cells):
-        rows.setdefault((L, n), []).append((i, p))
+    for i, c in enumerate(cells):
+        rows.setdefault((c.layer, c.site), []).append((i, c.position))
     edits = {}
     for (L, n), rp in rows.items():
         r, pos = (torch.tensor(x, dtype=torch.long) for x in zip(*rp))
         value = clean[(L, n)]
         edits[(L, n)] = _state_restorer(r, value[rp[0][1]][0]) if n == "state" else _token_restorer(r, pos, value)
     with intervene(model, edits):
-        if cells[0][0] == "state":
-            with state_at(model, [cells[0][2]], sorted({L for _, L, _ in cells})):  # split after that position
+        if cells[0].site == "state":
+            with state_at(model, [cells[0].position], sorted({c.layer for c in cells})):  # split after that position
                 return _logit_diff(model, ids, answers)
         return _logit_diff(model, ids, answers)
 

@@ -1,26 +1,56 @@
-"""The command line on the bundled model: the demo's numbers say where the recall lives."""
+"""The command line on the bundled model: the demo's numbers say where the recall lives; bad input
+ends in one line `error: ...` and exit status 2 before the model runs."""
 
+import contextlib
+import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gdn_intervene import cli
-from gdn_intervene.toy import load_toy
+from gdn_intervene import cli, tracing
+from gdn_intervene.toy import load_toy, mqar
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert cli.main(["demo", "--out", str(out), "--no-progress"]) == 0
-    return out, json.loads((out / "trace.json").read_text())
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(["demo", "--out", str(out), "--no-progress"]) == 0
+    return out, json.loads((out / "trace.json").read_text()), stdout.getvalue()
 
 
-def test_demo_writes_pictures_and_numbers(demo):
-    out, data = demo
-    assert {p.name for p in out.glob("*.png")} == {"trace.png"} | {f"trace_{s}.png" for s in data["sites"]}
+def test_demo_writes_pictures_numbers_and_report(demo):
+    from PIL import Image
+
+    out, data, _ = demo
+    pngs = {p.name for p in out.glob("*.png")}
+    assert pngs == {"trace.png", "attribution.png"}
+    assert (out / "report.html").stat().st_size > 1_000_000  # plotly.js is embedded: works offline
     assert data["logit_diff"]["clean"] > 0 > data["logit_diff"]["corrupt"]
+    for name in pngs:
+        dpi = Image.open(out / name).info["dpi"]
+        assert min(dpi) >= 150, (name, dpi)
+
+
+def test_trace_json_records_the_corruption(demo):
+    _, data, _ = demo
+    c = data["corruption"]
+    assert c["kind"] == "key" and c["positions"] == data["corrupted_positions"] == [data["key_position"]]
+    assert c["tokens"] == [c["corrupt_prompt"].split()[data["key_position"]]]
+    assert data["answer_tokens"] == {"clean": "v12", "corrupt": "v4"}
+
+
+def test_demo_summary_names_only_restored_sites(demo):
+    """No "best" cell for a site where nothing was restored (every score ~0)."""
+    _, data, stdout = demo
+    rows = {line.split()[0]: line for line in stdout.splitlines() if line.split() and line.split()[0] in data["sites"]}
+    assert set(rows) == {"k", "state", "recurrence", "out_proj"}
+    assert "no cell restored anything (score < 0.05) at: v, beta, decay" in stdout
 
 
 def test_demo_finds_the_recall_in_the_first_gdn_state(demo):
@@ -28,7 +58,7 @@ def test_demo_finds_the_recall_in_the_first_gdn_state(demo):
     kpos + 1). Restoring layer 0's state after the pair is written restores the recall; before the
     key nothing does; layer 1's state never does. Layer 0's post-conv key a few tokens after the
     key restores it too: the conv carries the key to the position where the pair is written."""
-    _, data = demo
+    _, data, _ = demo
     kpos, vpos, T = data["key_position"], data["value_position"], len(data["tokens"])
     layers = data["layers"]
     state = {L: row for L, row in zip(layers, data["scores"]["state"])}
@@ -42,27 +72,173 @@ def test_demo_finds_the_recall_in_the_first_gdn_state(demo):
     assert recurrence[-1] > 0.9  # the query reads it out of the layer-0 state
 
 
-def test_cli_bad_input(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="unknown site.*'bta'.*sites are: q_pre_conv"):
-        cli.main(["demo", "--sites", "bta", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="6 tokens and --corrupt has 5.*equal token lengths"):
-        cli.main(["trace", "--prompt", "k1 v1 k2 v2 k1", "--corrupt", "k1 v1 k2 k1", "--out", str(tmp_path), "--no-progress"])
+def test_demo_attribution_peaks_where_the_queried_pair_is_written(demo):
+    """Direct attribution of logit(clean answer) - logit(corrupt answer) at the query: layer 0's
+    contributions peak at a source position whose conv window (s-3..s) holds the queried key and
+    its value, and layer 0 carries most of the direct effect."""
+    _, data, stdout = demo
+    att = data["attribution"]
+    kpos, vpos = data["key_position"], data["value_position"]
+    assert att["of"] == "logit(v12) - logit(v4)" and att["position"] == len(data["tokens"]) - 1
+    assert vpos <= att["peak"]["0"] <= kpos + 3
+    assert att["direct_effect"][0] > 2 * abs(att["direct_effect"][1])
+    assert "attribution of logit(v12) - logit(v4) at 18:k3: layer 0 direct effect" in stdout
+
+
+# ---------------------------------------------------------------- errors: one line, exit 2
+
+
+def run(argv, capsys):
+    capsys.readouterr()  # drop what came before
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, [line for line in err if not line.startswith(("[transformers]", "Loading weights"))]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a model is loaded: these errors come before any work."""
+    import gdn_intervene.toy
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(gdn_intervene.toy, "load_toy", boom)
+    monkeypatch.setattr(cli, "_load", boom)
+
+
+_BEFORE_WORK = {
+    "empty sites": (["demo", "--sites", ","], "argument --sites: no site names in ','; sites are: q_pre_conv"),
+    "unknown site": (["demo", "--sites", "bta"], "unknown site(s) 'bta'; sites are: q_pre_conv"),
+    "bad position": (["trace", "--prompt", "k1", "--corrupt-positions", "1,x"], "'x' in '1,x' is not one"),
+    "no cuda": (["trace", "--prompt", "k1", "--corrupt-positions", "1", "--device", "cuda"], "CUDA is not available"),
+    "bad device": (["attention", "--device", "gpu0"], "'gpu0' is not a device"),
+    "bad corruption": (["demo", "--corrupt", "pair"], "invalid choice: 'pair'"),
+    "bad dtype": (["trace", "--prompt", "k1", "--corrupt-positions", "1", "--dtype", "fp8"], "invalid choice: 'fp8'"),
+    "bad answers": (["attention", "--attribution", "--answers", "v1"], "expected two tokens A,B; got 'v1'"),
+}
+
+
+@pytest.mark.parametrize("argv, message", _BEFORE_WORK.values(), ids=_BEFORE_WORK)
+def test_error_before_any_work(argv, message, capsys, no_model, tmp_path):
+    if argv[0] == "trace" and "--device" in argv:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+    rc, err = run(argv + ["--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_uncreatable_out_is_refused_before_the_sweep(tmp_path, capsys, no_model):
+    (tmp_path / "file").write_text("x")
+    rc, err = run(["demo", "--out", str(tmp_path / "file" / "sub"), "--no-progress"], capsys)
+    assert rc == 2 and err == [f"error: --out {tmp_path / 'file' / 'sub'}: cannot create or write there (Not a directory)"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only directory")
+def test_unwritable_out_is_refused_before_the_sweep(tmp_path, capsys, no_model):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    rc, err = run(["demo", "--out", str(ro), "--no-progress"], capsys)
+    assert rc == 2 and len(err) == 1 and "cannot create or write there" in err[0]
+
+
+def test_model_that_is_neither_a_directory_nor_a_hub_id(tmp_path, capsys):
+    rc, err = run(["trace", "--model", "./no/such/dir", "--prompt", "a", "--corrupt-positions", "0",
+                   "--out", str(tmp_path)], capsys)
+    assert rc == 2 and err == ["error: --model './no/such/dir' is neither a directory nor a hub id (owner/name)"]
+
+
+def test_errors_after_loading(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "o"), "--no-progress"]
+    rc, err = run(["trace", "--prompt", "k1 v1 k2 v2 k1", "--corrupt", "k1 v1 k2 k1"] + out, capsys)
+    assert rc == 2 and err == ["error: the prompt has 6 tokens and --corrupt has 5; causal tracing needs equal token "
+                               "lengths (or use --corrupt-positions)"]
+    rc, err = run(["trace", "--prompt", "k1 v3 k2 v7 <sep> k2", "--corrupt-positions", "2", "--replacement", "k99"] + out, capsys)
+    assert rc == 2 and len(err) == 1 and "--replacement 'k99' is not a token of this tokenizer" in err[0]
+    rc, err = run(["trace", "--prompt", "k1 v3 k2 v7 <sep> k2", "--corrupt-positions", "9"] + out, capsys)
+    assert rc == 2 and err == ["error: --corrupt-positions 9: the prompt has 7 tokens (positions 0..6, <bos> included "
+                               "where the tokenizer adds it)"]
+    # k1 v3 is not the queried pair: replacing k1 leaves the answer v7
+    rc, err = run(["trace", "--prompt", "k1 v3 k2 v7 <sep> k2", "--corrupt-positions", "1", "--replacement", "k5"] + out, capsys)
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("error: the clean and corrupted prompts have the same answer 'v7'") and "try another corruption" in err[0]
     cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
-    with pytest.raises(ValueError, match="LlamaForCausalLM has no Gated DeltaNet"):
-        cli.main(["trace", "--model", str(tmp_path / "llama"), "--prompt", "a", "--corrupt-positions", "0"])
+    rc, err = run(["trace", "--model", str(tmp_path / "llama"), "--prompt", "a", "--corrupt-positions", "0"] + out, capsys)
+    assert rc == 2 and len(err) == 1 and "LlamaForCausalLM has no Gated DeltaNet" in err[0]
+
+
+def test_dtype_is_honoured_for_the_bundled_model(tmp_path, monkeypatch):
+    import torch
+
+    import gdn_intervene.toy
+
+    seen = []
+    real = gdn_intervene.toy.load_toy
+    monkeypatch.setattr(gdn_intervene.toy, "load_toy", lambda **kw: seen.append(kw) or real(**kw))
+    assert cli.main(["attention", "--dtype", "bfloat16", "--layers", "0", "--heads", "0", "--out", str(tmp_path)]) == 0
+    assert seen == [{"dtype": torch.bfloat16}]
+
+
+# ---------------------------------------------------------------- help
+
+
+def test_every_option_has_help_and_sites_list_the_registry():
+    from gdn_intervene.sites import SITE_NAMES
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, (name, action.dest)
+        text = p.format_help()
+        if name != "attention":
+            assert ", ".join(SITE_NAMES).replace(" ", "") in text.replace(" ", "").replace("\n", "")
+            assert ",".join(tracing.TRACE_SITES) in text
+    assert cli.TRACE_SITES == tracing.TRACE_SITES
+
+
+def _imports_after(code: str, setup: str = "") -> set:
+    script = f"import sys\n{setup}\nbefore = set(sys.modules)\n{code}\nprint(' '.join(sorted(set(sys.modules) - before)))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_parsing_imports_nothing_heavy():
+    """The CLI module itself imports torch, transformers, matplotlib and plotly only inside the
+    commands (beyond what `import gdn_intervene` already does)."""
+    new = _imports_after("from gdn_intervene import cli\ncli.build_parser().parse_args(['demo'])", "import gdn_intervene")
+    heavy = {m.split(".")[0] for m in new} & {"torch", "transformers", "matplotlib", "plotly", "numpy"}
+    assert not heavy
+
+
+def test_help_does_not_import_torch():
+    code = "import runpy, sys; sys.argv = ['gdn-intervene', '--help']\ntry:\n    runpy.run_module('gdn_intervene', run_name='__main__')\nexcept SystemExit:\n    pass"
+    new = _imports_after(code)
+    assert "torch" not in new and "transformers" not in new
+
+
+# ---------------------------------------------------------------- trace and attention
 
 
 def test_trace_and_attention_commands(tmp_path):
-    model, tok = load_toy()
-    clean, bad, info = cli.demo_prompts(seed=1, corrupt="key")
-    text = tok.decode(clean[0], skip_special_tokens=False).replace("<bos>", "").strip()
+    _, tok = load_toy()
+    clean, bad, info = mqar.demo_prompts(seed=1, kind="key")
+    text = " ".join(tok.convert_ids_to_tokens(clean[0, 1:].tolist()))
     absent = tok.convert_ids_to_tokens(int(bad[0, info["key_position"]]))
-    cli.main(["trace", "--prompt", text, "--corrupt-positions", str(info["key_position"]), "--replacement", absent,
-              "--sites", "state,k", "--out", str(tmp_path / "t"), "--no-progress"])
+    assert cli.main(["trace", "--prompt", text, "--corrupt-positions", str(info["key_position"]), "--replacement", absent,
+                     "--sites", "state,k", "--out", str(tmp_path / "t"), "--no-progress"]) == 0
     data = json.loads((tmp_path / "t" / "trace.json").read_text())
     assert data["sites"] == ["state", "k"] and data["tokens"] == tok.convert_ids_to_tokens(clean[0].tolist())
+    assert data["corruption"] == {"kind": "positions", "replacement": absent, "positions": [info["key_position"]],
+                                  "tokens": [absent]}
     assert max(data["scores"]["state"][0][info["value_position"] + 1 : -1]) > 0.9  # same finding, via `trace`
-    cli.main(["attention", "--layers", "0", "--heads", "1", "--out", str(tmp_path / "a")])
-    assert (tmp_path / "a" / "attention_layer0_head1.png").exists()
+    assert not (tmp_path / "t" / "report.html").exists()  # trace writes the report only with --html
+    assert cli.main(["attention", "--layers", "0", "--heads", "1", "--out", str(tmp_path / "a"), "--html",
+                     "--attribution", "--answers", "v12,v4"]) == 0
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {"attention_layer0.png", "attribution.png", "report.html"}
+    html = (tmp_path / "a" / "report.html").read_text()
+    assert 'id="attention"' in html and 'id="attribution"' in html

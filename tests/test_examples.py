@@ -1,4 +1,5 @@
-"""The examples run offline on the bundled model (smoke tests; their numbers are tested elsewhere)."""
+"""The examples run offline on the bundled model and write what the README says they write
+(smoke tests; their numbers are tested elsewhere)."""
 
 import runpy
 import sys
@@ -6,18 +7,31 @@ import sys
 import pytest
 
 EXAMPLES = [
-    ("beta_decay_stats.py", []),
-    ("nnsight_quickstart.py", ["--out", "{tmp}/q.png"]),
-    ("nnsight_generation_steering.py", []),
-    ("pyvene_activation_patching.py", ["--out", "{tmp}/p.png"]),
+    ("beta_decay_stats.py", [], None),
+    ("nnsight_quickstart.py", ["--out", "{tmp}/q.png"], "q.png"),
+    ("nnsight_generation_steering.py", [], None),
+    ("pyvene_activation_patching.py", ["--out", "{tmp}/p.png"], "p.png"),
 ]
 
 
-@pytest.mark.parametrize("script, args", EXAMPLES, ids=[e[0] for e in EXAMPLES])
-def test_example_runs(script, args, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("script, args, png", EXAMPLES, ids=[e[0] for e in EXAMPLES])
+def test_example_runs(script, args, png, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
     examples = f"{__file__.rsplit('/tests/', 1)[0]}/examples"
     path = f"{examples}/{script}"
     monkeypatch.syspath_prepend(examples)  # examples import each other
     monkeypatch.setattr(sys, "argv", [path] + [a.format(tmp=tmp_path) for a in args])
     runpy.run_path(path, run_name="__main__")
     assert capsys.readouterr().out.strip()
+    if png:
+        assert min(Image.open(tmp_path / png).info["dpi"]) >= 150
+
+
+def test_readme_lists_every_example():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    for script in sorted(p.name for p in (root / "examples").glob("*.py")):
+        assert f"python examples/{script}" in readme, script

@@ -145,3 +145,39 @@ def test_train_smoke(tmp_path):
                                         for n in ("mlp", m, f"{m}[context]", f"{m}[queries]")}
     train.save(model, info, tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", mqar.CORRUPTIONS)
+def test_demo_prompts_change_the_answer(toy, kind):
+    """The demo's corruptions: one token changed where the kind says, and a different answer."""
+    model, _ = toy
+    clean, bad, info = mqar.demo_prompts(0, kind)
+    where = {"key": info["key_position"], "value": info["value_position"], "query": info["query_position"]}[kind]
+    assert info["corrupt"] == kind and info["corrupted_positions"] == [where]
+    assert clean.shape == bad.shape and (clean != bad).sum() == 1
+    with torch.no_grad():
+        a, b = (int(model(input_ids=x).logits[0, -1].argmax()) for x in (clean, bad))
+    assert a != b
+    with pytest.raises(ValueError, match="the corruption must be one of key, value, query; got 'pair'"):
+        mqar.demo_prompts(0, "pair")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_answer_attribution_peaks_at_the_queried_pair(toy, seed):
+    """Exact direct attribution of logit(answer) - logit(corrupted answer) at the query, layer 0
+    (where the recall lives): the largest source contribution sits where the queried key and
+    value are written together, i.e. a position whose conv window s-3..s holds both."""
+    import gdn_intervene as gi
+    from gdn_intervene.analysis import attribution_for
+
+    model, _ = toy
+    gi.patch(model)
+    clean, bad, info = mqar.demo_prompts(seed, "key")
+    with torch.no_grad():
+        answers = tuple(int(model(input_ids=x).logits[0, -1].argmax()) for x in (clean, bad))
+    att = attribution_for(model, clean, direction=answers, layers=[0])
+    per_source = att.contributions[0, 0, :, 0].sum(0)  # [T], summed over heads
+    peak = int(per_source.argmax())
+    assert info["value_position"] <= peak <= info["key_position"] + 3, (peak, info)
+    window = per_source[info["value_position"] : info["key_position"] + 4].sum()
+    assert window > 0.6 * per_source.clamp(min=0).sum()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -209,3 +210,50 @@ def corrupt(
     if other_key == query_key:
         raise ValueError("other_key must differ from query_key")
     return prompt(pairs, other_key)
+
+
+# ---------------------------------------------------------------- the demo's prompts
+
+CORRUPTIONS = ("key", "value", "query")
+
+
+class DemoPrompts(NamedTuple):
+    """The clean and corrupted prompts of ``gdn-intervene demo``.
+
+    clean, corrupt: (1, L) long, equal length.
+    info: where the queried pair sits and what was corrupted: ``key_position``,
+    ``value_position``, ``query_position``, ``corrupt`` (the kind) and ``corrupted_positions``.
+    """
+
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    info: dict
+
+
+def demo_prompts(seed: int = 0, kind: str = "key") -> DemoPrompts:
+    """The prompts of ``gdn-intervene demo``: 8 pairs drawn with ``seed``, one of them queried.
+
+    kind="key": the queried pair's key in the context is replaced by a key absent from the
+    context; "value": its value by an absent value; "query": the final query by another
+    context key (one of ``CORRUPTIONS``; another kind raises ValueError).
+    """
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"the corruption must be one of {', '.join(CORRUPTIONS)}; got {kind!r}")
+    g = torch.Generator().manual_seed(seed)
+    pairs = sample_pairs(8, generator=g)
+    qi = int(torch.randint(len(pairs), (1,), generator=g))
+    key, _ = pairs[qi]
+    clean = prompt(pairs, key).input_ids
+    ids = clean.clone()
+    kpos, vpos = 1 + 2 * qi, 2 + 2 * qi
+    if kind == "key":
+        ids[0, kpos] = key_id(next(k for k in range(NUM_KEYS) if k not in dict(pairs)))
+    elif kind == "value":
+        used = {v for _, v in pairs}
+        ids[0, vpos] = value_id(next(v for v in range(NUM_VALUES) if v not in used))
+    else:
+        ids = corrupt(pairs, key, generator=g).input_ids
+    changed = (clean[0] != ids[0]).nonzero().flatten().tolist()
+    info = {"key_position": kpos, "value_position": vpos, "query_position": ids.shape[1] - 1,
+            "corrupt": kind, "corrupted_positions": changed}
+    return DemoPrompts(clean, ids, info)

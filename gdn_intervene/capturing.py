@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .patch import _site_in, select_layers
+from .patching import _site_in, select_layers
 from .sites import SITE_NAMES, site
 
 __all__ = ["Capture", "capture"]

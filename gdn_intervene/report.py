@@ -1,0 +1,210 @@
+"""Interactive HTML report: one self-contained, offline file (plotly, its JavaScript embedded).
+
+    from gdn_intervene import report
+    report.write_html("report.html", trace=result, trace_answers=("v12", "v4"),
+                      attention={0: att0, 1: att1}, tokens=labels)
+
+- causal trace: one heatmap, rows (site, GDN layer), columns positions; hovering a cell shows
+  site, layer, position, token and score (the fraction of the clean-vs-corrupt logit difference
+  restored); not-applicable cells are gaps.
+- effective attention: one heatmap per (layer, head), picked with a drop-down; hover shows the
+  query and key positions and tokens and M[t, s]; the future (s > t) is a grey gap.
+- attribution: per (layer, head), a bar per source position (drop-down, hover as above).
+
+plotly is an optional dependency (`pip install "gdn_intervene[all]"`); it is imported when a
+function here is called. The page's interactivity is plotly's own (hover, drop-down menus).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from .plot import SCORE_LABEL  # one wording of what a trace score is
+
+__all__ = ["trace_figure", "attention_figure", "attribution_figure", "write_html"]
+
+_GAP = "#d0d0d0"  # background: NaN / masked cells show through as grey
+
+
+def _plotly():
+    try:
+        import plotly.graph_objects as go
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError('the HTML report needs plotly: pip install "gdn_intervene[all]" (or pip install plotly)') from e
+    return go
+
+
+def trace_figure(result, *, answer_labels: Optional[Sequence[str]] = None):
+    """A plotly Figure of a `tracing.TraceResult`: rows (site, layer), columns positions."""
+    go = _plotly()
+    T = len(result.tokens)
+    z, custom, ylabels = [], [], []
+    for name in result.sites:
+        for i, layer in enumerate(result.layers):
+            row = [None if v != v else round(float(v), 4) for v in result.scores[name][i].tolist()]
+            z.append(row)
+            custom.append([[name, layer, result.tokens[p], "n/a" if row[p] is None else f"{row[p]:.3f}"] for p in range(T)])
+            ylabels.append(f"{name} · layer {layer}")
+    xlabels = [f"{p}:{t}" for p, t in enumerate(result.tokens)]
+    heat = go.Heatmap(
+        z=z, x=xlabels, y=ylabels, customdata=custom, zmin=-1, zmax=1, zmid=0, colorscale="RdBu", reversescale=True,
+        xgap=1, ygap=1, hoverongaps=False,
+        colorbar=dict(title=dict(text="restored<br>fraction", side="right")),
+        hovertemplate="site %{customdata[0]}, layer %{customdata[1]}<br>position %{x} (token %{customdata[2]})"
+                      "<br>score %{customdata[3]}<extra></extra>",
+    )
+    fig = go.Figure(heat)
+    a = answer_labels or [f"token {x}" for x in result.answers]
+    fig.update_layout(
+        title=dict(text=f"Causal trace: {html.escape(SCORE_LABEL)}<br><sup>clean answer {html.escape(str(a[0]))}"
+                        f" vs corrupted answer {html.escape(str(a[1]))}; corrupted positions "
+                        f"{', '.join(map(str, result.corrupted_positions)) or 'none'}</sup>"),
+        plot_bgcolor=_GAP, height=180 + 26 * len(ylabels), margin=dict(l=140, r=40, t=90, b=90),
+        yaxis=dict(autorange="reversed", tickfont=dict(size=11)), xaxis=dict(tickangle=-60, tickfont=dict(size=11)),
+    )
+    for p in result.corrupted_positions:  # outline the corrupted columns
+        fig.add_shape(type="rect", x0=p - 0.5, x1=p + 0.5, y0=-0.5, y1=len(ylabels) - 0.5, xref="x", yref="y",
+                      line=dict(color="#d62728", width=2))
+    return fig
+
+
+def _views(matrices: Mapping):
+    """[(label, [R, T] numpy)] per (layer, head) of {layer: [H, R, T] tensor or (tensor, head labels)}."""
+    views = []
+    for layer, m in matrices.items():
+        m, heads = m if isinstance(m, tuple) else (m, None)
+        m = m.detach().float().cpu()
+        heads = list(range(m.shape[0])) if heads is None else list(heads)
+        for h, lab in enumerate(heads):
+            views.append((f"layer {layer}, head {lab}", m[h].numpy()))
+    return views
+
+
+def _heatmap_menu(views, tokens, *, title, hover, row_pos=None, colorbar="M[t, s]"):
+    go = _plotly()
+    import numpy as np
+
+    T = len(tokens)
+    xlabels = [f"{p}:{t}" for p, t in enumerate(tokens)]
+    fig = go.Figure()
+    # one colour scale for every view, so switching heads compares like with like
+    lim = max([float(np.abs(d).max()) for _, d in views] + [1e-12])
+    for i, (label, data) in enumerate(views):
+        R = data.shape[0]
+        rows = list(range(R)) if row_pos is None else list(row_pos)
+        masked = np.where(np.arange(T)[None, :] > np.asarray(rows)[:, None], np.nan, data)
+        custom = [[[tokens[t], tokens[s]] for s in range(T)] for t in rows]
+        fig.add_trace(go.Heatmap(
+            z=masked, x=xlabels, y=[f"{t}:{tokens[t]}" for t in rows], customdata=custom, name=label,
+            zmid=0, zmin=-lim, zmax=lim, colorscale="RdBu", reversescale=True, hoverongaps=False,
+            visible=i == 0, colorbar=dict(title=dict(text=colorbar, side="right")), hovertemplate=hover,
+        ))
+    buttons = [dict(label=label, method="update",
+                    args=[{"visible": [j == i for j in range(len(views))]}, {"title.text": f"{title}: {label}"}])
+               for i, (label, _) in enumerate(views)]
+    fig.update_layout(
+        title=dict(text=f"{title}: {views[0][0]}" if views else title, x=0.01, xanchor="left"), plot_bgcolor=_GAP,
+        updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.02, yanchor="bottom",
+                          showactive=True)] if len(views) > 1 else [],
+        height=260 + 22 * (len(views[0][1]) if views else 1), width=max(520, 200 + 26 * T),
+        margin=dict(l=90, r=40, t=110, b=90),
+        yaxis=dict(autorange="reversed", title="query t (output o_t)"), xaxis=dict(tickangle=-60, title="key s (value v_s)"),
+    )
+    return fig
+
+
+def attention_figure(attention: Mapping, tokens: Sequence[str], *, rows: Optional[Sequence[int]] = None):
+    """Effective attention, one heatmap per (layer, head) with a drop-down head picker.
+
+    attention: {layer: M [H, R, T]} (one batch row), or {layer: (M, head labels)}, or
+    {layer: LayerAttention} (batch row 0 is used).
+    """
+    mats = {}
+    for layer, a in attention.items():
+        m = getattr(a, "matrix", a)
+        if not isinstance(m, tuple) and m.dim() == 4:
+            m = m[0]
+        mats[layer] = m
+    hover = ("query t = %{y} (token %{customdata[0]})<br>key s = %{x} (token %{customdata[1]})"
+             "<br>M[t, s] = %{z:.4f}<extra></extra>")
+    return _heatmap_menu(_views(mats), list(tokens), title="Effective attention (o = M v)",
+                         hover=hover, row_pos=rows)
+
+
+def attribution_figure(att, tokens: Sequence[str], *, row: int = 0, what: str = "the projected output"):
+    """An `analysis.Attribution` for query row `row`: one bar chart of source-position
+    contributions per (layer, head), picked in a drop-down; hover shows position, token, value."""
+    go = _plotly()
+    C = att.contributions[0, :, :, row].detach().float().cpu()  # [L, H, T]
+    t = att.positions[row]
+    xlabels = [f"{p}:{tok}" for p, tok in enumerate(tokens)]
+    fig = go.Figure()
+    lim = float(C.abs().max()) or 1.0
+    names = []
+    for i, layer in enumerate(att.layers):
+        for j, head in enumerate(att.heads):
+            names.append(f"layer {layer}, head {head}")
+            fig.add_trace(go.Bar(
+                x=xlabels, y=C[i, j].tolist(), name=names[-1], visible=not fig.data, customdata=list(tokens),
+                marker_color=["#b2182b" if v >= 0 else "#2166ac" for v in C[i, j].tolist()],
+                hovertemplate="source %{x} (token %{customdata})<br>contribution %{y:.4f}<extra>%{fullData.name}</extra>"))
+    n = len(names)
+    title = f"Attribution of {html.escape(what)} at position {xlabels[t]}"
+    buttons = [dict(label=nm, method="update", args=[{"visible": [k == i for k in range(n)]}, {"title.text": f"{title}: {nm}"}])
+               for i, nm in enumerate(names)]
+    fig.update_layout(title=dict(text=f"{title}: {names[0]}", x=0.01, xanchor="left"), showlegend=False,
+                      updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.02,
+                                        yanchor="bottom")] if n > 1 else [],
+                      yaxis=dict(range=[-1.05 * lim, 1.05 * lim], title="contribution (one scale for all heads)"),
+                      xaxis=dict(tickangle=-60, title="source position s"), height=440, margin=dict(t=110, b=100))
+    return fig
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1400px}} p.note{{color:#444;max-width:60em}}</style>
+</head><body><h1>{title}</h1>
+{sections}
+</body></html>
+"""
+
+
+def write_html(path, *, trace=None, trace_answers=None, attention=None, attention_rows=None, attribution=None,
+               attribution_of: str = "the projected output", tokens=None, title: str = "gdn_intervene report",
+               notes: Sequence[str] = ()):
+    """Write one self-contained HTML file (plotly.js embedded once; works offline). Returns the path.
+
+    trace: a TraceResult; attention: as `attention_figure` takes; attribution: an
+    `analysis.Attribution` (its first query row), `attribution_of` saying what it attributes;
+    tokens: labels of the prompt (default the trace's tokens).
+    """
+    tokens = list(tokens if tokens is not None else (trace.tokens if trace is not None else []))
+    parts = []
+    if trace is not None:
+        parts.append(("Causal trace", "trace", trace_figure(trace, answer_labels=trace_answers),
+                      f"Each cell restores one GDN site of the clean run at one (layer, position) in the corrupted run. "
+                      f"Colour: the {SCORE_LABEL} (1 = all of it, 0 = none). Grey: not applicable (the final state "
+                      f"cannot reach the last logits). Red outline: corrupted positions."))
+    if attention:
+        parts.append(("Effective attention", "attention", attention_figure(attention, tokens, rows=attention_rows),
+                      "o = M v: row t of M is how the layer's output o_t (the delta-rule output, before the gated "
+                      "norm) mixes the values v_s; exact, from the delta rule. Grey: the future (s > t). "
+                      "Pick the layer and head in the menu."))
+    if attribution:
+        parts.append(("Attribution", "attribution", attribution_figure(attribution, tokens, what=attribution_of),
+                      f"Exact split of each GDN layer's direct effect on {attribution_of} over heads and source "
+                      "positions: M[t, s] times the value v_s projected through the gated norm (its scale frozen) and "
+                      "the output projection. v_s mixes tokens s-3..s through the causal conv. Pick the layer and head "
+                      "in the menu."))
+    if not parts:
+        raise ValueError("write_html needs at least one of trace=, attention=, attribution=")
+    sections = []
+    for i, (heading, div, fig, note) in enumerate(parts):
+        body = fig.to_html(full_html=False, include_plotlyjs=i == 0, div_id=div, config={"displaylogo": False})
+        sections.append(f"<h2>{heading}</h2>\n<p class=\"note\">{html.escape(note)}</p>\n{body}")
+    sections += [f"<p class=\"note\">{html.escape(n)}</p>" for n in notes]
+    path = Path(path)
+    path.write_text(_PAGE.format(title=html.escape(title), sections="\n".join(sections)), encoding="utf-8")
+    return path
