@@ -1,32 +1,37 @@
-"""Effective attention and state tools over a patched model (conveniences over `ops`).
+"""Effective attention, attribution and state tools over a patched model (conveniences over `ops`).
 
 One forward pass of a patched model, with plain forward hooks on the sites, yields every GDN
 layer's kernel inputs; `ops` turns them into exact views of the recurrence:
 
     caps = capture(model, ids)                    # {layer: LayerCapture}
     M = effective_attention_for(model, ids)       # {layer: LayerAttention}, M [B, HV, T, T]
+    att = attribution_for(model, ids, positions=[-1], direction=(yes_id, no_id))
+    att.contributions                             # [B, L, HV, R, T]: which source tokens each head read
     with state_at(model, [7, 15]): ...            # split the prefill; the `state` site fires per split
     S = states_at(model, ids, [7, 15])            # {layer: [B, P, HV, K, V]}
 
-Shape letters: B batch, T tokens of the call, HK/HV key/value heads, K/V head dims, P state
-positions, R selected rows, H selected heads. Gates: beta [B, T, HV]; g [B, T, HV], the log
-decay, g <= 0, decay = exp(g). Positions index the tokens of the call as given (left padding
-included). Every function here runs the model under `torch.no_grad()` and removes its hooks
-on exit, also on error.
+Shape letters: B batch, T tokens of the call, HK/HV key/value heads, K/V head dims, D model
+width, L selected layers, P state positions, R selected rows / positions, H selected heads.
+Gates: beta [B, T, HV]; g the log decay, g <= 0, decay = exp(g): [B, T, HV] per head (GDN) or
+[B, T, HV, K] per key channel (KDA). Positions index the tokens of the call as given (left
+padding included). Every function here runs the model under `torch.no_grad()` and removes its
+hooks on exit, also on error.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
 from . import _compat, ops
-from .layer import check_positions
-from .patch import gdn_layers
+from ._positions import as_positions, check_positions
+from .capturing import capture as _capture_sites
+from .edit import state_at
+from .patching import select_layers, site_module
 
 __all__ = [
     "LayerCapture",
@@ -38,13 +43,18 @@ __all__ = [
     "written_values_for",
     "state_decomposition_for",
     "token_contributions",
+    "Attribution",
+    "attribution_for",
 ]
 
 Tensor = torch.Tensor
 Layers = Union[int, Iterable[int], None]
 
 # site -> LayerCapture field; `state` is kept separately (it may fire several times per call)
-_CAPTURED = {"q": "q", "k": "k", "v": "v", "beta": "beta", "decay": "g", "recurrence": "o"}
+_CAPTURED = {
+    "q": "q", "k": "k", "v": "v", "beta": "beta", "decay": "g", "recurrence": "o",
+    "gate": "z", "norm": "normed", "out_proj": "y",
+}
 
 
 # --------------------------------------------------------------------------- capture
@@ -55,8 +65,12 @@ class LayerCapture:
     """The kernel inputs and outputs of one GDN layer in one forward call (as the sites saw them).
 
     q, k: [B, T, HK, K] (pre-L2-norm, pre-GQA).  v: [B, T, HV, V].
-    beta: [B, T, HV].  g: [B, T, HV], log decay, g <= 0, decay = exp(g).
+    beta: [B, T, HV].  g: [B, T, HV] (per head) or [B, T, HV, K] (per channel), log decay,
+        g <= 0, decay = exp(g).
     o: [B, T, HV, V], the `recurrence` output (kernel output, before the gated norm).
+    z: [B, T, HV, V], the `gate` site (output gate before its activation).
+    normed: [B, T, HV, V], the gated norm's output (`norm` site).  y: [B, T, D], the layer output
+        (`out_proj` site).
     states: every `state` firing of the call, in order, each [B, HV, K, V] (one without a
         split; with `state_at`, one per split position, then the final state).
     initial_state: S_0 [B, HV, K, V], the cache's recurrent state before the call, or None.
@@ -69,6 +83,9 @@ class LayerCapture:
     beta: Tensor
     g: Tensor
     o: Tensor
+    z: Tensor
+    normed: Tensor
+    y: Tensor
     states: tuple
     initial_state: Optional[Tensor]
 
@@ -119,18 +136,7 @@ def _as_list(idx) -> list:
 
 def _select(model: nn.Module, layers: Layers) -> dict:
     """{layer: patched GDN module} for `layers` (None: all; an int; or an iterable of ints)."""
-    mods = gdn_layers(model)
-    if layers is None:
-        return mods
-    wanted = [layers] if isinstance(layers, int) else list(layers)
-    bad = [l for l in wanted if isinstance(l, bool) or not isinstance(l, int) or l not in mods]
-    if bad or not wanted:
-        raise ValueError(f"layers must be GDN layer indices from {list(mods)}; got {wanted!r}")
-    return {l: mods[l] for l in wanted}
-
-
-def _cache_kwarg(kwargs: dict):
-    return kwargs.get("cache", kwargs.get("cache_params"))
+    return select_layers(model, layers)
 
 
 def capture(
@@ -143,51 +149,46 @@ def capture(
 ) -> dict:
     """Run `model` once (no grad) and return {layer: LayerCapture} for the chosen GDN layers.
 
-    `model_kwargs` go to the model's forward (e.g. `inputs_embeds`, `cache=`, `use_cache=True`).
-    With a cache, each layer's `initial_state` is the cache's recurrent state read (and cloned)
-    just before the layer runs, so a cached continuation is described exactly.
+    Built on the core `gdn_intervene.capture` (the sites of `LayerCapture`), plus a pre-hook per
+    layer that reads the cache's recurrent state (cloned) just before the layer runs, so a cached
+    continuation is described exactly. `model_kwargs` go to the model's forward (e.g.
+    `inputs_embeds`, `cache=`, `use_cache=True`).
     """
     mods = _select(model, layers)
-    store = {l: {"state": []} for l in mods}
-    handles = []
+    initial = {}
 
     def pre(l, module, args, kwargs):
-        cache = _cache_kwarg(kwargs)
+        cache = _compat.cache_kwarg(kwargs)
         S0 = None
         if cache is not None and _compat.cache_gap(cache) is None:
             S0 = cache.get_recurrent_state(l)
         # the cache is updated in place after the kernel: keep a copy
-        store[l]["initial_state"] = None if S0 is None else S0.detach().clone()
+        initial[l] = None if S0 is None else S0.detach().clone()
 
-    def keep(l, name, module, args, out):
-        if name == "state":
-            store[l]["state"].append(out.detach())
-        elif name in store[l]:
-            raise RuntimeError(f"layer {l}: site {name!r} fired twice in one capture (several forward calls?)")
-        else:
-            store[l][name] = out.detach()
-
+    handles = []
     try:
         for l, m in mods.items():
             handles.append(m.register_forward_pre_hook(lambda mod, a, kw, l=l: pre(l, mod, a, kw), with_kwargs=True))
-            for name in (*_CAPTURED, "state"):
-                handles.append(getattr(m, name).register_forward_hook(lambda mod, a, o, l=l, n=name: keep(l, n, mod, a, o)))
-        with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+        with _capture_sites(model, sites=(*_CAPTURED, "state"), layers=list(mods)) as cache:
+            with torch.no_grad():
+                model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     finally:
         for h in handles:
             h.remove()
 
     out = {}
-    for l, got in store.items():
-        missing = [s for s in _CAPTURED if s not in got]
-        if missing or not got["state"]:
+    for l in mods:
+        missing = [s for s in (*_CAPTURED, "state") if not cache[l, s]]
+        if missing:
             raise RuntimeError(
-                f"layer {l}: sites {missing or ['state']} did not fire; was the native forward used "
+                f"layer {l}: sites {missing} did not fire; was the native forward used "
                 "(native_cached=True, or a cache without the linear-attention API)?"
             )
-        fields = {f: got[s] for s, f in _CAPTURED.items()}
-        out[l] = LayerCapture(l, states=tuple(got["state"]), initial_state=got.get("initial_state"), **fields)
+        twice = [s for s in _CAPTURED if len(cache[l, s]) > 1]
+        if twice:
+            raise RuntimeError(f"layer {l}: sites {twice} fired more than once in one capture (several forward calls?)")
+        fields = {f: cache[l, s][0] for s, f in _CAPTURED.items()}
+        out[l] = LayerCapture(l, states=tuple(cache[l, "state"]), initial_state=initial.get(l), **fields)
     return out
 
 
@@ -223,12 +224,13 @@ def effective_attention_for(
     """Exact effective attention M of each chosen GDN layer for one run of `model`.
 
     Runs the patched model once, capturing the `q`, `k`, `beta`, `decay` sites (and `v`,
-    `recurrence`, `state`), then calls `ops.effective_attention` per layer:
+    `recurrence`, `state`, ...: see `capture`), then calls `ops.effective_attention` per layer:
     o[b, t, h] = sum_s M[b, h, t, s] v[b, s, h] + C[b, t, h], o the kernel output (`recurrence`).
 
     Args:
         heads: value-head indices (default all).  rows: query positions (default all; use this
-            for long inputs: the full M is O(T^2) memory and O(T^3) time per head).
+            for long inputs: R rows cost O(R T (64 + K)) time and O(R T) memory per head by the
+            adjoint row scan, the full M O(T^2 (64 + K)) time and O(T^2) memory).
         dtype: computation dtype of M (float32 default, float64 for ~1e-12 accuracy).
         max_bytes: memory guard passed to ops (default 4 GiB); above it a ValueError names the
             layer and suggests rows=[...].
@@ -256,42 +258,13 @@ def effective_attention_for(
 
 
 def _positions(positions) -> tuple:
-    """Validate state positions eagerly (an int, a sequence or a 1-D integer tensor): the same
-    rule the layer applies at call time (`layer.check_positions`)."""
-    if isinstance(positions, Tensor):
-        if positions.dim() > 1 or positions.dtype.is_floating_point or positions.dtype == torch.bool:
-            raise ValueError(f"positions must be ints (or a 1-D integer tensor); got a {positions.dtype} tensor of shape {list(positions.shape)}")
-        positions = positions.reshape(-1).tolist()
-    if isinstance(positions, int) and not isinstance(positions, bool):
-        positions = [positions]
-    if isinstance(positions, (str, bytes)) or not isinstance(positions, Sequence):
-        raise ValueError(f"positions must be an int or a sequence of ints; got {type(positions).__name__}")
+    """Validate state positions eagerly (an int, a sequence or a 1-D integer tensor): the rule
+    the core applies at call time."""
     return tuple(check_positions(positions, "state_at"))
 
 
-@contextlib.contextmanager
-def state_at(model: nn.Module, positions, layers: Layers = None) -> Iterator[dict]:
-    """Split each prefill of the chosen GDN layers (default all) after each of `positions`.
-
-    Inside the block, the `state` site of those layers fires once per position (the state
-    [B, HV, K, V] after that token) and once more for the final state, unless the last
-    position is T - 1; a replaced state carries into later tokens and into the cache. Cached
-    single-token decode steps are not split. Splitting moves the kernel's chunk boundaries, so
-    unedited outputs match an unsplit call to kernel tolerance (fp32 torch path: ~1e-6
-    relative), not bitwise. Positions beyond a call's length raise in that call.
-    Restores each layer's previous `state_positions` on exit, also on error. Yields
-    {layer: module}.
-    """
-    ps = _positions(positions)
-    mods = _select(model, layers)
-    saved = {l: m.state_positions for l, m in mods.items()}
-    try:
-        for m in mods.values():
-            m.state_positions = ps
-        yield mods
-    finally:
-        for l, m in mods.items():
-            m.state_positions = saved[l]
+# `state_at` (split each prefill after given positions) is the core's `gdn_intervene.state_at`,
+# re-exported here.
 
 
 def states_at(
@@ -346,3 +319,224 @@ def token_contributions(dec: ops.StateDecomposition) -> Tensor:
     """Size of each token's term in a state decomposition: ||w_j k_j u_j^T||_F = w_j ||k_j|| ||u_j||,
     [B, T', HV] (a rank-one term's Frobenius norm; no [T', K, V] tensor is formed)."""
     return dec.weights.transpose(1, 2) * dec.keys.norm(dim=-1) * dec.values.norm(dim=-1)
+
+
+# --------------------------------------------------------------------------- attribution
+
+
+class Attribution(NamedTuple):
+    """Exact split of GDN layers' outputs, projected on a direction, over (head, source position).
+
+    For every selected layer l, head h, requested position t (row r) and source position s:
+
+        value[b, l, r] = sum_{h, s} contributions[b, l, h, r, s] + sum_h state_term[b, l, h, r] + bias_term[b, l, r]
+
+    (summing over all heads; with `heads=` the selected heads' part). The gated RMSNorm's scale
+    rms(o_t) is frozen at its actual value, as in direct logit attribution through a norm.
+
+    contributions: [B, L, H, R, T]; zero for s > t (causality).
+    state_term: [B, L, H, R], the initial (cached) state's part; zeros without a cache.
+    bias_term: [B, L, R], the output projection's bias projected on the direction (zeros without one).
+    value: [B, L, R], the projected layer output direction_t . y_t, read from the `out_proj` site
+        (for a token pair: the layer's direct effect on the logit difference).
+    direction: [B, R, D], the direction each position was projected on (a token pair: the
+        unembedding difference through the final norm, its scale frozen at position t).
+    layers, heads, positions: what the axes L, H, R index.
+    """
+
+    contributions: Tensor
+    state_term: Tensor
+    bias_term: Tensor
+    value: Tensor
+    direction: Tensor
+    layers: tuple
+    heads: tuple
+    positions: tuple
+
+    def total(self) -> Tensor:
+        """sum of the parts, [B, L, R] (equals `value` when all heads are selected)."""
+        return self.contributions.sum((2, 4)) + self.state_term.sum(2) + self.bias_term
+
+
+def _final_norm(model: nn.Module, gdn: nn.Module) -> nn.Module:
+    """The final norm of the decoder that holds `gdn`: the module with `layers` (containing gdn) and `norm`."""
+    for m in model.modules():
+        layers = getattr(m, "layers", None)
+        if not (isinstance(layers, nn.ModuleList) and any(sub is gdn for layer in layers for sub in layer.modules())):
+            continue
+        if hasattr(m, "hyper_connection_mixer"):
+            raise ValueError(
+                f"direction=(token, token) needs each layer's output to reach the final norm unmixed; "
+                f"{type(m).__name__} mixes hyper-connection streams (hyper_connection_mixer), so a layer's "
+                "direct effect on the logits is not one linear read-out. Pass a [D] direction instead."
+            )
+        if isinstance(getattr(m, "norm", None), nn.Module):
+            return m.norm
+    raise ValueError(
+        f"cannot find the final norm of {type(model).__name__} (a module with `layers` and `norm`); "
+        "pass a [D] direction instead of a token pair"
+    )
+
+
+def _norm_eps(module: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        eps = getattr(module, name, None)
+        if isinstance(eps, float):
+            return eps
+    raise ValueError(f"{type(module).__name__} has no `variance_epsilon` / `eps`: not an RMSNorm this code knows")
+
+
+def _unit_gain(norm: nn.Module, *args_after, width: int, like: Tensor) -> Tensor:
+    """An RMSNorm's elementwise gain with its scale frozen: norm(ones, ...) * sqrt(1 + eps).
+
+    RMSNorm(x) = x * rsqrt(mean(x^2) + eps) * gain, so on x = ones it returns gain / sqrt(1 + eps),
+    whatever the gain's parametrisation (w, 1 + w, w * act(gate)). Calls the module's own forward
+    directly, so hooks on it (user edits) do not fire for this probe.
+    """
+    ones = torch.ones(*like.shape[:-1], width, dtype=like.dtype, device=like.device)
+    out = type(norm).forward(norm, ones, *args_after)
+    return out.to(torch.float64) * math.sqrt(1.0 + _norm_eps(norm))
+
+
+def _direction_for(model, direction, positions, final_in, final_norm, D: int, B: int) -> Tensor:
+    """[B, R, D] float64: a [D] vector for every position, or the frozen-norm logit difference
+    (final_in [B, T, D]: the final norm's actual input; final_norm: that module)."""
+    if isinstance(direction, Tensor) and direction.is_floating_point():
+        if direction.dim() != 1 or direction.shape[0] != D:
+            raise ValueError(
+                f"direction must be a [D] vector with D={D} (the model width) or a pair of answer tokens "
+                f"(token_a, token_b); got a tensor of shape {list(direction.shape)}"
+            )
+        return direction.to(torch.float64).expand(B, len(positions), D)
+    if not (isinstance(direction, (tuple, list)) and len(direction) == 2):
+        raise ValueError(
+            f"direction must be a [D] float tensor (D={D}) or a pair of answer tokens (token_a, token_b), "
+            f"each an int or a [B] integer tensor; got {type(direction).__name__}"
+        )
+    lm_head = model.get_output_embeddings()
+    W_U = lm_head.weight  # [vocab, D]
+    vocab = W_U.shape[0]
+    toks = []
+    for tok in direction:
+        t = torch.as_tensor(tok)
+        if t.is_floating_point() or t.dtype == torch.bool or t.dim() > 1 or (t.dim() == 1 and t.shape[0] != B):
+            raise ValueError(f"answer tokens must be ints or [B={B}] integer tensors; got {tok!r}")
+        if ((t < 0) | (t >= vocab)).any():
+            raise ValueError(f"answer tokens must lie in [0, {vocab}) (the vocabulary); got {t.tolist()}")
+        toks.append(t.to(W_U.device).expand(B))
+    diff = (W_U[toks[0]] - W_U[toks[1]]).to(torch.float64)  # [B, D]
+    if final_in is None:
+        return None  # validated only; the model has not run yet
+    x = final_in[:, list(positions)].to(torch.float64)  # [B, R, D], the final norm's input
+    gain = _unit_gain(final_norm, width=D, like=final_in[:, :1])  # [B, 1, D]
+    scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _norm_eps(final_norm))  # frozen at its actual value
+    return diff[:, None, :] * gain * scale
+
+
+@torch.no_grad()
+def attribution_for(
+    model: nn.Module,
+    input_ids: Optional[Tensor] = None,
+    *,
+    positions=None,
+    direction,
+    layers: Layers = None,
+    heads=None,
+    attention_mask: Optional[Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+    **model_kwargs,
+) -> Attribution:
+    """Which source tokens each GDN layer and head read to produce its output at `positions`,
+    projected on `direction` -- exactly, with the gated norm's scale frozen.
+
+    The kernel output is o_t = sum_s M[t, s] v_s + C_t (`ops.effective_attention`, one row per
+    position by the adjoint scan). The gated RMSNorm y = gain(z) ⊙ o / rms(o) is linear in o once
+    rms(o_t) is frozen at its actual value, and out_proj is linear, so direction_t . y_t splits
+    into one number per (head, source position) plus the initial-state and bias terms:
+
+        contributions[b, l, h, r, s] = M_h[t, s] * (a_{t,h} . v_{s,h}),
+        a_{t,h} = (W_out^T direction_t)_h ⊙ gain(z_{t,h}) / rms(o_{t,h}).
+
+    Attribution lands on value positions; v_s mixes tokens s-3..s through the causal conv.
+
+    Args:
+        positions: query positions (an int, ints or a 1-D integer tensor) in [0, T); default the
+            last token. Left padding counts (positions index the tokens of the call as given).
+        direction: a [D] float vector (projects each layer's output y_t), or a pair of answer
+            tokens (a, b), each an int or a [B] integer tensor: direct logit-difference
+            attribution, direction_t = (W_U[a] - W_U[b]) ⊙ final-norm gain / rms(x_t) with x_t the
+            final norm's actual input (its scale frozen too); then `value` is the layer's direct
+            effect on logit(a) - logit(b).
+        layers: GDN layer indices (default all).  heads: value heads (default all).
+        dtype: computation dtype of M and the contributions (float32 default, float64 exact).
+        model_kwargs: passed to the forward (`cache=` with a prefilled cache gives a state term).
+
+    Returns:
+        Attribution(contributions [B, L, H, R, T], state_term [B, L, H, R], bias_term [B, L, R],
+        value [B, L, R], direction [B, R, D], layers, heads, positions).
+    """
+    src = input_ids if input_ids is not None else model_kwargs.get("inputs_embeds")
+    if src is None:
+        raise ValueError("attribution_for needs input_ids or inputs_embeds")
+    B, T = src.shape[:2]
+    if positions is None:
+        positions = [T - 1]
+    ps = tuple(as_positions(positions, "attribution_for", size=T, what=f"the call has T={T} tokens"))
+    mods = _select(model, layers)
+    any_gdn = next(iter(mods.values()))
+    out_proj = site_module(model, next(iter(mods)), "out_proj")
+    D = out_proj.weight.shape[0]
+    _direction_for(model, direction, ps, None, None, D, B)  # validate before running the model
+    pair = not (isinstance(direction, Tensor) and direction.is_floating_point())
+    final_in = final_norm = handle = None
+    if pair:
+        final_norm = norm = _final_norm(model, any_gdn)
+        seen = []
+        handle = norm.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    try:
+        caps = capture(model, input_ids, layers=list(mods), attention_mask=attention_mask, **model_kwargs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if pair:
+        if len(seen) != 1:
+            raise RuntimeError(f"the final norm ran {len(seen)} times in one forward; expected once")
+        final_in = seen[0]
+    d = _direction_for(model, direction, ps, final_in, final_norm, D, B)  # [B, R, D] float64
+
+    contributions, states, biases, values = [], [], [], []
+    head_list = None
+    for l, cap in caps.items():
+        HV, V = cap.v.shape[2], cap.v.shape[3]
+        ea = cap.effective_attention(heads=heads, rows=list(ps), dtype=dtype)  # validates heads
+        head_list = list(range(HV)) if heads is None else _as_list(heads)
+        norm = site_module(model, l, "norm")
+        out_l = site_module(model, l, "out_proj")
+        rows = list(ps)
+        o = cap.o[:, rows].to(torch.float64)  # [B, R, HV, V]
+        z = cap.z[:, rows]
+        gain = _unit_gain(norm, z, width=V, like=z)  # gain(z) [B, R, HV, V]
+        inv_rms = torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + _norm_eps(norm))  # frozen
+        W = out_l.weight.to(torch.float64)  # [D, HV * V]
+        read = (d @ W).view(B, len(rows), HV, V)  # W_out^T direction_t, per head
+        a = (read * gain * inv_rms)[:, :, head_list].to(dtype)  # [B, R, H, V]
+        v = cap.v[:, :, head_list].to(dtype)  # [B, T, H, V]
+        av = torch.einsum("brhv,bshv->bhrs", a, v)
+        contributions.append(ea.matrix * av)  # [B, H, R, T]
+        if ea.state_term is None:
+            states.append(a.new_zeros(B, len(head_list), len(rows)))
+        else:
+            states.append(torch.einsum("brhv,brhv->bhr", a, ea.state_term))
+        bias = getattr(out_l, "bias", None)
+        biases.append((d @ bias.to(torch.float64)).to(dtype) if bias is not None else a.new_zeros(B, len(rows)))
+        values.append(torch.einsum("brd,brd->br", d, cap.y[:, rows].to(torch.float64)).to(dtype))
+    return Attribution(
+        torch.stack(contributions, 1),
+        torch.stack(states, 1),
+        torch.stack(biases, 1),
+        torch.stack(values, 1),
+        d.to(dtype),
+        tuple(caps),
+        tuple(head_list),
+        ps,
+    )

@@ -20,7 +20,7 @@ from torch.nn.modules import module as _torch_module
 
 from .sites import site
 
-__all__ = ["SiteValueError", "Tap", "CausalConv", "listened", "own_storage", "contiguous_grad"]
+__all__ = ["SiteValueError", "Tap", "CausalConv", "listened", "own_storage", "value_layout_grad"]
 
 
 class SiteValueError(ValueError):
@@ -110,7 +110,7 @@ class Tap(_SiteModule):
         out = super().__call__(x)
         if out is not x or out._version != version:  # replaced, or edited in place
             self._expect(out, x)
-        return contiguous_grad(out)
+        return value_layout_grad(out)
 
 
 class CausalConv(_SiteModule):
@@ -176,7 +176,7 @@ class CausalConv(_SiteModule):
             self._expect(out, qkv)
         if cache is not None and not self.wrote_cache:  # skipped: keep the cache consistent
             self.write_cache(qkv, cache=cache, conv_state=conv_state, decode=decode)
-        return contiguous_grad(out)
+        return value_layout_grad(out)
 
 
 # ------------------------------------------------------------------ autograd plumbing
@@ -188,36 +188,43 @@ class CausalConv(_SiteModule):
 
 
 def own_storage(x: torch.Tensor) -> torch.Tensor:
-    """A value listeners may edit in place or read `.grad` of must own contiguous storage. As a
-    view of another value (q, k, v of the conv output; the pre-conv slices of a fused
-    projection) an in-place edit would silently change that value too, autograd may refuse the
-    edit, and nnsight 0.8.1 reads a batched invoke's gradient by the value's strides and offset
-    in its base. Views and non-contiguous values are copied; others pass as they are."""
-    if x._base is not None or not x.is_contiguous():
-        return x.clone(memory_format=torch.contiguous_format)
-    return x
+    """A value listeners may edit in place or read `.grad` of must own its storage. As a view of
+    another value (q, k, v of the conv output; the pre-conv slices of a fused projection) an
+    in-place edit would silently change that value too, autograd may refuse the edit, and
+    nnsight 0.8.1 reads a batched invoke's gradient by the value's strides and offset in its
+    base. Views are copied with their exact strides (gaps included): elementwise kernels take
+    their vectorised or scalar paths by layout, so any other layout changes the last bits."""
+    if x._base is None:
+        return x
+    return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device).copy_(x)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands upstream a contiguous gradient.
+class _GradInValueLayout(torch.autograd.Function):
+    """Identity whose backward hands upstream the gradient laid out as the value is.
 
-    The kernels transpose their inputs, so the gradient reaching beta, g, q, k, v is a
-    transposed view; nnsight 0.8.1 reads a batch slice of a gradient (a second invoke's rows)
-    with `as_strided` at the value's own (contiguous) strides, and so read permuted numbers.
-    Its output is a view made in a custom Function, which must not be edited in place: every
-    later site takes `own_storage` of what it is given first."""
+    The kernels transpose their inputs, so the gradient reaching beta, g, q, k, v arrives
+    transposed. nnsight 0.8.1 reads a batch slice of a gradient (a second invoke's rows) with
+    `as_strided` at the value's own strides, and so read permuted numbers. The output is a view
+    made in a custom Function, which must not be edited in place: every later site takes
+    `own_storage` of what it is given first."""
 
     @staticmethod
     def forward(ctx, x):
+        ctx.layout = (x.size(), x.stride()) if x._base is None else None
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous()
+        if ctx.layout is None:
+            return grad.contiguous()
+        size, stride = ctx.layout
+        if grad.stride() == stride:
+            return grad
+        return grad.new_empty_strided(size, stride).copy_(grad)
 
 
-def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
-    """`x`, whose gradient arrives contiguous under autograd (see `_ContiguousGrad`)."""
+def value_layout_grad(x: torch.Tensor) -> torch.Tensor:
+    """`x`, whose gradient arrives in `x`'s own layout under autograd (see `_GradInValueLayout`)."""
     if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
-        return _ContiguousGrad.apply(x)
+        return _GradInValueLayout.apply(x)
     return x

@@ -193,3 +193,25 @@ def test_readme_in_place_edits_run_under_autograd(pair):
     loss_of(logits).backward()
     assert all(p.grad is not None for p in gi.site_module(patched, L, "norm").parameters())
     patched.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_listener_changes_no_number(pair, name, dtype):
+    """A hook that only reads a site (so the site hands it its own copy) leaves the logits HF's,
+    bit for bit, with and without autograd: the copy keeps the view's exact layout."""
+    from conftest import left_pad_mask
+
+    patched, ref = pair(name, dtype=dtype)
+    ids, mask = ids_for(17), left_pad_mask(3, 17)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+    for sname in SITE_NAMES:
+        for grad in (False, True):
+            h = gi.site_module(patched, L, sname).register_forward_hook(lambda *a: None)
+            try:
+                with torch.set_grad_enabled(grad):
+                    got = patched(input_ids=ids, attention_mask=mask).logits
+            finally:
+                h.remove()
+            assert torch.equal(got, want), (sname, grad)

@@ -1,10 +1,21 @@
-"""Tests for gdn_intervene.ops against HF transformers' own torch gated-delta-rule kernels."""
+"""Tests for gdn_intervene.ops against HF transformers' own torch gated-delta-rule kernels.
+
+References, none of them the code under test: HF's chunk/recurrent kernels (GDN: per-head
+decay; Kimi Linear's KDA: per-channel decay), the float64 token-by-token recurrence
+`naive_gated_delta_rule` (itself checked against HF's recurrent kernels first), and the solve
+path `effective_attention_solve` (one triangular solve over the whole sequence), which the
+adjoint row scan of `effective_attention` shares no algorithm with.
+"""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.models.kimi_linear.modeling_kimi_linear import (
+    chunk_kimi_delta_attention,
+    recurrent_kimi_delta_attention,
+)
 from transformers.models.qwen3_5.modeling_qwen3_5 import (
     l2norm as hf_l2norm,
     torch_chunk_gated_delta_rule,
@@ -13,6 +24,7 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import (
 
 from gdn_intervene.ops import (
     effective_attention,
+    effective_attention_solve,
     heuristic_effective_attention,
     l2norm,
     naive_gated_delta_rule,
@@ -39,20 +51,22 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def make(T, cfg, *, seed=0, beta_max=1.0, decay_scale=0.25):
-    """Random kernel inputs; K = V.  g = -decay_scale * exp(randn) * softplus(randn) <= 0."""
+def make(T, cfg, *, seed=0, beta_max=1.0, decay_scale=0.25, per_channel=False):
+    """Random kernel inputs; K = V.  g = -decay_scale * exp(randn) * softplus(randn) <= 0,
+    [B, T, HV] or, per_channel, [B, T, HV, K]."""
     HK, HV, K = cfg
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen)
 
+    gshape = (B, T, HV, K) if per_channel else (B, T, HV)
     return SimpleNamespace(
         q=randn(B, T, HK, K),
         k=randn(B, T, HK, K),
         v=randn(B, T, HV, K),
         beta=beta_max * torch.sigmoid(randn(B, T, HV)),
-        g=-decay_scale * randn(B, T, HV).exp() * F.softplus(randn(B, T, HV)),
+        g=-decay_scale * randn(*gshape).exp() * F.softplus(randn(*gshape)),
         S0=randn(B, HV, K, K),
     )
 
@@ -189,6 +203,190 @@ def test_heads_subset_equals_slices(cfg):
     torch.testing.assert_close(both.state_term, full.state_term[:, [20, 7]][:, :, heads], atol=1e-12, rtol=0)
 
 
+# --------------------------------------------------------------------------- scan vs solve
+
+
+SCAN_SIZES = [pytest.param(T, id=f"T{T}") for T in (1, 17, 63, 64, 65, 130)]  # 63/64/65: one block +-1; 130: 3 blocks
+BETA = [pytest.param(1.0, id="beta01"), pytest.param(2.0, id="beta02")]
+
+
+def both_paths(x, init, dtype, **kw):
+    args = dict(beta=x.beta, g=x.g, initial_state=x.S0 if init else None, dtype=dtype, **kw)
+    chunk = {"chunk": args.pop("chunk")} if "chunk" in args else {}
+    return effective_attention(x.q, x.k, **args, **chunk), effective_attention_solve(x.q, x.k, **args)
+
+
+def assert_paths_agree(new, old, init, dtype):
+    """M: fp32 1e-6 relative (each path is ~1e-7 from the exact matrix), fp64 1e-12.  The state
+    term C = F - M E cancels (F and M E are both ~exp(G_t) |S_0|, C is smaller): fp32 1e-5."""
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert new.matrix.shape == old.matrix.shape and new.matrix.dtype == dtype
+    assert rel(new.matrix, old.matrix) <= tol
+    if init:
+        assert rel(new.state_term, old.state_term) <= (1e-5 if dtype == torch.float32 else tol)
+    else:
+        assert new.state_term is None and old.state_term is None
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")])
+@pytest.mark.parametrize("beta_max", BETA)
+@pytest.mark.parametrize("init", INIT)
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("T", SCAN_SIZES)
+def test_scan_equals_solve(T, cfg, init, beta_max, dtype):
+    """Full matrix and a rows slice (unsorted, repeated, the last and the first row)."""
+    x = make(T, cfg, seed=20 + T, beta_max=beta_max)
+    new, old = both_paths(x, init, dtype)
+    assert_paths_agree(new, old, init, dtype)
+    assert torch.equal(new.matrix.triu(1), torch.zeros_like(new.matrix))
+    rows = [T - 1, 0, T // 2, T // 2]
+    new, old = both_paths(x, init, dtype, rows=rows)
+    assert new.matrix.shape == (B, cfg[1], 4, T)
+    assert_paths_agree(new, old, init, dtype)
+
+
+@pytest.mark.parametrize("chunk", [pytest.param(1, id="C1"), pytest.param(7, id="C7"), pytest.param(200, id="C200")])
+def test_scan_block_size_does_not_change_the_matrix(chunk):
+    x = make(65, CONFIGS[0].values[0], seed=30, beta_max=2.0)
+    new, old = both_paths(x, True, torch.float64, chunk=chunk, rows=[64, 3, 40])
+    assert_paths_agree(new, old, True, torch.float64)
+
+
+@pytest.mark.parametrize("init", INIT)
+def test_scan_T1000_rows_fp32_and_full_fp64(init):
+    """Long input: 16 blocks with a partial last one; fast decay (|G| ~ 1e3 at the end)."""
+    x = make(1000, CONFIGS[0].values[0], seed=31, decay_scale=1.0)
+    assert x.g.sum(1).min() < -500
+    new, old = both_paths(x, init, torch.float32, rows=[999, 500, 0, 937])
+    assert_paths_agree(new, old, init, torch.float32)
+    if not init:
+        return  # the full fp64 matrix (a 1000^3 solve) and the 1000-step recurrence once
+    new, old = both_paths(x, init, torch.float64)
+    assert_paths_agree(new, old, init, torch.float64)
+    on, _ = naive_gated_delta_rule(x.q, x.k, x.v, g=x.g, beta=x.beta, initial_state=x.S0 if init else None)
+    assert rel(apply(new.matrix, x.v) + (new.state_term if init else 0), on) <= 1e-10
+
+
+def _kineto_peak_bytes(call):
+    """Peak of the torch CPU allocator's live bytes during call() (profiler memory events)."""
+    import torch.profiler as tp
+
+    with tp.profile(activities=[tp.ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_rows_only_memory_grows_linearly_in_T():
+    """One row: the scan's peak is O(T (C + K)) (inputs, per-block temporaries, the row), so
+    doubling T at most doubles it; the solve path's [T, T] system quadruples."""
+    peaks = {}
+    for T in (512, 1024):
+        x = make(T, (1, 1, 8), seed=32)
+        for name, f in (("scan", effective_attention), ("solve", effective_attention_solve)):
+            peaks[name, T] = _kineto_peak_bytes(lambda: f(x.q, x.k, beta=x.beta, g=x.g, rows=[T - 1]))
+    print(f"\npeak bytes, one row: {peaks}")
+    assert peaks["solve", 1024] >= 1024 * 1024 * 4  # the measurement sees the solve path's [T, T] system
+    assert peaks["solve", 1024] >= 3.5 * peaks["solve", 512]
+    assert peaks["scan", 1024] <= 2.2 * peaks["scan", 512]
+    assert peaks["scan", 1024] <= peaks["solve", 1024] / 8
+
+
+# --------------------------------------------------------------------------- per-channel decay (KDA)
+
+
+KDA_SIZES = [pytest.param(T, id=f"T{T}") for T in (1, 17, 65, 130)]
+
+
+def kda_kernel(fn, x, init=False):
+    """HF Kimi Linear's own torch KDA kernels (no GQA there: HK = HV)."""
+    return fn(
+        x.q, x.k, x.v, g=x.g, beta=x.beta, initial_state=x.S0.clone() if init else None,
+        output_final_state=True, use_qk_l2norm_in_kernel=True,
+    )
+
+
+@pytest.mark.parametrize("init", INIT)
+@pytest.mark.parametrize("T", KDA_SIZES)
+def test_naive_per_channel_matches_hf_kda(T, init):
+    x = make(T, (2, 2, 8), seed=40, per_channel=True)
+    on, Sn = naive_gated_delta_rule(x.q, x.k, x.v, g=x.g, beta=x.beta, initial_state=x.S0 if init else None)
+    for fn in (recurrent_kimi_delta_attention, chunk_kimi_delta_attention):
+        o, S = kda_kernel(fn, x, init)
+        assert rel(on, o) <= 1e-5 and rel(Sn, S) <= 1e-5, fn.__name__
+
+
+def test_per_channel_with_equal_channels_is_per_head():
+    x = make(70, CONFIGS[0].values[0], seed=41)
+    pc = SimpleNamespace(**{**vars(x), "g": x.g[..., None].expand(-1, -1, -1, x.k.shape[-1])})
+    for f in (effective_attention, effective_attention_solve):
+        a, b = (f(y.q, y.k, beta=y.beta, g=y.g, initial_state=y.S0, dtype=torch.float64) for y in (x, pc))
+        assert rel(b.matrix, a.matrix) <= 1e-13 and rel(b.state_term, a.state_term) <= 1e-13
+    on, Sn = naive_gated_delta_rule(x.q, x.k, x.v, g=x.g, beta=x.beta)
+    onc, Snc = naive_gated_delta_rule(pc.q, pc.k, pc.v, g=pc.g, beta=pc.beta)
+    assert torch.equal(on, onc) and torch.equal(Sn, Snc)
+
+
+@pytest.mark.parametrize("init", INIT)
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("T", KDA_SIZES)
+def test_per_channel_matrix_reconstructs_naive(T, cfg, init):
+    """M v + C against the float64 per-channel recurrence: 1e-10 (fp64), 1e-5 (fp32); scan == solve."""
+    x = make(T, cfg, seed=42 + T, per_channel=True, beta_max=2.0 if init else 1.0)
+    S0 = x.S0 if init else None
+    on, _ = naive_gated_delta_rule(x.q, x.k, x.v, g=x.g, beta=x.beta, initial_state=S0)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        new, old = both_paths(x, init, dtype)
+        assert rel(apply(new.matrix, x.v) + (new.state_term if init else 0), on) <= tol
+        assert_paths_agree(new, old, init, dtype)
+        new, old = both_paths(x, init, dtype, rows=[T - 1, T // 3])
+        assert_paths_agree(new, old, init, dtype)
+
+
+def test_per_channel_fast_decay_forms_differences():
+    """|G| reaches ~1e3 per channel: exp(G_i) alone underflows, exp(G_i - G_j) must not."""
+    x = make(300, (2, 2, 8), seed=43, per_channel=True, decay_scale=3.0)
+    assert x.g.sum(1).min() < -1000
+    on, _ = naive_gated_delta_rule(x.q, x.k, x.v, g=x.g, beta=x.beta, initial_state=x.S0)
+    ea = effective_attention(x.q, x.k, beta=x.beta, g=x.g, initial_state=x.S0, dtype=torch.float64)
+    assert torch.isfinite(ea.matrix).all()
+    assert rel(apply(ea.matrix, x.v) + ea.state_term, on) <= 1e-10
+    o, _ = kda_kernel(chunk_kimi_delta_attention, x, True)
+    ea32 = effective_attention(x.q, x.k, beta=x.beta, g=x.g, initial_state=x.S0)
+    assert rel(apply(ea32.matrix, x.v) + ea32.state_term, o) <= 1e-5
+
+
+@pytest.mark.parametrize("init", INIT)
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_per_channel_written_values_and_state(cfg, init):
+    x = make(130, cfg, seed=44, per_channel=True)
+    S0 = x.S0 if init else None
+    ref = loop_written_values(x, init)
+    u = written_values(x.k, x.v, beta=x.beta, g=x.g, initial_state=S0, dtype=torch.float64)
+    assert rel(u, ref) <= 1e-12
+    _, Sn = naive_gated_delta_rule(x.q, x.k, x.v, g=x.g, beta=x.beta, initial_state=S0)
+    dec = state_decomposition(x.k, x.v, beta=x.beta, g=x.g, initial_state=S0, dtype=torch.float64)
+    assert dec.weights.shape == (B, cfg[1], 130, cfg[2])
+    assert rel(dec.state(), Sn) <= 1e-12
+    assert rel(dec.per_token().sum(1) + (dec.initial if init else 0), Sn) <= 1e-12
+    _, Sp = naive_gated_delta_rule(x.q[:, :71], x.k[:, :71], x.v[:, :71], g=x.g[:, :71], beta=x.beta[:, :71], initial_state=S0)
+    mid = state_decomposition(x.k, x.v, beta=x.beta, g=x.g, initial_state=S0, position=70, dtype=torch.float64)
+    assert rel(mid.state(), Sp) <= 1e-12
+
+
+def test_per_channel_heuristic_shape():
+    x = make(20, CONFIGS[0].values[0], seed=45, per_channel=True)
+    Mh = heuristic_effective_attention(x.q, x.k, beta=x.beta, g=x.g)
+    want = torch.einsum("bthd,bshd,bhtsd->bhts", x.q.repeat_interleave(2, 2), x.k.repeat_interleave(2, 2),
+                        (x.g.cumsum(1).transpose(1, 2)[:, :, :, None] - x.g.cumsum(1).transpose(1, 2)[:, :, None]).exp())
+    want = want.tril() * x.beta.transpose(1, 2)[:, :, None, :]
+    torch.testing.assert_close(Mh, want, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- heuristic
 
 
@@ -217,7 +415,8 @@ def loop_written_values(x, init):
     S = x.S0.double().clone() if init else torch.zeros(B, HV, k.shape[-1], x.v.shape[-1], dtype=torch.float64)
     us = []
     for t in range(x.k.shape[1]):
-        S = S * x.g[:, t].double().exp()[:, :, None, None]
+        dec = x.g[:, t].double().exp()
+        S = S * (dec[:, :, None, None] if dec.dim() == 2 else dec[..., None])  # per head / per key channel
         pred = torch.einsum("bhk,bhkv->bhv", k[:, t], S)
         u = x.beta[:, t].double()[:, :, None] * (x.v[:, t].double() - pred)
         S = S + torch.einsum("bhk,bhv->bhkv", k[:, t], u)
@@ -282,6 +481,8 @@ def _bad_calls():
         pytest.param(lambda: ea(rows=3), r"rows must be a sequence", id="row-scalar"),
         pytest.param(lambda: ea(rows=[]), r"rows must not be empty", id="row-empty"),
         pytest.param(lambda: ea(initial_state=x.S0[:, :2]), r"initial_state must be \[B, HV, K, V\]", id="init-shape"),
+        pytest.param(lambda: ea(g=x.g[..., None].expand(-1, -1, -1, 5)), r"or \[B, T, HV, K\] = \[2, 8, 4, 8\]", id="g-channels"),
+        pytest.param(lambda: ea(chunk=0), r"chunk must be a positive int", id="chunk"),
         pytest.param(lambda: ea(max_bytes=1000), r"GiB.*max_bytes=1000.*rows=\[\.\.\.\].*heads=\[\.\.\.\]", id="max-bytes"),
         pytest.param(lambda: written_values(x.k, x.v[:, :, :2], beta=x.beta, g=x.g), r"v must be \[B, T, HV, V\]", id="v-shape"),
         pytest.param(lambda: state_decomposition(x.k, x.v, beta=x.beta, g=x.g, position=8), r"position must be", id="position"),

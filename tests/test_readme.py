@@ -36,9 +36,6 @@ def blocks(text: str):
 
 
 BLOCKS = blocks(README.read_text())
-# Sections whose blocks do not run as written yet (undefined names, hub ids): their owners make
-# them run or mark them `<!-- not-run: REASON -->`; until then they are expected failures.
-PENDING = {"Effective attention and state tools"}
 _NAMESPACE: dict = {"__name__": "__readme__"}
 
 
@@ -54,14 +51,9 @@ def test_readme_block(name, code, skip, expected, monkeypatch):
         pytest.skip(f"README marks it not-run: {skip}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            filename = f"README.md [{name}]"
-            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)  # nnsight reads `with` bodies back
-            exec(compile(code, filename, "exec"), _NAMESPACE)
-    except Exception as e:
-        if name.rsplit(" #", 1)[0] in PENDING:
-            pytest.xfail(f"does not run as written yet: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-        raise
+    filename = f"README.md [{name}]"
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)  # nnsight reads `with` bodies back
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, filename, "exec"), _NAMESPACE)
     if expected is not None:
         assert out.getvalue().strip() == expected.strip()
