@@ -65,20 +65,22 @@ def check_version(package: str, version: str | None = None) -> None:
         )
 
 
-KERNELS = (
-    "torch_chunk_gated_delta_rule",
-    "torch_recurrent_gated_delta_rule",
+# Besides the family's two delta-rule kernels (`Family.kernels`).
+HELPERS = (
     "causal_conv1d_fn",
     "causal_conv1d_update",
     "apply_mask_to_padding_states",
 )
 
 
-def check_hf_module(cls: type) -> None:
+def check_hf_module(
+    cls: type, kernels: tuple[str, ...] = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+) -> None:
     """Raise `UnsupportedVersionError` unless the modeling file of HF GDN class `cls` defines
-    the module-level functions the decomposed forward calls (`KERNELS`)."""
+    the module-level functions the decomposed forward calls (the family's `kernels`, e.g.
+    `chunk_kimi_delta_attention` / `recurrent_kimi_delta_attention` for KDA, and `HELPERS`)."""
     module: ModuleType = sys.modules[cls.__module__]
-    missing = [n for n in KERNELS if n not in vars(module)]
+    missing = [n for n in (*kernels, *HELPERS) if n not in vars(module)]
     if missing:
         raise UnsupportedVersionError(
             f"{cls.__name__}: {cls.__module__} no longer defines {missing}; this transformers release "
@@ -89,7 +91,8 @@ def check_hf_module(cls: type) -> None:
 def hf_function(cls: type, name: str):
     """The module-level function `name` of the modeling file that defines HF GDN class `cls`.
 
-    The native forward calls `torch_chunk_gated_delta_rule`, `torch_recurrent_gated_delta_rule`,
+    The native forward calls `torch_chunk_gated_delta_rule`, `torch_recurrent_gated_delta_rule`
+    (KDA: `chunk_kimi_delta_attention`, `recurrent_kimi_delta_attention`),
     `causal_conv1d_fn`, `causal_conv1d_update` and `apply_mask_to_padding_states`, which
     transformers binds to flash-linear-attention / causal-conv1d when installed. Looked up at
     call time, so both forwards always run the same kernels, even if someone rebinds them."""
@@ -101,8 +104,8 @@ class Step(NamedTuple):
     the cache, as HF does).
 
     conv_state: [B, C, W] or None.  initial_state: S_0 [B, HV, K, V] or None.
-    conv_decode: the conv runs the single-token update kernel (HF: a conv state, T == 1 and the
-        cache is not recording past states).  recurrent_decode: the recurrent kernel runs (HF:
+    conv_decode: the conv runs the single-token update kernel (HF: a conv state, T == 1 and, in
+        the GDN forwards, the cache is not recording past states; the KDA forwards do not ask).  recurrent_decode: the recurrent kernel runs (HF:
         a recurrent state and T == 1). HF decides the two separately; so do we, in one place."""
 
     conv_state: Any
@@ -114,13 +117,14 @@ class Step(NamedTuple):
 _NO_CACHE = Step(None, None, False, False)
 
 
-def cache_step(cache: Any, layer_idx: int, T: int) -> Step:
-    """The `Step` of a layer call with `cache` (None: no cache)."""
+def cache_step(cache: Any, layer_idx: int, T: int, asks_recording: bool = True) -> Step:
+    """The `Step` of a layer call with `cache` (None: no cache). `asks_recording`: whether the
+    family's HF forward asks `is_recording_past` before the conv-update kernel."""
     if cache is None:
         return _NO_CACHE
     conv_state = cache.get_conv_state(layer_idx, state_idx=0)
     S0 = cache.get_recurrent_state(layer_idx, state_idx=0)
-    conv_decode = conv_state is not None and T == 1 and not cache.is_recording_past(layer_idx)
+    conv_decode = conv_state is not None and T == 1 and not (asks_recording and cache.is_recording_past(layer_idx))
     return Step(conv_state, S0, conv_decode, S0 is not None and T == 1)
 
 

@@ -1,6 +1,17 @@
 """GDN module families: each layout as data, plus the one function per layout that maps
 the layer input to the pre-conv q, k, v and the gate/beta/decay inputs z, b, a.
 
+Two mixers share one forward (`layer.GDNMixin.forward`):
+- `Mixer.GDN`, Gated DeltaNet: one log decay per head and token, g [B, T, HV]; GQA (HV >= HK);
+  z, b, a come out of the projections with q, k, v; gated RMSNorm with SiLU.
+- `Mixer.KDA`, Kimi Delta Attention (Kimi Linear, GLM-5-Next, Bailing hybrid): one log decay
+  per key channel, g [B, T, HV, K], from a `forget_gate` submodule (low-rank
+  `f_a_proj -> f_b_proj`, or one `f_proj`; `dt_bias`, `A_log`; optionally
+  `lower_bound * sigmoid(...)` instead of the softplus); HK = HV, K = V; b and a are projected
+  after the conv and z (low-rank `g_a_proj -> g_b_proj`, or `g_proj`) after the recurrence, in
+  HF's call order (autograd sums the input gradient in reverse call order); gated RMSNorm with
+  a sigmoid; the module sits at the decoder layer's `self_attn`.
+
 A family is detected once, at patch time, from the module's class; the forward never asks
 `hasattr`. Adding a family that follows a known layout is one `Family(...)` line.
 """
@@ -11,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .sites import Mixer
@@ -24,6 +36,7 @@ class Projected(NamedTuple):
     q, k: [B, T, HK, K]; v, z: [B, T, HV, V]; b, a: [B, T, HV].
     qkv: [B, T, C] when q, k, v are slices of one concatenated projection (so the conv
     input needs no copy while nobody replaces them), else None.
+    z, b, a are None for families that project them later (`Family.late_gates`, `late_z`).
 
     Every value is a slice or a reshape, never an output of `torch.split`: autograd forbids
     in-place edits of split's views, and users edit sites in place.
@@ -32,9 +45,9 @@ class Projected(NamedTuple):
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    z: torch.Tensor
-    b: torch.Tensor
-    a: torch.Tensor
+    z: torch.Tensor | None
+    b: torch.Tensor | None
+    a: torch.Tensor | None
     qkv: torch.Tensor | None
 
 
@@ -99,6 +112,84 @@ def _project_separate(m: nn.Module, x: torch.Tensor) -> Projected:
     )
 
 
+def _project_kda(m: nn.Module, x: torch.Tensor) -> Projected:
+    B, T, _ = x.shape
+    q, k, v = m.q_proj(x), m.k_proj(x), m.v_proj(x)
+    K = m.head_dim
+    return Projected(q.view(B, T, -1, K), k.view(B, T, -1, K), v.view(B, T, -1, K), None, None, None, None)
+
+
+def _gates_kda_lowrank(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kimi Linear, GLM-5-Next: (b [B, T, HV], a [B, T, HV, K]), the forget gate first, as in HF."""
+    B, T, _ = x.shape
+    fg = m.forget_gate
+    a = fg.f_b_proj(fg.f_a_proj(x)).view(B, T, -1, m.head_dim)
+    return m.b_proj(x), a
+
+
+def _gates_kda_full(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bailing hybrid: a full-rank `forget_gate.f_proj`."""
+    B, T, _ = x.shape
+    a = m.forget_gate.f_proj(x).view(B, T, -1, m.head_dim)
+    return m.b_proj(x), a
+
+
+def _z_kda_lowrank(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    B, T, _ = x.shape
+    return m.g_b_proj(m.g_a_proj(x)).view(B, T, -1, m.head_dim)
+
+
+def _z_kda_full(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    B, T, _ = x.shape
+    return m.g_proj(x).view(B, T, -1, m.head_dim)
+
+
+def _decay_gdn(m: nn.Module, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, HV] -> g = -exp(A_log) * softplus(a + dt_bias), fp32 (HF's expression)."""
+    return -m.A_log.float().exp() * F.softplus(a.float() + m.dt_bias)
+
+
+def _decay_kda_fla(m: nn.Module, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Kimi Linear, GLM-5-Next: a [B, T, HV, K] -> fp32 g, per channel (HF's expressions).
+
+    g = lower_bound * sigmoid(exp(A_log) * (a + dt_bias)) when the forget gate has a
+    `safe_gate_lower_bound` (GLM-5-Next's default, -5), else -exp(A_log) * softplus(a + dt_bias)
+    with HF's overflow-safe softplus (`x` above 20)."""
+    fg = m.forget_gate
+    # HF adds dt_bias on [B, T, HV*K], then views: the same layout keeps dt_bias's gradient
+    # (a sum over B and T) bitwise.
+    g = (a.float().flatten(2) + fg.dt_bias.float().view(1, 1, -1)).view(a.shape)
+    rate = torch.exp(fg.A_log.float().view(1, 1, -1, 1))
+    bound = getattr(fg, "safe_gate_lower_bound", None)
+    if bound is not None:
+        return bound * torch.sigmoid(rate * g)
+    return -rate * torch.where(g > 20.0, g, torch.log(1.0 + torch.exp(g)))
+
+
+def _decay_kda_bailing(m: nn.Module, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bailing hybrid: as `_decay_kda_fla`, bounded by `kda_lower_bound` when `kda_safe_gate`,
+    else torch's softplus; cast to the layer input's dtype (HF's expressions)."""
+    fg = m.forget_gate
+    g = a.float() + fg.dt_bias.view(1, 1, *a.shape[2:])
+    rate = fg.A_log.exp().view(1, 1, -1, 1)
+    gate = fg.lower_bound * torch.sigmoid(rate * g) if fg.safe_gate else -rate * F.softplus(g)
+    return gate.to(dtype)
+
+
+def _dims_gdn(m: nn.Module) -> tuple[int, int, int, int]:
+    return m.key_dim, m.value_dim, m.head_k_dim, m.head_v_dim
+
+
+def _dims_kda(m: nn.Module) -> tuple[int, int, int, int]:
+    return m.qkv_dim, m.qkv_dim, m.head_dim, m.head_dim
+
+
+_GDN_CONFIG = {"HK": "linear_num_key_heads", "HV": "linear_num_value_heads", "K": "linear_key_head_dim", "V": "linear_value_head_dim"}
+_KDA_CONFIG = {"HK": "linear_num_heads", "HV": "linear_num_heads", "K": "linear_head_dim", "V": "linear_head_dim"}
+GDN_KERNELS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+KDA_KERNELS = ("chunk_kimi_delta_attention", "recurrent_kimi_delta_attention")
+
+
 @dataclass(frozen=True)
 class Family:
     """One GDN layout.
@@ -110,7 +201,23 @@ class Family:
     conv_trims_always: HF slices the conv output to the last T positions on every call (not
         only with a cache). A no-op on the values, but it changes the layout autograd hands the
         conv's backward, so gradients are bitwise only if we do the same.
-    mixer: the decay's form (`Mixer.GDN`: per head); sites' shapes depend on it.
+    mixer: the decay's form (`Mixer.GDN`: per head; `Mixer.KDA`: per key channel); sites'
+        shapes depend on it.
+    late_gates: (m, x) -> (b, a), projected after the conv (None: `project` returns them).
+    late_z: (m, x) -> z, projected after the recurrence (None: `project` returns it).
+    decay: (m, a, input dtype) -> g, the log decay (<= 0) the kernel takes.
+    dims: m -> (key_dim, value_dim, head_k_dim, head_v_dim), the module's sizes.
+    config: shape letter -> (text) config field, for HK, HV, K, V (`letters`).
+    kernels: names of the (chunk, recurrent) kernels in the modeling module's namespace.
+    parent: attribute of the decoder layer that holds the module.
+    conv_asks_recording: HF's decode step runs the conv-update kernel only while the cache does
+        not record past states (`is_recording_past`); the KDA forwards do not ask.
+    packed_kwarg: the kernels take packed-sequence offsets as `cu_seqlens` (popped from
+        `cu_seq_lens_q`), as the GDN forwards pass them; False: kwargs go on unchanged (KDA).
+    state_fp32: the state is cast to fp32 before it is written to the cache (KDA).
+    accelerate_children: children whose accelerate hooks the forward fires by hand (their
+        weights are read without calling them).
+    notes: one line for the docs' family table.
     """
 
     name: str
@@ -122,6 +229,23 @@ class Family:
     neg_eigval_attr: str | None = None
     conv_trims_always: bool = False
     mixer: Mixer = Mixer.GDN
+    late_gates: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    late_z: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    decay: Callable[[nn.Module, torch.Tensor, torch.dtype], torch.Tensor] = _decay_gdn
+    dims: Callable[[nn.Module], tuple[int, int, int, int]] = _dims_gdn
+    config: dict[str, str] = field(default_factory=lambda: dict(_GDN_CONFIG))
+    kernels: tuple[str, str] = GDN_KERNELS
+    parent: str = "linear_attn"
+    conv_asks_recording: bool = True
+    packed_kwarg: bool = True
+    state_fp32: bool = False
+    accelerate_children: tuple[str, ...] = ("conv1d",)
+    notes: str = ""
+
+    def letters(self, config) -> dict[str, int]:
+        """Shape letter -> size from the (text) config: HK, HV, K, V, D and C = 2*HK*K + HV*V."""
+        n = {x: getattr(config, f) for x, f in self.config.items()}
+        return dict(n, D=config.hidden_size, C=2 * n["HK"] * n["K"] + n["HV"] * n["V"])
 
 
 _M = "transformers.models."
@@ -154,6 +278,50 @@ FAMILIES: tuple[Family, ...] = (
         hf_names={"norm": "o_norm", "out_proj": "o_proj"},
         neg_eigval_attr="allow_neg_eigval",
         conv_trims_always=True,
+    ),
+)
+_KDA = dict(
+    hf_names={"norm": "o_norm", "out_proj": "o_proj"},
+    mixer=Mixer.KDA,
+    dims=_dims_kda,
+    config=_KDA_CONFIG,
+    kernels=KDA_KERNELS,
+    parent="self_attn",
+    conv_asks_recording=False,
+    packed_kwarg=False,
+    state_fp32=True,
+    accelerate_children=("conv1d", "forget_gate"),  # forget_gate holds dt_bias and A_log
+)
+FAMILIES += (
+    Family(
+        "kimi_linear",
+        "kda_lowrank",
+        (
+            (_M + "kimi_linear.modeling_kimi_linear", "KimiLinearDeltaAttention"),
+            (_M + "glm5_next.modeling_glm5_next", "Glm5NextTextLinearAttention"),
+        ),
+        ("q_proj", "k_proj", "v_proj", "forget_gate.f_a_proj", "forget_gate.f_b_proj", "b_proj", "g_a_proj", "g_b_proj"),
+        _project_kda,
+        late_gates=_gates_kda_lowrank,
+        late_z=_z_kda_lowrank,
+        decay=_decay_kda_fla,
+        conv_trims_always=True,
+        notes="decay per channel; bounded (`lower_bound * sigmoid`) when the config sets `linear_lower_bound` "
+        "(GLM-5-Next, default -5), else softplus (Kimi Linear)",
+        **_KDA,
+    ),
+    Family(
+        "bailing_hybrid",
+        "kda_full",
+        ((_M + "bailing_hybrid.modeling_bailing_hybrid", "BailingHybridDeltaAttention"),),
+        ("q_proj", "k_proj", "v_proj", "forget_gate.f_proj", "b_proj", "g_proj"),
+        _project_kda,
+        late_gates=_gates_kda_full,
+        late_z=_z_kda_full,
+        decay=_decay_kda_bailing,
+        notes="decay per channel; bounded by `kda_lower_bound` when `kda_safe_gate` (default), else softplus; "
+        "cast to the input dtype",
+        **_KDA,
     ),
 )
 

@@ -12,7 +12,6 @@ import warnings
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import _compat
 from .families import Family, family_for
@@ -63,14 +62,14 @@ def _sigmoid(b: torch.Tensor) -> torch.Tensor:
 
 class GDNMixin:
     """Mixed in front of an HF GDN class. Attributes added per instance (removed by unpatch):
-    one module per site in `TAP_SITES`, plus `native_cached`, `state_positions` and
-    `_gdn_beta_x2`."""
+    one module per site in `TAP_SITES`, plus `native_cached`, `state_positions`,
+    `_gdn_beta_x2` and `_gdn_dims`."""
 
     _gdn_family: Family
     _gdn_hf_class: type
     _gdn_norm: str
     _gdn_out: str
-    _GDN_ATTRS = ("native_cached", "state_positions", "_gdn_beta_x2")
+    _GDN_ATTRS = ("native_cached", "state_positions", "_gdn_beta_x2", "_gdn_dims")
 
     def __init__(self, *args, **kwargs):  # used when a model is built patched (patch_on_load)
         super().__init__(*args, **kwargs)
@@ -97,6 +96,7 @@ class GDNMixin:
         self.state_positions: tuple[int, ...] | None = None
         attr = self._gdn_family.neg_eigval_attr
         self._gdn_beta_x2 = bool(attr and getattr(self, attr))
+        self._gdn_dims = self._gdn_family.dims(self)  # (key_dim, value_dim, head_k_dim, head_v_dim)
 
     def _gdn_uninstall(self) -> None:
         for s in TAP_SITES:
@@ -124,25 +124,32 @@ class GDNMixin:
 
         x = _compat.hf_function(self._gdn_hf_class, "apply_mask_to_padding_states")(hidden_states, attention_mask)
         B, T, _ = x.shape
-        step = _compat.cache_step(cache, self.layer_idx, T)  # read before the conv writes the cache, as HF does
+        fam = self._gdn_family
+        key_dim, value_dim, head_k_dim, head_v_dim = self._gdn_dims
+        # read before the conv writes the cache, as HF does
+        step = _compat.cache_step(cache, self.layer_idx, T, fam.conv_asks_recording)
 
-        p = self._gdn_family.project(self, x)
+        p = fam.project(self, x)
         qkv = self._pre_conv(p, B, T)
         z, b, a = p.z, p.b, p.a
         del p  # HF frees the projections after the conv; `p` would hold them through the kernel
         qkv = self.conv(
             qkv, self.conv1d.weight, self.conv1d.bias, cache=cache, conv_state=step.conv_state, decode=step.conv_decode, **kwargs
         )
-        q, k, v = (qkv.narrow(-1, s, n) for s, n in ((0, self.key_dim), (self.key_dim, self.key_dim), (2 * self.key_dim, self.value_dim)))
-        q = self.q(q.reshape(B, T, -1, self.head_k_dim))
-        k = self.k(k.reshape(B, T, -1, self.head_k_dim))
-        v = self.v(v.reshape(B, T, -1, self.head_v_dim))
+        q, k, v = (qkv.narrow(-1, s, n) for s, n in ((0, key_dim), (key_dim, key_dim), (2 * key_dim, value_dim)))
+        q = self.q(q.reshape(B, T, -1, head_k_dim))
+        k = self.k(k.reshape(B, T, -1, head_k_dim))
+        v = self.v(v.reshape(B, T, -1, head_v_dim))
 
+        if fam.late_gates is not None:  # KDA: projected after the conv, in HF's order
+            b, a = fam.late_gates(self, x)
         beta = _sigmoid(self.beta_logit(b))
         beta = self.beta(beta * 2.0 if self._gdn_beta_x2 else beta)
-        g = self.decay(-self.A_log.float().exp() * F.softplus(self.decay_logit(a).float() + self.dt_bias))
+        g = self.decay(fam.decay(self, self.decay_logit(a), x.dtype))  # GDN [B, T, HV], KDA [B, T, HV, K]
 
         o = self.recurrence(self._delta_rule(q, k, v, g, beta, step, cache, kwargs))
+        if fam.late_z is not None:  # KDA: projected after the recurrence, in HF's order
+            z = fam.late_z(self, x)
         o = self._hf_site("norm", getattr(self, self._gdn_norm)(o, self.gate(z)), o)
         out = getattr(self, self._gdn_out)(o.reshape(B, T, -1))
         return self._hf_site("out_proj", out, hidden_states, dtype=o.dtype)
@@ -182,37 +189,36 @@ class GDNMixin:
         """Runs HF's kernel (recurrent for a cached decode step, chunked otherwise), fires the
         `state` site on each final state and writes the last one to the cache.
 
-        q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV] (g <= 0) -> o [B, T, HV, V].
+        q, k [B, T, HK, K]; v [B, T, HV, V]; beta [B, T, HV]; g <= 0, [B, T, HV] (GDN) or
+        [B, T, HV, K] (KDA) -> o [B, T, HV, V].
         """
-        cu_seqlens = kwargs.pop("cu_seq_lens_q", None)
+        fam = self._gdn_family
+        chunk, recurrent = (_compat.hf_function(self._gdn_hf_class, name) for name in fam.kernels)
         # The final state is always requested so the `state` site fires without a cache too;
-        # it does not change o.
-        common = dict(output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens, **kwargs)
+        # it does not change o. The GDN forwards pass packed offsets as `cu_seqlens`; the KDA
+        # forwards pass the kwargs on as they came.
+        packed = dict(cu_seqlens=kwargs.pop("cu_seq_lens_q", None)) if fam.packed_kwarg else {}
+        common = dict(output_final_state=True, use_qk_l2norm_in_kernel=True, **packed, **kwargs)
         S0 = step.initial_state
         if step.recurrent_decode:
-            o, S = _compat.hf_function(self._gdn_hf_class, "torch_recurrent_gated_delta_rule")(
-                q, k, v, g=g, beta=beta, initial_state=S0, **common
-            )
+            o, S = recurrent(q, k, v, g=g, beta=beta, initial_state=S0, **common)
             S = self.state(S)
         elif self.state_positions:
-            o, S = self._split_delta_rule(q, k, v, g, beta, S0, common)
+            o, S = self._split_delta_rule(q, k, v, g, beta, S0, common, chunk)
         else:
-            o, S = _compat.hf_function(self._gdn_hf_class, "torch_chunk_gated_delta_rule")(
-                q, k, v, g=g, beta=beta, initial_state=S0, **common
-            )
+            o, S = chunk(q, k, v, g=g, beta=beta, initial_state=S0, **common)
             S = self.state(S)
         if cache is not None:
-            cache.update_recurrent_state(S, self.layer_idx)
+            cache.update_recurrent_state(S.to(torch.float32) if fam.state_fp32 else S, self.layer_idx)
         return o
 
-    def _split_delta_rule(self, q, k, v, g, beta, S, common):
+    def _split_delta_rule(self, q, k, v, g, beta, S, common, chunk):
         """Chunk kernel run segment by segment, split after each of `state_positions`; each
         segment starts from the previous segment's (possibly replaced) final state."""
         T = q.shape[1]
-        if common["cu_seqlens"] is not None:
+        if common.get("cu_seqlens") is not None or common.get("cu_seq_lens_q") is not None:
             raise ValueError(f"layer {self.layer_idx}: state_positions cannot split packed sequences (cu_seqlens)")
         bounds = _split_bounds(self.state_positions, T, self.layer_idx)
-        chunk = _compat.hf_function(self._gdn_hf_class, "torch_chunk_gated_delta_rule")
         outs = []
         for s, e in zip(bounds[:-1], bounds[1:]):
             o, S = chunk(q[:, s:e], k[:, s:e], v[:, s:e], g=g[:, s:e], beta=beta[:, s:e], initial_state=S, **common)
@@ -250,8 +256,8 @@ def hookable_class(cls: type) -> type:
     if found is None:
         raise ValueError(f"{cls.__name__} is not a supported GDN class")
     fam, hf = found
-    _compat.check_hf_module(hf)
-    forward = _compat.force_accelerate_hooks("conv1d")(_compat.deprecate_cache_params(GDNMixin.forward))
+    _compat.check_hf_module(hf, fam.kernels)
+    forward = _compat.force_accelerate_hooks(list(fam.accelerate_children))(_compat.deprecate_cache_params(GDNMixin.forward))
     new = type(
         f"Hookable{cls.__name__}",
         (GDNMixin, cls),

@@ -63,7 +63,8 @@ class _SiteEnvoy(Envoy):
     def _gdn_hint(self, name: str) -> str | None:
         module = self.__dict__.get("_module")
         if isinstance(module, GDNMixin):
-            return f"Layer {module.layer_idx}'s linear_attn has no {name!r}; its sites are: {', '.join(SITE_NAMES)}"
+            parent = module._gdn_family.parent  # linear_attn; self_attn in the KDA families
+            return f"Layer {module.layer_idx}'s {parent} has no {name!r}; its sites are: {', '.join(SITE_NAMES)}"
         if name != "linear_attn" and name not in SITE_NAMES:
             return None
         try:

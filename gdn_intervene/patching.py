@@ -39,7 +39,12 @@ def as_module(model) -> nn.Module:
 
 
 def _looks_gdn(m: nn.Module) -> bool:
-    return type(m).__name__.endswith("GatedDeltaNet") or all(hasattr(m, a) for a in ("conv1d", "A_log", "dt_bias"))
+    """A delta-rule layer by name or by parts: GDN keeps A_log/dt_bias on the module, KDA on
+    its `forget_gate`."""
+    if type(m).__name__.endswith(("GatedDeltaNet", "DeltaAttention")):
+        return True
+    gate = getattr(m, "forget_gate", m)
+    return isinstance(getattr(m, "conv1d", None), nn.Module) and all(hasattr(gate, a) for a in ("A_log", "dt_bias"))
 
 
 def _candidates(model: nn.Module) -> list[nn.Module]:

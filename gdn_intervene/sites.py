@@ -89,11 +89,17 @@ SITES: tuple[Site, ...] = (
     Site("v", ("B", "T", "HV", "V"), "value after the conv"),
     Site("beta_logit", ("B", "T", "HV"), "write strength before the sigmoid"),
     Site("beta", ("B", "T", "HV"), "write strength the recurrence uses: sigmoid (x2 where negative eigenvalues are allowed)"),
-    Site("decay_logit", ("B", "T", "HV"), "decay input a, before softplus", shapes=_KDA_DECAY),
+    Site(
+        "decay_logit",
+        ("B", "T", "HV"),
+        "decay input a, before softplus (KDA: per key channel, the forget gate's projection before dt_bias)",
+        shapes=_KDA_DECAY,
+    ),
     Site(
         "decay",
         ("B", "T", "HV"),
-        "log decay g = -exp(A_log) * softplus(a + dt_bias); g <= 0, decay = exp(g)",
+        "log decay g = -exp(A_log) * softplus(a + dt_bias); g <= 0, decay = exp(g) "
+        "(KDA: per key channel; bounded families: lower_bound * sigmoid(exp(A_log) * (a + dt_bias)))",
         shapes=_KDA_DECAY,
     ),
     Site(
@@ -103,7 +109,7 @@ SITES: tuple[Site, ...] = (
         fires=Fires.PER_SPLIT,
     ),
     Site("recurrence", ("B", "T", "HV", "V"), "delta-rule output o (chunk kernel in prefill, recurrent kernel in decode)"),
-    Site("gate", ("B", "T", "HV", "V"), "output gate z, before SiLU"),
+    Site("gate", ("B", "T", "HV", "V"), "output gate z, before SiLU (KDA: before the sigmoid)"),
     Site("norm", ("B", "T", "HV", "V"), "gated RMSNorm output (HF's module, called on 4-D input)", owner=Owner.HF),
     Site("out_proj", ("B", "T", "D"), "layer output (HF's module)", owner=Owner.HF),
 )
