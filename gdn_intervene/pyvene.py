@@ -13,13 +13,18 @@ Components (layer index = decoder layer, as `layers[%s]`):
   `query_output`, `key_output`, `value_output` (+ `head_` variants of the last four).
 - one per site of `gdn_intervene.SITES`, `linear_attn_<site>`, with `recurrence` ->
   `linear_attn_recurrence_output` and `out_proj` -> `linear_attn_output`; every site with a
-  head axis also as `head_linear_attn_<...>`, for `unit="h.pos"` (or `"h"`).
+  head axis also as `head_linear_attn_<...>`, for `unit="h.pos"` (or `"h"`). The names are the
+  same in every family; the KDA families keep the module at `self_attn` (its sites are
+  `self_attn.<site>`), and there the attention components refuse the KDA layers.
 
 pyvene indexes `[B, T, X]`. Each GDN value is shown to pyvene as that view and put back after:
 `[B, T, H, D]` -> `[B, T, H*D]`; gates `[B, T, HV]` are `[B, T, HV]` (one number per head,
 D = 1); the state `[B, HV, K, V]` -> `[B, 1, HV*K*V]`, i.e. one position (0) per call: the
 state after this call (each decode step in `generate`). Head h of a `head_` component is the
-slice `[h*D, (h+1)*D)` of that view; HK heads for q/k, HV heads otherwise.
+slice `[h*D, (h+1)*D)` of that view; HK heads for q/k, HV heads otherwise. KDA's per-channel
+decay `[B, T, HV, K]` has D = K. Widths come from the family's shape of the site
+(`Site.shape_for(family.mixer)`) and its config fields (`Family.config`: KDA configs name one
+head count and one head dim, `linear_num_heads` and `linear_head_dim`).
 
 What `register()` changes in pyvene 0.1.8 (all through `_compat.wrap_pyvene`; every other
 model class goes to pyvene's own code unchanged):
@@ -52,17 +57,20 @@ from torch import nn
 
 from . import _compat
 from .families import FAMILIES, Family
+from .layer import is_patched
 from .patching import site_module
-from .sites import SITES, Mixer, Owner, Site
+from .sites import SITES, Owner, Site
 
 __all__ = ["register", "COMPONENTS", "model_classes", "component"]
 
 
 @dataclass(frozen=True)
 class Component:
-    """One pyvene component. path: module under a decoder layer; site: the GDN site, if any;
-    heads: config field counting the heads of a `head_` component; width(c) -> X of the
-    `[B, T, X]` view (per head for a `head_` component) from the text config `c`."""
+    """One pyvene component. path: module under a decoder layer (for a site, `linear_attn.` is
+    the family's `Family.parent`); site: the GDN site, if any; heads: what counts the heads of a
+    `head_` component: a config field, or for a site its head letter (HK, HV), which
+    `Family.config` names per family; width(c) -> X of the `[B, T, X]` view (per head for a
+    `head_` component) from the text config `c` (a site's: width(c, family))."""
 
     name: str
     path: str
@@ -72,24 +80,17 @@ class Component:
     heads: str | None = None
 
 
-def _letters(c) -> dict[str, int]:
-    HK, HV = c.linear_num_key_heads, c.linear_num_value_heads
-    K, V, D = c.linear_key_head_dim, c.linear_value_head_dim, c.hidden_size
-    return dict(HK=HK, HV=HV, K=K, V=V, D=D, C=2 * HK * K + HV * V)
-
-
 def _site_width(s: Site, per_head: bool) -> Callable:
-    """width(config, mixer) of the site's `[B, T, X]` view, read off the registry's shape letters
-    (without B and T; the head letter, if any, comes first: [HV, K, V], [HV, V])."""
+    """width(config, family) of the site's `[B, T, X]` view, read off the registry's shape
+    letters for the family's mixer (without B and T; the head letter, if any, comes first:
+    [HV, K, V], [HV, V]) and the family's config fields."""
 
-    def width(c, mixer: Mixer = Mixer.GDN) -> int:
-        letters = [x for x in s.shape_for(mixer) if x not in ("B", "T")]
-        return math.prod(_letters(c)[x] for x in (letters[1:] if per_head else letters))
+    def width(c, fam: Family) -> int:
+        letters = [x for x in s.shape_for(fam.mixer) if x not in ("B", "T")]
+        sizes = fam.letters(c)
+        return math.prod(sizes[x] for x in (letters[1:] if per_head else letters))
 
     return width
-
-
-_HEAD_FIELDS = {"HK": "linear_num_key_heads", "HV": "linear_num_value_heads"}
 
 
 def _site_name(s: Site) -> str:
@@ -130,8 +131,7 @@ def _components() -> dict[str, Component]:
         name = _site_name(s)
         out.append(Component(name, f"linear_attn.{s.name}", "output", _site_width(s, False), site=s))
         if s.head_axis is not None:
-            heads = _HEAD_FIELDS[s.heads]
-            out.append(Component("head_" + name, f"linear_attn.{s.name}", "output", _site_width(s, True), s, heads))
+            out.append(Component("head_" + name, f"linear_attn.{s.name}", "output", _site_width(s, True), s, s.heads))
     return {c.name: c for c in out}
 
 
@@ -197,15 +197,19 @@ def register() -> list[type]:
     for cls in classes:
         prefix = _layers_prefix(cls)
         cfg = "text_config." if prefix.startswith(("model.language_model", "language_model")) else ""
+        fam = _family_of_model(cls)
         modules, dims = {}, {}
         for c in COMPONENTS.values():
             hook = CONST_OUTPUT_HOOK if c.hook == "output" else CONST_INPUT_HOOK
             path = f"{prefix}[%s]" + (f".{c.path}" if c.path else "")
-            if c.site is not None and c.site.owner is Owner.HF:  # norm/out_proj: o_norm/o_proj in OLMo-Hybrid
-                path = f"{prefix}[%s].linear_attn.{_family_of_model(cls).hf_names[c.site.name]}"
-            modules[c.name] = (path, hook) + (((_split_heads, c.heads),) if c.heads else ())
-            if c.heads:
-                dims[c.heads] = (cfg + c.heads,)  # pyvene reads split counts from here
+            heads = c.heads
+            if c.site is not None:  # under the family's parent; norm/out_proj: o_norm/o_proj where HF says so
+                attr = fam.hf_names[c.site.name] if c.site.owner is Owner.HF else c.site.name
+                path = f"{prefix}[%s].{fam.parent}.{attr}"
+                heads = fam.config[c.heads] if c.heads else None  # HK/HV -> this family's config field
+            modules[c.name] = (path, hook) + (((_split_heads, heads),) if heads else ())
+            if heads:
+                dims[heads] = (cfg + heads,)  # pyvene reads split counts from here
         pyvene.type_to_module_mapping[cls] = modules
         pyvene.type_to_dimension_mapping[cls] = dims
         _REGISTERED.add(cls)
@@ -261,7 +265,7 @@ def _wrap_get_dimension(original):
         if _ours(model_type) and comp in COMPONENTS:
             c = COMPONENTS[comp]
             cfg = _text_config(model_config)
-            return c.width(cfg, _family_of_model(model_type).mixer) if c.site is not None else c.width(cfg)
+            return c.width(cfg, _family_of_model(model_type)) if c.site is not None else c.width(cfg)
         return original(model_type, model_config, comp)
 
     return get_dimension_by_component
@@ -278,14 +282,15 @@ def _wrap_get_module_hook(original):
                 module = site_module(model, layer, c.site.name)
             except ValueError as e:
                 raise ValueError(f"pyvene component {c.name!r}: {e}") from None
-            heads = _letters(_text_config(model.config))[c.site.heads] if c.heads else None
+            sizes = _family_of_model(model).letters(_text_config(model.config))
+            heads = sizes[c.site.heads] if c.heads else None
             return _Adapter(module, c, layer, heads)
         decoder = _decoder_layer(model, layer)
-        if c.path.startswith("self_attn") and not hasattr(decoder, "self_attn"):
-            attn = [i for i, d in enumerate(_decoder_layers(model)) if hasattr(d, "self_attn")]
+        if c.path.startswith("self_attn") and not _is_attention(decoder):
+            attn = [i for i, d in enumerate(_decoder_layers(model)) if _is_attention(d)]
             raise ValueError(
-                f"pyvene component {c.name!r}: layer {layer} has no self_attn (it is a linear-attention "
-                f"layer); full-attention layers are {attn}"
+                f"pyvene component {c.name!r}: layer {layer} has no full-attention self_attn (it is a "
+                f"linear-attention layer); full-attention layers are {attn}"
             )
         return original(model, representation, backend)
 
@@ -304,6 +309,11 @@ def _wrap_remove_hooks(original):
 
 def _is_pyvene_hook(fn) -> bool:
     return getattr(fn, "__module__", "").startswith("pyvene.") or getattr(fn, "_gdn_pyvene", False)
+
+
+def _is_attention(decoder: nn.Module) -> bool:
+    """A full-attention decoder layer (the KDA families keep their module at `self_attn` too)."""
+    return hasattr(decoder, "self_attn") and not is_patched(decoder.self_attn)
 
 
 def _decoder_layers(model) -> nn.ModuleList:

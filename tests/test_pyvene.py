@@ -218,8 +218,9 @@ def same(got, want):
     assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits, strict=True))
 
 
-def test_gdn_component_at_attention_layer(models):
-    patched, _ = models("qwen3_5")
+@pytest.mark.parametrize("name", ["qwen3_5", "kimi_linear"])  # KDA layers sit at self_attn too
+def test_gdn_component_at_attention_layer(models, name):
+    patched, _ = models(name)
     with pytest.raises(ValueError, match=r"linear_attn_beta.*layer 1 is not a GDN layer; GDN layers are \[0, 2\]"):
         pv.IntervenableModel([{"layer": 1, "component": "linear_attn_beta"}], patched)
     with pytest.raises(ValueError, match=r"full-attention layers are \[1\]"):
@@ -276,17 +277,22 @@ def test_mapping_paths_and_widths(models, name):
         h.remove()
     for name_, width in widths.items():
         c = gp.COMPONENTS[name_]
-        heads = getattr(patched.config.get_text_config(), c.heads) if c.heads else 1
+        cfg = patched.config.get_text_config()
+        heads = gp._family_of_model(type(patched)).letters(cfg)[c.heads] if c.heads else 1  # HK/HV
         assert get_dimension_by_component(type(patched), patched.config, name_) * heads == width, name_
     for comp in ("block_output", "mlp_output"):
         getattr_for_torch_module(patched, mapping[comp][0] % 1)
-    getattr_for_torch_module(patched, mapping["query_output"][0] % 1)
+    attn = getattr_for_torch_module(patched, mapping["attention_output"][0] % 1)
+    if hasattr(attn, "q_proj"):  # MLA attention (GLM-5-Next, with a q LoRA) has q_a_proj/q_b_proj instead
+        getattr_for_torch_module(patched, mapping["query_output"][0] % 1)
 
 
 def test_register_covers_all_families():
     classes = {c.__name__ for c in gp.register()}
     for must in ("Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration", "Qwen3_5TextModel",
-                 "Qwen3_5MoeForCausalLM", "OlmoHybridForCausalLM", "LaraMiniForCausalLM", "Qwen4ExpForCausalLM"):
+                 "Qwen3_5MoeForCausalLM", "OlmoHybridForCausalLM", "LaraMiniForCausalLM", "Qwen4ExpForCausalLM",
+                 "KimiLinearForCausalLM", "Glm5NextForConditionalGeneration", "Glm5NextTextModel",
+                 "BailingHybridForCausalLM"):
         assert must in classes
     assert {"linear_attn_q", "linear_attn_k", "linear_attn_v", "linear_attn_beta", "linear_attn_decay",
             "linear_attn_recurrence_output", "linear_attn_state", "linear_attn_gate", "linear_attn_output",
