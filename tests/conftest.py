@@ -39,10 +39,14 @@ def _pair(name: str, hv_ratio: int, dtype: torch.dtype):
 
 @pytest.fixture
 def pair():
-    """pair(name, hv_ratio=2, dtype=fp32) -> (patched, unpatched deep copy); shared per session,
-    so tests must leave no hooks behind (the suite checks that they do not)."""
+    """pair(name, hv_ratio=None, dtype=fp32) -> (patched, unpatched deep copy); shared per
+    session, so tests must leave no hooks behind (the suite checks that they do not).
+    hv_ratio None: 2 where the family has GQA, else 1; a GQA ratio for a family without GQA
+    (KDA) skips the test."""
 
-    def get(name, hv_ratio=2, dtype=torch.float32):
+    def get(name, hv_ratio=None, dtype=torch.float32):
+        if hv_ratio not in (None, 1) and name not in models.GQA:
+            pytest.skip(f"{name} has no GQA (HV = HK)")
         patched, ref = _pair(name, hv_ratio, dtype)
         yield_check = [m for m in patched.modules() if m._forward_hooks or m._forward_pre_hooks]
         assert not yield_check, "a previous test left hooks behind"

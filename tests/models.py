@@ -3,6 +3,13 @@
 `MODELS` maps an id to a builder; tests parametrise over it. Sizes are small but keep the
 structure: two GDN layers around one full-attention layer, GQA in the GDN heads
 (HV = `hv_ratio` x HK), head dims that are not all equal.
+
+The KDA families (Kimi Linear, GLM-5-Next, Bailing hybrid) have no GQA and one head dim
+(HK = HV, K = V): their builders take no `hv_ratio` other than 1 (`GQA` lists the others).
+Their full-attention layers are MLA (DeepSeek-style latent attention), their MLPs partly MoE.
+GLM-5-Next ships no text-only *ForCausalLM: `glm5_next` is the multimodal
+`Glm5NextForConditionalGeneration` fed text, and `glm5_next_text` the bare text model
+(`Glm5NextTextModel`, no LM head: its tests compare hidden states, see test_kda.py).
 """
 
 from __future__ import annotations
@@ -77,6 +84,74 @@ def qwen4_exp(hv_ratio=2):
     return tr.Qwen4ExpForCausalLM(cfg)
 
 
+# KDA: MLA full attention (no rope for GLM-5-Next's DSA layers), a dense then a MoE MLP.
+_KDA_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=3,
+    layer_types=["linear_attention", "full_attention", "linear_attention"],
+    mlp_layer_types=["dense", "sparse", "dense"],
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+)
+_KDA_HEADS = dict(linear_num_heads=2, linear_head_dim=8, linear_conv_kernel_dim=4)
+
+
+def _no_gqa(hv_ratio):
+    if hv_ratio != 1:
+        raise ValueError("KDA families have no GQA (HV = HK)")
+
+
+def kimi_linear(hv_ratio=1):
+    _no_gqa(hv_ratio)
+    cfg = tr.KimiLinearConfig(**_KDA_COMMON, **_KDA_HEADS, num_local_experts=4)
+    return tr.KimiLinearForCausalLM(cfg)
+
+
+def _glm5_text(lower_bound):
+    return dict(
+        _KDA_COMMON, **_KDA_HEADS, qk_rope_head_dim=0, q_lora_rank=16, n_routed_experts=4,
+        index_topk=8, index_kpool=4, index_head_dim=8, index_n_heads=2, hc_mult=2,
+        linear_lower_bound=lower_bound,
+    )
+
+
+def glm5_next(hv_ratio=1):
+    """Multimodal, with GLM-5-Next's default decay lower bound (-5)."""
+    _no_gqa(hv_ratio)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+                  projection_intermediate_size=32)
+    cfg = tr.Glm5NextConfig(text_config=_glm5_text(-5.0), vision_config=vision)
+    return tr.Glm5NextForConditionalGeneration(cfg)
+
+
+def glm5_next_text(hv_ratio=1):
+    """The bare text model, without the lower bound (the softplus decay, as Kimi Linear)."""
+    _no_gqa(hv_ratio)
+    return tr.Glm5NextTextModel(tr.Glm5NextTextConfig(**_glm5_text(None)))
+
+
+def bailing_hybrid(hv_ratio=1, safe_gate=True):
+    _no_gqa(hv_ratio)
+    # Bailing reads the KDA sizes from head_dim / num_attention_heads and then sets head_dim =
+    # qk_rope_head_dim: keep them equal so a saved config reloads to the same sizes.
+    cfg = tr.BailingHybridConfig(**_KDA_COMMON, head_dim=8, short_conv_kernel_size=4, num_local_experts=4,
+                                 first_k_dense_replace=1, kda_safe_gate=safe_gate)
+    return tr.BailingHybridForCausalLM(cfg)
+
+
 MODELS = {
     "qwen3_next": qwen3_next,
     "qwen3_5": qwen3_5,
@@ -85,16 +160,30 @@ MODELS = {
     "olmo_hybrid": olmo_hybrid,
     "lara_mini": lara_mini,
     "qwen4_exp": qwen4_exp,
+    "kimi_linear": kimi_linear,
+    "glm5_next": glm5_next,
+    "bailing_hybrid": bailing_hybrid,
 }
+KDA = ("kimi_linear", "glm5_next", "bailing_hybrid")  # (+ glm5_next_text, no LM head: test_kda.py)
+GQA = tuple(n for n in MODELS if n not in KDA)  # families whose builders take hv_ratio 2
+BUILDERS = dict(MODELS, glm5_next_text=glm5_next_text)
 
 
-def build(name: str, *, hv_ratio: int = 2, dtype=torch.float32, seed: int = 0):
+def build(name: str, *, hv_ratio: int | None = None, dtype=torch.float32, seed: int = 0):
+    """hv_ratio defaults to 2 where the family has GQA, else 1."""
+    if hv_ratio is None:
+        hv_ratio = 2 if name in GQA else 1
     torch.manual_seed(seed)
-    model = MODELS[name](hv_ratio).to(dtype).eval()
-    # HF initialises A_log/dt_bias in a narrow range; spread them so decays differ per head.
+    model = BUILDERS[name](hv_ratio).to(dtype).eval()
+    # HF initialises A_log/dt_bias in a narrow range (GLM-5-Next's bounded gate: A_log = 0);
+    # spread them so decays differ per head and, for KDA, per channel. KDA's dt_bias is per
+    # channel, and with GLM-5-Next's bound (g = -5 sigmoid(...)) dt_bias near 0 would forget
+    # everything within a few tokens: its range [-4, 0] gives slow and fast channels per head.
     with torch.no_grad():
         for m in model.modules():
             if hasattr(m, "A_log") and hasattr(m, "dt_bias"):
-                m.A_log.copy_(torch.linspace(-1.0, 1.0, m.A_log.numel()))
-                m.dt_bias.copy_(torch.linspace(-0.5, 0.5, m.dt_bias.numel()))
+                kda = m.dt_bias.numel() != m.A_log.numel()
+                m.A_log.copy_(torch.linspace(-1.0, 1.0, m.A_log.numel()).view_as(m.A_log))
+                lo, hi = (-4.0, 0.0) if kda else (-0.5, 0.5)
+                m.dt_bias.copy_(torch.linspace(lo, hi, m.dt_bias.numel()).view_as(m.dt_bias))
     return model

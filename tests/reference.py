@@ -13,12 +13,21 @@ from typing import Callable
 
 from torch import nn
 
-KERNELS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+# Gated DeltaNet and Kimi Delta Attention kernels; a modeling module binds one pair.
+KERNELS = (
+    "torch_chunk_gated_delta_rule",
+    "torch_recurrent_gated_delta_rule",
+    "chunk_kimi_delta_attention",
+    "recurrent_kimi_delta_attention",
+)
+# HF's delta-rule layer classes, by name ending (KDA: Kimi/Bailing `...DeltaAttention`,
+# GLM-5-Next `...LinearAttention`).
+LAYER_SUFFIXES = ("GatedDeltaNet", "DeltaAttention", "TextLinearAttention")
 
 
 def hf_gdn(model: nn.Module, layer_idx: int) -> nn.Module:
     for m in model.modules():
-        if type(m).__name__.endswith("GatedDeltaNet") and m.layer_idx == layer_idx:
+        if type(m).__name__.endswith(LAYER_SUFFIXES) and m.layer_idx == layer_idx:
             return m
     raise LookupError(layer_idx)
 
@@ -36,7 +45,7 @@ def kernel_edit(
     target = hf_gdn(model, layer_idx)
     ns = vars(sys.modules[type(target).__module__])
     active = [False]
-    originals = {name: ns[name] for name in KERNELS}
+    originals = {name: ns[name] for name in KERNELS if name in ns}
 
     def wrap(fn):
         def kernel(q, k, v, **kw):

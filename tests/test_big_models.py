@@ -9,8 +9,13 @@ from conftest import ids_for
 
 import gdn_intervene as gi
 from gdn_intervene.layer import GDNMixin
-from models import MODELS, build
+from models import KDA, MODELS, build
 from reference import hf_gdn
+
+
+def _heads(model) -> int:
+    m = gi.gdn_layers(model)[0]
+    return m._gdn_family.letters(model.config.get_text_config())["HV"]
 
 
 def _logits(model, ids):
@@ -20,10 +25,13 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize("when", ["patch-after-offload", "patch-before-offload"])
 @pytest.mark.parametrize("offload", ["cpu", "disk"])
-def test_offloaded_model_equals_and_sites_fire(tmp_path, offload, when):
+@pytest.mark.parametrize("name", ["qwen3_5", "kimi_linear", "bailing_hybrid"])
+def test_offloaded_model_equals_and_sites_fire(tmp_path, name, offload, when):
     """Weights live off-device (meta params, accelerate hooks); the decomposed forward reads
-    conv1d.weight directly, so its hooks are forced, as in HF. The sites must still fire."""
-    ref = build("qwen3_5")
+    conv1d.weight directly, so its hooks are forced, as in HF. The sites must still fire.
+    KDA: dt_bias and A_log live on `forget_gate`, whose forward the decomposed one does not
+    call, so its hooks are forced too."""
+    ref = build(name)
     model = copy.deepcopy(ref)
     if when == "patch-before-offload":
         gi.patch(model)
@@ -32,12 +40,13 @@ def test_offloaded_model_equals_and_sites_fire(tmp_path, offload, when):
     else:
         disk_offload(model, offload_dir=str(tmp_path), execution_device="cpu")
     assert hf_gdn(model, 0).conv1d.weight.device.type == "meta"
+    assert getattr(hf_gdn(model, 0), "forget_gate", hf_gdn(model, 0)).dt_bias.device.type == "meta"
     if when == "patch-after-offload":
         gi.patch(model)
     fired = []
     with gi.intervene(model, {(0, "beta"): lambda b: fired.append(b.shape)}):
         out = _logits(model, ids_for(9))
-    assert fired == [torch.Size([3, 9, 4])]
+    assert fired == [torch.Size([3, 9, _heads(model)])]
     assert torch.equal(out, _logits(ref, ids_for(9)))
     gen = model.generate(ids_for(5), max_new_tokens=4, do_sample=False)
     assert torch.equal(gen, ref.generate(ids_for(5), max_new_tokens=4, do_sample=False))
@@ -66,6 +75,22 @@ def test_packed_sequences_keep_the_native_behaviour(pair, name):
             hf_gdn(model, 0)(x, cu_seq_lens_q=cu)
         errors.append(str(e.value))
     assert errors[0] == errors[1] and "packed sequences" in errors[0]
+
+
+@pytest.mark.parametrize("name", KDA)
+def test_packed_sequences_kda_keep_the_native_behaviour(pair, name):
+    """HF's KDA forwards pass kwargs on unchanged (no `cu_seqlens`): the torch fallback kernels
+    take `cu_seq_lens_q` in **kwargs and ignore it, so packed sequences are NOT kept apart
+    there (the second sequence sees the first one's state). The patched forward does the same,
+    bitwise; with flash-linear-attention the kwargs reach fla as HF passes them."""
+    patched, ref = pair(name)
+    x = torch.randn(1, 10, patched.config.get_text_config().hidden_size)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with torch.no_grad():
+        got, want = (hf_gdn(m, 0)(x, cu_seq_lens_q=cu) for m in (patched, ref))
+        alone = hf_gdn(ref, 0)(x[:, 4:])
+    assert torch.equal(got, want)
+    assert not torch.allclose(want[:, 4:], alone, atol=1e-4)  # leaks across the boundary, as in HF
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -30,17 +30,22 @@ def test_readme_tables_are_generated_from_the_registries():
         assert f"| `{s.name}`" in text
 
 
+# Delta-rule kernels, by the names transformers' modeling files bind them to: the gated delta
+# rule (GDN) and Kimi Delta Attention (per-channel decay).
+KERNEL_MARKERS = ("gated_delta_rule", "kimi_delta_attention")
+
+
 def _gdn_like_classes() -> set[str]:
-    """Classes in transformers' modeling files whose methods call a gated delta rule kernel."""
+    """Classes in transformers' modeling files whose methods call a delta-rule kernel."""
     found = set()
     for path in Path(transformers.__file__).parent.glob("models/*/modeling_*.py"):
         src = path.read_text()
-        if "gated_delta_rule" not in src:
+        if not any(k in src for k in KERNEL_MARKERS):
             continue
         for node in ast.walk(ast.parse(src)):
             if isinstance(node, ast.ClassDef):
                 calls = {n.func.id for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-                if any("gated_delta_rule" in c for c in calls):
+                if any(k in c for c in calls for k in KERNEL_MARKERS):
                     found.add(node.name)
     return found
 
@@ -48,6 +53,7 @@ def _gdn_like_classes() -> set[str]:
 def test_every_gdn_class_of_the_pinned_release_is_supported_or_listed():
     found = _gdn_like_classes()
     assert found, "scanner found no GDN class: the scan itself is broken"
+    assert {"KimiLinearDeltaAttention", "Glm5NextTextLinearAttention", "BailingHybridDeltaAttention"} <= found
     unknown = found - set(supported_class_names()) - set(UNSUPPORTED)
     assert not unknown, f"GDN-like classes neither supported nor listed in UNSUPPORTED: {sorted(unknown)}"
 

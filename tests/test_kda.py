@@ -1,0 +1,136 @@
+"""Kimi Delta Attention families: what the shared suite cannot reach.
+
+The suite (test_core, test_nnsight, test_pyvene, test_big_models) runs over `kimi_linear`,
+`glm5_next` (multimodal) and `bailing_hybrid`. Here: GLM-5-Next's bare text model
+(`Glm5NextTextModel`, no LM head, so hidden states are compared), Bailing's unbounded decay
+(`kda_safe_gate=False`: torch's softplus), the per-channel decay's shape and range, and the
+registry's per-mixer shapes. Every comparison is `torch.equal` against the unpatched model.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import ids_for, left_pad_mask
+from transformers import DynamicCache
+
+import gdn_intervene as gi
+from gdn_intervene.families import family_of
+from gdn_intervene.layer import GDNMixin
+from gdn_intervene.sites import SITES, Mixer, site
+from models import KDA, bailing_hybrid, build
+from reference import hf_gdn, kernel_edit
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def hidden(model, ids, mask=None, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def text_pair():
+    ref = build("glm5_next_text")
+    return gi.patch(copy.deepcopy(ref)), ref
+
+
+@pytest.mark.parametrize("T", [1, 3, 63, 64, 65, 130])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_glm5_next_text_prefill_bitwise(T, dtype):
+    ref = build("glm5_next_text", dtype=DTYPES[dtype])
+    patched = gi.patch(copy.deepcopy(ref))
+    ids, mask = ids_for(T), left_pad_mask(3, T)
+    assert torch.equal(hidden(patched, ids), hidden(ref, ids))
+    assert torch.equal(hidden(patched, ids, mask), hidden(ref, ids, mask))
+
+
+def test_glm5_next_text_cached_decode_and_sites(text_pair):
+    """Padded prefill, 5 decode steps: hidden states and both cache states equal after every
+    call; every site fires once per call; then a 4-token cached continuation."""
+    patched, ref = text_pair
+    layers = list(gi.gdn_layers(patched))
+    counts = {}
+    handles = [gi.site_module(patched, i, s.name).register_forward_hook(
+        lambda *a, key=(i, s.name): counts.__setitem__(key, counts.get(key, 0) + 1)) for i in layers for s in SITES]
+    try:
+        caches = {k: DynamicCache(config=m.config) for k, m in (("p", patched), ("r", ref))}
+        x, mask = ids_for(64), left_pad_mask(3, 64)
+        for step in range(6):
+            out = {k: hidden(m, x, mask, cache=caches[k], use_cache=True) for k, m in (("p", patched), ("r", ref))}
+            assert torch.equal(out["p"], out["r"]), step
+            for i in layers:
+                assert torch.equal(caches["p"].get_conv_state(i), caches["r"].get_conv_state(i)), (step, i)
+                assert torch.equal(caches["p"].get_recurrent_state(i), caches["r"].get_recurrent_state(i)), (step, i)
+            assert set(counts.values()) == {step + 1} and len(counts) == len(layers) * len(SITES)
+            x = ids_for(1, seed=step + 10)
+            mask = torch.cat([mask, torch.ones_like(x)], 1)
+        x = ids_for(4, seed=99)
+        mask = torch.cat([mask, torch.ones_like(x)], 1)
+        out = {k: hidden(m, x, mask, cache=caches[k], use_cache=True) for k, m in (("p", patched), ("r", ref))}
+        assert torch.equal(out["p"], out["r"])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_glm5_next_text_gradients_and_roundtrip(text_pair, tmp_path):
+    patched, ref = text_pair
+    grads = []
+    for m in (patched, ref):
+        m.zero_grad(set_to_none=True)
+        m(input_ids=ids_for(70)).last_hidden_state.pow(2).mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+        m.zero_grad(set_to_none=True)
+    for gp, gr in zip(*grads):
+        assert (gp is None and gr is None) or torch.equal(gp, gr)
+    ref.save_pretrained(tmp_path)
+    loaded = gi.from_pretrained(tmp_path, model_class=type(ref)).eval()
+    assert all(isinstance(m, GDNMixin) for m in gi.gdn_layers(loaded).values())
+    assert torch.equal(hidden(loaded, ids_for(12)), hidden(ref, ids_for(12)))
+
+
+def test_bailing_unbounded_decay_bitwise():
+    """kda_safe_gate=False: g = -exp(A_log) * softplus(a + dt_bias) with torch's softplus."""
+    torch.manual_seed(0)
+    ref = bailing_hybrid(safe_gate=False).eval()
+    patched = gi.patch(copy.deepcopy(ref))
+    assert not hf_gdn(ref, 0).forget_gate.safe_gate
+    ids = ids_for(65)
+    with torch.no_grad():
+        assert torch.equal(patched(ids).logits, ref(ids).logits)
+    assert torch.equal(patched.generate(ids[:, :9], max_new_tokens=5, do_sample=False),
+                       ref.generate(ids[:, :9], max_new_tokens=5, do_sample=False))
+
+
+@pytest.mark.parametrize("name", KDA)
+def test_decay_is_per_channel_nonpositive_and_bounded(pair, name):
+    patched, ref = pair(name)
+    layer = min(gi.gdn_layers(patched))
+    fg = hf_gdn(patched, layer).forget_gate
+    H, K = fg.num_heads, fg.head_dim
+    seen = {}
+    edits = {(layer, s): (lambda v, s=s: seen.__setitem__(s, v)) for s in ("decay_logit", "decay", "beta", "gate")}
+    with gi.intervene(patched, edits), torch.no_grad():
+        patched(input_ids=ids_for(20))
+    g = seen["decay"]
+    assert g.shape == (3, 20, H, K) and seen["decay_logit"].shape == (3, 20, H, K)
+    assert seen["beta"].shape == (3, 20, H) and seen["gate"].shape == (3, 20, H, K)
+    assert (g <= 0).all()
+    bound = getattr(fg, "safe_gate_lower_bound", None) or (fg.lower_bound if getattr(fg, "safe_gate", False) else None)
+    if bound is not None:  # GLM-5-Next, Bailing: lower_bound * sigmoid(...) lies in [lower_bound, 0]
+        assert (g >= bound).all()
+    assert g.std(dim=-1).min() > 0  # channels of one head decay differently
+    with kernel_edit(ref, layer, before=lambda kw: seen.__setitem__("g", kw["g"])), torch.no_grad():
+        ref(input_ids=ids_for(20))
+    assert torch.equal(g, seen["g"])  # the kernel's own argument
+
+
+def test_registry_shapes_per_mixer():
+    from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
+
+    kda = family_of(KimiLinearDeltaAttention)
+    assert kda.mixer is Mixer.KDA and site("decay").shape_for(kda.mixer) == ("B", "T", "HV", "K")
+    assert site("decay").shape_for(Mixer.GDN) == ("B", "T", "HV")
+    assert site("beta").shape_for(Mixer.KDA) == site("beta").shape == ("B", "T", "HV")
+    assert kda.letters(build("kimi_linear").config) == dict(HK=2, HV=2, K=8, V=8, D=32, C=48)
