@@ -25,16 +25,19 @@ def site_table() -> str:
 
 
 def family_table() -> str:
-    rows = ["| family | layout | HF classes | projections | norm / output |", "|---|---|---|---|---|"]
+    rows = ["| family | mixer | layout | HF classes | projections | norm / output |", "|---|---|---|---|---|---|"]
     for f in FAMILIES:
         classes = "<br>".join(f"`{name}`" for _, name in f.classes)
         proj = ", ".join(f"`{p}`" for p in f.projections)
         extra = f"; beta x2 when `{f.neg_eigval_attr}`" if f.neg_eigval_attr else ""
+        extra += f"; {f.notes}" if f.notes else ""
+        where = f" (under `{f.parent}`)" if f.parent != "linear_attn" else ""
         rows.append(
-            f"| {f.name} | {f.layout}{extra} | {classes} | {proj} | `{f.hf_names['norm']}` / `{f.hf_names['out_proj']}` |"
+            f"| {f.name} | {f.mixer.value} | {f.layout}{extra} | {classes} | {proj} | "
+            f"`{f.hf_names['norm']}` / `{f.hf_names['out_proj']}`{where} |"
         )
     for name, why in UNSUPPORTED.items():
-        rows.append(f"| (unsupported) | | `{name}` | {why} | |")
+        rows.append(f"| (unsupported) | | | `{name}` | {why} | |")
     return "\n".join(rows)
 
 
