@@ -17,6 +17,9 @@ Cases (B = 1 throughout):
                  K = V = 128), T in {128, 1024, 4096} (+16384 on cuda)
   prefill_model  a small Qwen3.5 model (4 layers: 3 GDN + 1 attention), same T
   decode         one cached decode step of an 8-layer Qwen3.5 model (6 GDN), after a prefill
+  kda_prefill    a small Kimi Linear model (Kimi Delta Attention: per-channel decay; 4 layers:
+                 3 KDA + 1 MLA attention, dense MLPs), T in {128, 1024} (+4096 on cuda)
+  kda_decode     one cached decode step of an 8-layer Kimi Linear model (6 KDA), after a prefill
   nnsight        an nnsight trace saving `beta` and `recurrence` of every GDN layer of the
                  patched model, against an nnsight `.source` trace of the unpatched model
                  saving `b_sigmoid_0` and `torch_chunk_gated_delta_rule_0`'s output (the way
@@ -57,6 +60,8 @@ GOALS = {
     "prefill_layer": 1.02,  # T >= 1024 only
     "prefill_model": 1.02,  # T >= 1024 only
     "decode": 1.05,
+    "kda_prefill": 1.02,  # T >= 1024 only
+    "kda_decode": 1.05,
     "nnsight": 1.00,  # against the .source trace of the unpatched model
     "memory": 1.05,
 }
@@ -110,12 +115,42 @@ def qwen3_5_model(n_layers: int, dtype, device):
     return tr.Qwen3_5ForCausalLM(cfg).to(device, dtype).eval()
 
 
+def kimi_linear_model(n_layers: int, dtype, device):
+    """A small Kimi Linear model: D 512, KDA 4 heads of 128 (per-channel decay), MLA attention
+    in every fourth layer (the last of each group), dense MLPs."""
+    types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n_layers)]
+    cfg = tr.KimiLinearConfig(
+        vocab_size=VOCAB,
+        hidden_size=512,
+        intermediate_size=1408,
+        moe_intermediate_size=256,
+        num_hidden_layers=n_layers,
+        layer_types=types,
+        mlp_layer_types=["dense"] * n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=128,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=64,
+        v_head_dim=128,
+        linear_num_heads=4,
+        linear_head_dim=128,
+        linear_conv_kernel_dim=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return tr.KimiLinearForCausalLM(cfg).to(device, dtype).eval()
+
+
 def describe(model) -> dict:
     c = model.config
     out = {"class": type(model).__name__, "params": sum(p.numel() for p in model.parameters())}
     for k in ("hidden_size", "num_hidden_layers", "linear_num_key_heads", "linear_num_value_heads",
-              "linear_key_head_dim", "linear_value_head_dim", "vocab_size"):
-        out[k] = getattr(c, k)
+              "linear_key_head_dim", "linear_value_head_dim", "linear_num_heads", "linear_head_dim", "vocab_size"):
+        if hasattr(c, k):
+            out[k] = getattr(c, k)
     out["gdn_layers"] = sum(t == "linear_attention" for t in c.layer_types)
     return out
 
@@ -219,7 +254,7 @@ def prefill_call(name: str, model, T: int, device, dtype) -> Callable[[], torch.
     return lambda: model(input_ids=ids, use_cache=False).logits
 
 
-def case_decode(bench: Bench, models, prefill: int) -> list[dict]:
+def case_decode(bench: Bench, models, prefill: int, name: str = "decode") -> list[dict]:
     """One cached decode step after a `prefill`-token prefill; every timed step starts from
     its own copy (untimed) of the same prefilled cache."""
     ref = models[0]
@@ -251,7 +286,7 @@ def case_decode(bench: Bench, models, prefill: int) -> list[dict]:
         del seen
         times = bench.interleave(variants)
     r, med = bench.summary(times, "patched", "unpatched")
-    return [_row("decode", {"prefill": prefill, "model": describe(ref)}, r, med, equal, GOALS["decode"],
+    return [_row(name, {"prefill": prefill, "model": describe(ref)}, r, med, equal, GOALS[name],
                  note="logits, recurrent and conv states of every GDN layer compared")]
 
 
@@ -423,7 +458,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--budget", type=float, help="seconds of timed calls per row beyond the minimum rounds: cheap "
                     "cases run more rounds (default 30, quick 10)")
-    ap.add_argument("--cases", default="prefill_layer,prefill_model,decode,nnsight,memory")
+    ap.add_argument("--cases", default="prefill_layer,prefill_model,decode,nnsight,memory,kda_prefill,kda_decode")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead-<device>.json)")
     args = ap.parse_args(argv)
 
@@ -446,8 +481,9 @@ def main(argv=None) -> int:
 
     rows: list[dict] = []
     t0 = time.perf_counter()
-    layer = twins(qwen3_next_layer(dtype, device))
-    small = twins(qwen3_5_model(4, dtype, device))
+    gdn_cases = {"prefill_layer", "prefill_model", "decode", "nnsight", "memory"}
+    layer = twins(qwen3_next_layer(dtype, device)) if gdn_cases & set(cases) else None
+    small = twins(qwen3_5_model(4, dtype, device)) if gdn_cases & set(cases) else None
     if "prefill_layer" in cases:
         rows += case_prefill(bench, "prefill_layer", layer, Ts, dtype, schedule)
     if "prefill_model" in cases:
@@ -460,15 +496,20 @@ def main(argv=None) -> int:
         mem_Ts = [1024, 4096] + ([16384] if device.type == "cuda" else [])
         pairs = {"prefill_layer": layer, "prefill_model": small}
         rows += case_memory(bench, pairs, mem_Ts, dtype, passes=1 if args.quick else 2)
+    if "kda_prefill" in cases:
+        kda_Ts = [128, 1024] + ([4096] if device.type == "cuda" else [])
+        rows += case_prefill(bench, "kda_prefill", twins(kimi_linear_model(4, dtype, device)), kda_Ts, dtype, schedule)
+    if "kda_decode" in cases:
+        rows += case_decode(bench, twins(kimi_linear_model(8, dtype, device)), prefill=128, name="kda_decode")
     wall = time.perf_counter() - t0
 
     result = {
         "environment": env,
         "settings": {"quick": args.quick, "warmup": args.warmup, "min_reps": reps, "budget_s": budget, "batch": 1, "clock": bench.clock,
                      "order": "interleaved, rotated per round (A B, B A, ...); ratio = median of per-round ratios",
-                     "layer": {"class": type(layer[0]).__name__, "hidden_size": 2048, "linear_num_key_heads": 16,
-                               "linear_num_value_heads": 32, "head_dim": 128},
-                     "small_model": describe(small[0])},
+                     "layer": layer and {"class": type(layer[0]).__name__, "hidden_size": 2048, "linear_num_key_heads": 16,
+                                         "linear_num_value_heads": 32, "head_dim": 128},
+                     "small_model": small and describe(small[0])},
         "wall_s": round(wall, 1),
         "rows": rows,
         "all_bitwise_equal": all(r["bitwise_equal"] is not False for r in rows),
