@@ -134,3 +134,28 @@ def test_registry_shapes_per_mixer():
     assert site("decay").shape_for(Mixer.GDN) == ("B", "T", "HV")
     assert site("beta").shape_for(Mixer.KDA) == site("beta").shape == ("B", "T", "HV")
     assert kda.letters(build("kimi_linear").config) == dict(HK=2, HV=2, K=8, V=8, D=32, C=48)
+
+
+@pytest.mark.parametrize("name", KDA)
+def test_decode_while_the_cache_records_past_states(pair, name):
+    """With `activate_past_recording()` (assisted decoding records past conv states to crop them
+    later), HF's GDN forwards run the full conv on a decode step, its KDA forwards still the
+    update kernel (they do not ask `is_recording_past`). The patched forward follows each."""
+    patched, ref = pair(name)
+    layers = list(gi.gdn_layers(patched))
+    caches = {k: DynamicCache(config=m.config.get_text_config()) for k, m in (("p", patched), ("r", ref))}
+    models_ = {"p": patched, "r": ref}
+    x = ids_for(9)
+    with torch.no_grad():
+        for k, m in models_.items():
+            m(input_ids=x, cache=caches[k], use_cache=True)
+        for c in caches.values():
+            for i in layers:
+                c.layers[i].activate_past_recording()
+        for step in range(3):
+            x = ids_for(1, seed=step + 20)
+            out = {k: m(input_ids=x, cache=caches[k], use_cache=True).logits for k, m in models_.items()}
+            assert torch.equal(out["p"], out["r"]), step
+            for i in layers:
+                assert torch.equal(caches["p"].get_conv_state(i), caches["r"].get_conv_state(i))
+                assert torch.equal(caches["p"].get_recurrent_state(i), caches["r"].get_recurrent_state(i))
