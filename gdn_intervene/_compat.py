@@ -105,8 +105,9 @@ class Step(NamedTuple):
 
     conv_state: [B, C, W] or None.  initial_state: S_0 [B, HV, K, V] or None.
     conv_decode: the conv runs the single-token update kernel (HF: a conv state, T == 1 and, in
-        the GDN forwards, the cache is not recording past states; the KDA forwards do not ask).  recurrent_decode: the recurrent kernel runs (HF:
-        a recurrent state and T == 1). HF decides the two separately; so do we, in one place."""
+        the GDN forwards, the cache is not recording past states; the KDA forwards do not ask).
+    recurrent_decode: the recurrent kernel runs (HF: a recurrent state and T == 1).
+    HF decides the two separately; so do we, in one place."""
 
     conv_state: Any
     initial_state: Any
