@@ -159,3 +159,22 @@ def test_decode_while_the_cache_records_past_states(pair, name):
             for i in layers:
                 assert torch.equal(caches["p"].get_conv_state(i), caches["r"].get_conv_state(i))
                 assert torch.equal(caches["p"].get_recurrent_state(i), caches["r"].get_recurrent_state(i))
+
+
+@pytest.mark.parametrize("name", ["glm5_next", "bailing_hybrid"])
+def test_bf16_checkpoint_keeps_fp32_conv_and_gates(pair, name, tmp_path):
+    """GLM-5-Next and Bailing keep conv1d, dt_bias and A_log in fp32 when loaded in bf16
+    (`_keep_in_fp32_modules_strict`): the conv casts its input to fp32 and back, Bailing's decay
+    mixes fp32 A_log with the bf16 input and casts g to bf16. Patched equals HF, bitwise."""
+    _, ref = pair(name)
+    ref.save_pretrained(tmp_path)
+    plain = type(ref).from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    patched = gi.from_pretrained(tmp_path, model_class=type(ref), dtype=torch.bfloat16).eval()
+    layer = hf_gdn(patched, 0)
+    assert layer.q_proj.weight.dtype == torch.bfloat16 and layer.conv1d.weight.dtype == torch.float32
+    assert layer.forget_gate.dt_bias.dtype == torch.float32
+    ids = ids_for(33)
+    with torch.no_grad():
+        assert torch.equal(patched(input_ids=ids).logits, plain(input_ids=ids).logits)
+    assert torch.equal(patched.generate(ids[:, :9], max_new_tokens=4, do_sample=False),
+                       plain.generate(ids[:, :9], max_new_tokens=4, do_sample=False))
