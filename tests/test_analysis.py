@@ -14,11 +14,10 @@ from transformers import DynamicCache
 import gdn_intervene as gi
 from gdn_intervene import analysis as an
 from gdn_intervene import ops
-from models import KDA, MODELS
-from reference import kernel_edit
+from models import MODELS
+from reference import LAYER_SUFFIXES, kernel_edit
 
-# Per-channel decay (KDA) in ops/analysis is another change; these tests cover the GDN families.
-NAMES = [n for n in MODELS if n not in KDA]
+NAMES = list(MODELS)  # GDN (decay per head) and KDA (per key channel) families
 SIZES = [1, 17, 64, 130]
 HV = pytest.mark.parametrize("hv_ratio", [1, 2], ids=["hv=hk", "hv=2hk"])
 
@@ -80,7 +79,7 @@ def test_effective_attention_reconstructs_the_kernel_output(pair, name, hv_ratio
 
 
 @HV
-@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid"])
+@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid", "kimi_linear"])
 def test_rows_and_heads_slices_equal_the_full_matrix(pair, name, hv_ratio):
     patched, _ = pair(name, hv_ratio)
     ids, mask = ids_for(70), left_pad_mask(3, 70)
@@ -95,7 +94,7 @@ def test_rows_and_heads_slices_equal_the_full_matrix(pair, name, hv_ratio):
 
 @pytest.mark.parametrize("T", [1, 17])
 @HV
-@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid", "qwen3_next"])
+@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid", "qwen3_next", "kimi_linear", "glm5_next"])
 def test_continuation_from_a_cache_adds_the_state_term(pair, name, hv_ratio, T):
     """Prefix (padded) into a DynamicCache, then a T-token continuation (T=1: the recurrent
     decode kernel): the captured initial state is the cache's, and M v + C reconstructs HF's o."""
@@ -172,7 +171,7 @@ def hf_layer_outputs(ref, ids, mask=None, **kw):
     hooks = [
         m.register_forward_hook(lambda mod, a, o: outs.__setitem__(mod.layer_idx, o.detach()))
         for m in ref.modules()
-        if type(m).__name__.endswith("GatedDeltaNet")
+        if type(m).__name__.endswith(LAYER_SUFFIXES)
     ]
     base = ref.get_decoder() if hasattr(ref, "get_decoder") else ref.model
     base = getattr(base, "language_model", base)
@@ -240,7 +239,7 @@ def test_attribution_sums_to_the_layer_output(pair, name, hv_ratio):
     assert rel(att.total()[:, 0], torch.cat(rows)) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid"])
+@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid", "kimi_linear"])
 def test_attribution_after_a_cached_prefix_has_a_state_term(pair, name):
     patched, ref = pair(name)
     prefix, cont = ids_for(20), ids_for(9, seed=3)
@@ -300,7 +299,7 @@ def test_attribution_bad_input_is_named(pair, kw, match):
 
 
 @HV
-@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid"])
+@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid"])  # KDA: test_kda.py (token_contributions is per head)
 def test_state_decomposition_sums_to_the_kernel_state(pair, name, hv_ratio):
     patched, ref = pair(name, hv_ratio)
     ids, mask = ids_for(130), left_pad_mask(3, 130)
@@ -399,7 +398,7 @@ def test_split_prefill_without_edit_matches_the_single_call(pair, name):
 
 
 @HV
-@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid"])
+@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid", "kimi_linear"])
 def test_states_at_match_the_cache_after_each_prefix(pair, name, hv_ratio):
     patched, ref = pair(name, hv_ratio)
     ids, mask = ids_for(100), left_pad_mask(3, 100)

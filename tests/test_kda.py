@@ -178,3 +178,25 @@ def test_bf16_checkpoint_keeps_fp32_conv_and_gates(pair, name, tmp_path):
         assert torch.equal(patched(input_ids=ids).logits, plain(input_ids=ids).logits)
     assert torch.equal(patched.generate(ids[:, :9], max_new_tokens=4, do_sample=False),
                        plain.generate(ids[:, :9], max_new_tokens=4, do_sample=False))
+
+
+@pytest.mark.parametrize("name", ["kimi_linear", "glm5_next"])
+def test_state_decomposition_with_per_channel_decay(pair, name):
+    """S_T = exp(G_T) S_0 + sum_j exp(G_T - G_j) k_j u_j^T with exp(...) per key channel: the
+    per-token terms sum to HF's kernel state, and u is `ops.written_values` of the kernel's own
+    arguments. (`analysis.token_contributions` assumes per-head weights: not checked here.)"""
+    from gdn_intervene import analysis as an
+    from gdn_intervene import ops
+
+    patched, ref = pair(name)
+    ids, mask = ids_for(130), left_pad_mask(3, 130)
+    for layer in gi.gdn_layers(patched):
+        call = {}
+        with kernel_edit(ref, layer, before=call.update, after=lambda out: call.update(S=out[1]) or out), torch.no_grad():
+            ref(input_ids=ids, attention_mask=mask)
+        dec = an.state_decomposition_for(patched, ids, layer, attention_mask=mask)
+        rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
+        assert rel(dec.state(), call["S"]) <= 1e-5
+        assert rel(dec.per_token().sum(1), call["S"]) <= 1e-5
+        u = an.written_values_for(patched, ids, layer, attention_mask=mask)
+        assert torch.equal(u, ops.written_values(call["k"], call["v"], beta=call["beta"], g=call["g"]))
