@@ -316,9 +316,10 @@ def state_decomposition_for(
 
 
 def token_contributions(dec: ops.StateDecomposition) -> Tensor:
-    """Size of each token's term in a state decomposition: ||w_j k_j u_j^T||_F = w_j ||k_j|| ||u_j||,
-    [B, T', HV] (a rank-one term's Frobenius norm; no [T', K, V] tensor is formed)."""
-    return dec.weights.transpose(1, 2) * dec.keys.norm(dim=-1) * dec.values.norm(dim=-1)
+    """Size of each token's term in a state decomposition, [B, T', HV]: the rank-one term
+    (w_j ⊙ k_j) u_j^T has Frobenius norm ||w_j ⊙ k_j|| ||u_j|| (w_j a scalar per head for GDN, a
+    [K] vector per head for KDA's per-channel decay; no [T', K, V] tensor is formed)."""
+    return dec.decayed_keys().norm(dim=-1) * dec.values.norm(dim=-1)
 
 
 # --------------------------------------------------------------------------- attribution

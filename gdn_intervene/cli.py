@@ -306,7 +306,7 @@ def cmd_attention(args) -> None:
     gdn = list(gi.gdn_layers(model))
     if args.layers is not None and (bad := [L for L in args.layers if L not in gdn]):
         raise UsageError(f"--layers {','.join(map(str, bad))}: not GDN layers; the GDN layers are {', '.join(map(str, gdn))}")
-    HV = next(iter(gi.gdn_layers(model).values())).num_v_heads
+    HV = next(iter(gi.gdn_layers(model).values())).gdn_heads[1]
     if args.heads is not None and (bad := [h for h in args.heads if h >= HV]):
         raise UsageError(f"--heads {','.join(map(str, bad))}: the layers have {HV} value heads (0..{HV - 1})")
     tokens = plot.position_labels(_labels(tok, ids[0]))

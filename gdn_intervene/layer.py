@@ -84,19 +84,26 @@ class GDNMixin:
                 module = CausalConv(
                     s.name,
                     self.layer_idx,
+                    self._gdn_family.parent,
                     self._gdn_hf_class.__module__,
                     self.activation,
                     self.conv_kernel_size,
                     self._gdn_family.conv_trims_always,
                 )
             else:
-                module = Tap(s.name, self.layer_idx)
+                module = Tap(s.name, self.layer_idx, self._gdn_family.parent)
             self.add_module(s.name, module)
         self.native_cached = native_cached
         self.state_positions: tuple[int, ...] | None = None
         attr = self._gdn_family.neg_eigval_attr
         self._gdn_beta_x2 = bool(attr and getattr(self, attr))
         self._gdn_dims = self._gdn_family.dims(self)  # (key_dim, value_dim, head_k_dim, head_v_dim)
+
+    @property
+    def gdn_heads(self) -> tuple[int, int]:
+        """(HK, HV): key and value head counts, in any family."""
+        key_dim, value_dim, head_k_dim, head_v_dim = self._gdn_dims
+        return key_dim // head_k_dim, value_dim // head_v_dim
 
     def _gdn_uninstall(self) -> None:
         for s in TAP_SITES:
@@ -111,7 +118,7 @@ class GDNMixin:
             raise RuntimeError(
                 f"gdn_intervene: layer {self.layer_idx} ({type(self).__name__}) is patched; replacing its forward "
                 f"with {getattr(value.__func__, '__qualname__', value)} (hub kernels: kernelize / use_kernels=True?) "
-                "would bypass every linear_attn site. Call gdn_intervene.unpatch(model) before kernelizing, or keep "
+                f"would bypass every {self._gdn_family.parent} site. Call gdn_intervene.unpatch(model) before kernelizing, or keep "
                 "the GDN layers out of kernelize."
             )
         super().__setattr__(name, value)
@@ -170,7 +177,7 @@ class GDNMixin:
         ):
             got = f"{list(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
             raise SiteValueError(
-                f"site linear_attn.{name} of layer {self.layer_idx}: expected a tensor {list(like.shape)} "
+                f"site {self._gdn_family.parent}.{name} of layer {self.layer_idx}: expected a tensor {list(like.shape)} "
                 f"{dtype or like.dtype} on {like.device}, received {got}"
             )
         return out

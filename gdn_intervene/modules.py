@@ -54,13 +54,14 @@ def listened(module: nn.Module) -> bool:
 class _SiteModule(nn.Module):
     """Base of every site: knows its name and layer, checks replaced or edited outputs."""
 
-    def __init__(self, site_name: str, layer_idx: int):
+    def __init__(self, site_name: str, layer_idx: int, parent: str = "linear_attn"):
         super().__init__()
         self.site_name = site_name
         self.layer_idx = layer_idx
+        self.parent = parent  # the decoder layer's attribute holding the GDN module (KDA: self_attn)
 
     def _where(self) -> str:
-        return f"site linear_attn.{self.site_name} of layer {self.layer_idx}"
+        return f"site {self.parent}.{self.site_name} of layer {self.layer_idx}"
 
     def _expect(self, out: Any, like: torch.Tensor) -> None:
         """Raise `SiteValueError` unless `out` is a finite tensor like `like` (shape, dtype, device)."""
@@ -125,8 +126,10 @@ class CausalConv(_SiteModule):
     cache (OLMo-Hybrid); the slice is a no-op on values but not on gradient layout.
     """
 
-    def __init__(self, site_name: str, layer_idx: int, hf_module: str, activation: str, kernel_size: int, trim_always: bool):
-        super().__init__(site_name, layer_idx)
+    def __init__(
+        self, site_name: str, layer_idx: int, parent: str, hf_module: str, activation: str, kernel_size: int, trim_always: bool
+    ):
+        super().__init__(site_name, layer_idx, parent)
         self.hf_module = hf_module
         self.activation = activation
         self.kernel_size = kernel_size

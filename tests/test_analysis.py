@@ -299,7 +299,7 @@ def test_attribution_bad_input_is_named(pair, kw, match):
 
 
 @HV
-@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid"])  # KDA: test_kda.py (token_contributions is per head)
+@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid"])  # KDA: test_kda.py
 def test_state_decomposition_sums_to_the_kernel_state(pair, name, hv_ratio):
     patched, ref = pair(name, hv_ratio)
     ids, mask = ids_for(130), left_pad_mask(3, 130)

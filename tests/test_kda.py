@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ids_for, left_pad_mask
+from conftest import ids_for, left_pad_mask, rel_error
 from transformers import DynamicCache
 
 import gdn_intervene as gi
@@ -184,7 +184,7 @@ def test_bf16_checkpoint_keeps_fp32_conv_and_gates(pair, name, tmp_path):
 def test_state_decomposition_with_per_channel_decay(pair, name):
     """S_T = exp(G_T) S_0 + sum_j exp(G_T - G_j) k_j u_j^T with exp(...) per key channel: the
     per-token terms sum to HF's kernel state, and u is `ops.written_values` of the kernel's own
-    arguments. (`analysis.token_contributions` assumes per-head weights: not checked here.)"""
+    arguments; `token_contributions` are the per-token terms' Frobenius norms."""
     from gdn_intervene import analysis as an
     from gdn_intervene import ops
 
@@ -195,8 +195,9 @@ def test_state_decomposition_with_per_channel_decay(pair, name):
         with kernel_edit(ref, layer, before=call.update, after=lambda out: call.update(S=out[1]) or out), torch.no_grad():
             ref(input_ids=ids, attention_mask=mask)
         dec = an.state_decomposition_for(patched, ids, layer, attention_mask=mask)
-        rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
-        assert rel(dec.state(), call["S"]) <= 1e-5
-        assert rel(dec.per_token().sum(1), call["S"]) <= 1e-5
+        assert rel_error(dec.state(), call["S"]) <= 1e-5
+        parts = dec.per_token()  # [B, T, HV, K, V]
+        assert rel_error(parts.sum(1), call["S"]) <= 1e-5
+        torch.testing.assert_close(an.token_contributions(dec), parts.flatten(-2).norm(dim=-1), rtol=1e-5, atol=1e-7)
         u = an.written_values_for(patched, ids, layer, attention_mask=mask)
         assert torch.equal(u, ops.written_values(call["k"], call["v"], beta=call["beta"], g=call["g"]))

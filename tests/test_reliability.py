@@ -185,7 +185,7 @@ def test_hf_owned_sites_and_the_conv_are_validated(pair, name):
     }
     for sname, bads in cases.items():
         for bad in bads:
-            with pytest.raises(SiteValueError, match=rf"site linear_attn\.{sname} of layer {L}: expected a tensor"):
+            with pytest.raises(SiteValueError, match=rf"site (linear_attn|self_attn)\.{sname} of layer {L}: expected a tensor"):
                 with gi.intervene(patched, {(L, sname): bad}):
                     logits(patched, ids)
     assert D and no_hooks(patched)
