@@ -27,7 +27,7 @@ from torch import nn
 
 from .sites import Mixer
 
-__all__ = ["Family", "FAMILIES", "UNSUPPORTED", "Projected", "family_for", "family_of", "supported_class_names"]
+__all__ = ["Family", "FAMILIES", "UNSUPPORTED", "Projected", "cut_qkv", "family_for", "family_of", "supported_class_names"]
 
 
 class Projected(NamedTuple):
@@ -35,7 +35,8 @@ class Projected(NamedTuple):
 
     q, k: [B, T, HK, K]; v, z: [B, T, HV, V]; b, a: [B, T, HV].
     qkv: [B, T, C] when q, k, v are slices of one concatenated projection (so the conv
-    input needs no copy while nobody replaces them), else None.
+    input needs no copy while nobody replaces them), else None; q, k, v are then None until
+    `cut_qkv` cuts them, which the layer does only for a listener.
     z, b, a are None for families that project them later (`Family.late_gates`, `late_z`).
 
     Every value is a slice or a reshape, never an output of `torch.split`: autograd forbids
@@ -83,16 +84,14 @@ def _project_fused_qkvz(m: nn.Module, x: torch.Tensor) -> Projected:
 def _project_split_qkv(m: nn.Module, x: torch.Tensor) -> Projected:
     B, T, _ = x.shape
     qkv = m.in_proj_qkv(x)
+    return Projected(None, None, None, m.in_proj_z(x).reshape(B, T, -1, m.head_v_dim), m.in_proj_b(x), m.in_proj_a(x), qkv)
+
+
+def cut_qkv(m: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [B, T, HK, K], k [B, T, HK, K], v [B, T, HV, V]): slices of a fused projection [B, T, C]."""
+    B, T, _ = qkv.shape
     q, k, v = _slices(qkv, [m.key_dim, m.key_dim, m.value_dim], -1)
-    return Projected(
-        q.view(B, T, -1, m.head_k_dim),
-        k.view(B, T, -1, m.head_k_dim),
-        v.view(B, T, -1, m.head_v_dim),
-        m.in_proj_z(x).reshape(B, T, -1, m.head_v_dim),
-        m.in_proj_b(x),
-        m.in_proj_a(x),
-        qkv,
-    )
+    return q.view(B, T, -1, m.head_k_dim), k.view(B, T, -1, m.head_k_dim), v.view(B, T, -1, m.head_v_dim)
 
 
 def _project_separate(m: nn.Module, x: torch.Tensor) -> Projected:

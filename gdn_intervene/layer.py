@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 
 from . import _compat
-from .families import Family, family_for
-from .modules import CausalConv, SiteValueError, Tap
+from .families import Family, cut_qkv, family_for
+from .modules import CausalConv, SiteValueError, Tap, listened
 from ._positions import check_positions
 from .sites import TAP_SITES
 
@@ -93,6 +93,9 @@ class GDNMixin:
             else:
                 module = Tap(s.name, self.layer_idx, self._gdn_family.parent)
             self.add_module(s.name, module)
+            # Also in the instance dict: `self.beta` then skips nn.Module.__getattr__ on the hot
+            # path. nn.Module.__setattr__ of another module under the name drops this entry.
+            self.__dict__[s.name] = module
         self.native_cached = native_cached
         self.state_positions: tuple[int, ...] | None = None
         attr = self._gdn_family.neg_eigval_attr
@@ -108,6 +111,7 @@ class GDNMixin:
     def _gdn_uninstall(self) -> None:
         for s in TAP_SITES:
             del self._modules[s.name]
+            self.__dict__.pop(s.name, None)
         for name in self._GDN_ATTRS:
             self.__dict__.pop(name, None)
 
@@ -122,6 +126,11 @@ class GDNMixin:
                 "the GDN layers out of kernelize."
             )
         super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name in self._modules:
+            self.__dict__.pop(name, None)  # the instance-dict entry of a site (see _gdn_install)
+        super().__delattr__(name)
 
     def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, **kwargs) -> torch.Tensor:
         """[B, T, D] -> [B, T, D], exactly as HF's forward, through the sites."""
@@ -183,11 +192,17 @@ class GDNMixin:
         return out
 
     def _pre_conv(self, p, B: int, T: int) -> torch.Tensor:
-        """The `*_pre_conv` sites, then the conv input [B, T, C]: the fused projection itself while
-        the sites hand back its slices (no copy; edits in place land in it), else the
-        concatenation of their outputs (a listened site under autograd hands back a copy, so
-        its output is in the graph)."""
-        q, k, v = self.q_pre_conv(p.q), self.k_pre_conv(p.k), self.v_pre_conv(p.v)
+        """The `*_pre_conv` sites, then the conv input [B, T, C]. A fused projection goes to the
+        conv itself (no copy) while its slices come back from the sites as they went in (edits in
+        place land in it); it is not even cut while nobody listens. Otherwise the conv input is
+        the concatenation of the sites' outputs (a listener gets its own copy, so its output is
+        in the autograd graph)."""
+        sites = (self.q_pre_conv, self.k_pre_conv, self.v_pre_conv)
+        if p.qkv is not None:
+            if not any(map(listened, sites)):
+                return p.qkv
+            p = p._replace(**dict(zip("qkv", cut_qkv(self, p.qkv))))
+        q, k, v = (site(x) for site, x in zip(sites, (p.q, p.k, p.v)))
         if p.qkv is not None and q is p.q and k is p.k and v is p.v:
             return p.qkv
         return torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)

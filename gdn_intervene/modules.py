@@ -28,26 +28,25 @@ class SiteValueError(ValueError):
     by a non-finite value."""
 
 
-def _global_hooks() -> bool:
-    m = _torch_module
-    return bool(
-        m._global_forward_hooks
-        or m._global_forward_pre_hooks
-        or m._global_backward_hooks
-        or m._global_backward_pre_hooks
-    )
+_GLOBAL_HOOKS = (
+    _torch_module._global_forward_hooks,
+    _torch_module._global_forward_pre_hooks,
+    _torch_module._global_backward_hooks,
+    _torch_module._global_backward_pre_hooks,
+)  # torch mutates these dicts in place, never rebinds them
 
 
 def listened(module: nn.Module) -> bool:
     """Whether anything can observe `module`'s call: its own hooks, an instance `forward`
     (nnsight's controller, accelerate's wrapper, a user's patch) or torch's global hooks."""
+    d = module.__dict__
     return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or "forward" in module.__dict__
-        or _global_hooks()
+        d["_forward_hooks"]
+        or d["_forward_pre_hooks"]
+        or d["_backward_hooks"]
+        or d["_backward_pre_hooks"]
+        or "forward" in d
+        or any(_GLOBAL_HOOKS)
     )
 
 
