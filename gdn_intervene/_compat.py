@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 import sys
+import types
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -29,13 +31,17 @@ __all__ = [
     "remove_forward_hooks_where",
 ]
 
-# package -> (lowest tested, first untested). Keep in step with pyproject.toml.
+# package -> (lowest tested, first untested); for transformers (lowest supported, newest
+# tested): releases below are refused, newer ones run behind the first-call self-check
+# (gdn_intervene.selfcheck). Keep in step with pyproject.toml and the README's matrix.
 TESTED: dict[str, tuple[str, str]] = {
-    "transformers": ("5.24.0", "5.25.0"),
+    "transformers": ("5.24.0", "5.24.0"),
     "nnsight": ("0.8.1", "0.9.0"),
     "pyvene": ("0.1.8", "0.1.9"),
 }
 _SKIP_ENV = "GDN_INTERVENE_SKIP_VERSION_CHECK"
+# Packages whose newer releases are not refused: a run-time check guards them instead.
+RUNTIME_CHECKED = frozenset({"transformers"})
 
 
 class UnsupportedVersionError(RuntimeError):
@@ -53,12 +59,22 @@ def _parse(v: str) -> tuple[int, ...]:
 def check_version(package: str, version: str | None = None) -> None:
     """Raise `UnsupportedVersionError` if `package` is outside the tested range.
 
-    Set GDN_INTERVENE_SKIP_VERSION_CHECK=1 to proceed at your own risk.
+    transformers: only releases below the lowest supported one are refused; newer releases
+    than the newest tested run, and each patched class checks itself on its first call
+    (`gdn_intervene.selfcheck`). Set GDN_INTERVENE_SKIP_VERSION_CHECK=1 to proceed anyway.
     """
     if version is None:
         version = importlib.import_module(package).__version__
     lo, hi = TESTED[package]
-    if not (_parse(lo) <= _parse(version) < _parse(hi)) and not os.environ.get(_SKIP_ENV):
+    if os.environ.get(_SKIP_ENV):
+        return
+    if package in RUNTIME_CHECKED:
+        if _parse(version) < _parse(lo):
+            raise UnsupportedVersionError(
+                f"gdn_intervene supports {package} >={lo} (newest tested: {hi}); found {package} {version}. "
+                f"Install {package}>={lo}, or set {_SKIP_ENV}=1 to try anyway."
+            )
+    elif not (_parse(lo) <= _parse(version) < _parse(hi)):
         raise UnsupportedVersionError(
             f"gdn_intervene is tested with {package} >={lo},<{hi}; found {package} {version}. "
             f"Install a tested release, or set {_SKIP_ENV}=1 to try anyway."
@@ -84,7 +100,7 @@ def check_hf_module(
     if missing:
         raise UnsupportedVersionError(
             f"{cls.__name__}: {cls.__module__} no longer defines {missing}; this transformers release "
-            f"changed the GDN code (tested: transformers >={TESTED['transformers'][0]},<{TESTED['transformers'][1]})."
+            f"changed the GDN code (supported: transformers >={TESTED['transformers'][0]}, newest tested {TESTED['transformers'][1]})."
         )
 
 
@@ -205,3 +221,50 @@ def rebind_forwards(module, old_forward=None) -> None:
     if inherited:
         state.body = state.original = type(module).forward
         state.sourced, state.compiled = False, None  # `.source` rebuilds from the new body
+
+
+# --- the first-call self-check (gdn_intervene.selfcheck) ---
+
+# The chunk kernel as HF's forward names it: a module-level function (5.15 on), or an
+# instance attribute bound in `__init__` (4.57-5.10).
+CHUNK_KERNEL_NAMES = ("torch_chunk_gated_delta_rule", "chunk_gated_delta_rule")
+
+
+def undecorated(fn):
+    """`fn` without its functools.wraps decorators (HF's force_accelerate_hooks, deprecate_kwarg)."""
+    return inspect.unwrap(fn)
+
+
+def redirect_chunk_kernel(module, fn, wrap, kernel: str = "torch_chunk_gated_delta_rule"):
+    """`fn` (an undecorated forward) such that, called on `module`, it runs `wrap(kernel)` in
+    place of its chunk kernel. Nothing shared changes: a module-level kernel is replaced in
+    a copy of the function's globals, an instance-attribute kernel on `module` itself (a
+    private twin)."""
+    candidates = (kernel, *CHUNK_KERNEL_NAMES)  # the family's (KDA: chunk_kimi_delta_attention), GDN's
+    for name in candidates:
+        if callable(module.__dict__.get(name)):
+            module.__dict__[name] = wrap(module.__dict__[name])
+    names = [n for n in dict.fromkeys(candidates) if n in fn.__code__.co_names and n in fn.__globals__]
+    if names:
+        g = dict(fn.__globals__)
+        for n in names:
+            g[n] = wrap(g[n])
+        new = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+        new.__kwdefaults__ = fn.__kwdefaults__
+        fn = new
+    return fn
+
+
+NNSIGHT_STATE = "__nnsight__"  # nnsight 0.8: per-module state; its controller sits in `forward`
+
+
+def strip_nnsight(twin) -> None:
+    """Remove nnsight 0.8's per-module controller from a private twin (`twin.__dict__` is a
+    copy), keeping the body nnsight wraps when that body is not the class's forward."""
+    state = twin.__dict__.pop(NNSIGHT_STATE, None)
+    if state is None:
+        return
+    twin.__dict__.pop("forward", None)
+    body = getattr(state, "original", None)
+    if body is not None and body is not getattr(type(twin), "forward", None):
+        twin.__dict__["forward"] = types.MethodType(body, twin)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from . import _compat
+from . import _compat, selfcheck
 from .families import Family, cut_qkv, family_for
 from .modules import CausalConv, SiteValueError, Tap, listened
 from ._positions import check_positions
@@ -279,7 +279,13 @@ def hookable_class(cls: type) -> type:
         raise ValueError(f"{cls.__name__} is not a supported GDN class")
     fam, hf = found
     _compat.check_hf_module(hf, fam.kernels)
-    forward = _compat.force_accelerate_hooks(list(fam.accelerate_children))(_compat.deprecate_cache_params(GDNMixin.forward))
+    forward = selfcheck.first_call(
+        _compat.deprecate_cache_params(GDNMixin.forward),
+        ours=GDNMixin.forward,
+        hf=_compat.undecorated(cls.forward),
+        chunk_kernel=fam.kernels[0],
+    )
+    forward = _compat.force_accelerate_hooks(list(fam.accelerate_children))(forward)
     new = type(
         f"Hookable{cls.__name__}",
         (GDNMixin, cls),

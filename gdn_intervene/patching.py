@@ -9,7 +9,7 @@ from typing import Iterator
 
 from torch import nn
 
-from . import _compat
+from . import _compat, selfcheck as _selfcheck
 from .families import family_for, supported_class_names
 from .layer import GDNMixin, hookable_class
 from .sites import Owner, site
@@ -61,7 +61,9 @@ def _candidates(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def patch(model: nn.Module, *, native_cached: bool | None = None, _strict: bool = True) -> nn.Module:
+def patch(
+    model: nn.Module, *, native_cached: bool | None = None, selfcheck: bool = True, _strict: bool = True
+) -> nn.Module:
     """Make every GDN module of `model` hookable, in place; returns `model`. Idempotent.
 
         model = gdn_intervene.patch(model)
@@ -70,7 +72,8 @@ def patch(model: nn.Module, *, native_cached: bool | None = None, _strict: bool 
     `native_cached=True` runs HF's native forward for every cached call (generation), with a
     warning that the sites do not fire there; `False` the decomposed one (the default for a new
     patch). Left out, an already patched module keeps its setting. Raises ValueError if `model`
-    has no GDN module.
+    has no GDN module. The first call of each patched class checks itself against HF's forward
+    (`gdn_intervene.selfcheck`); `selfcheck=False` skips that for this model's classes.
     """
     _compat.check_version("transformers")
     model = as_module(model)
@@ -94,6 +97,9 @@ def patch(model: nn.Module, *, native_cached: bool | None = None, _strict: bool 
             m.__class__ = orig
             raise
         _compat.rebind_forwards(m, orig.forward)
+    if not selfcheck:
+        for m in mods:
+            _selfcheck.mark_checked(type(m))
     return model
 
 

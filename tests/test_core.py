@@ -319,13 +319,16 @@ def test_unknown_gdn_layout_is_rejected():
         gi.patch(model)
 
 
-def test_transformers_outside_tested_range(monkeypatch):
+def test_transformers_below_the_supported_range_is_refused_newer_is_not(monkeypatch):
     import transformers
 
-    monkeypatch.setattr(transformers, "__version__", "5.30.0")
+    lo = _compat.TESTED["transformers"][0]
     monkeypatch.delenv("GDN_INTERVENE_SKIP_VERSION_CHECK", raising=False)
-    with pytest.raises(gi.UnsupportedVersionError, match=r"transformers >=5\.24\.0,<5\.25\.0; found transformers 5\.30\.0"):
+    monkeypatch.setattr(transformers, "__version__", "4.40.0")
+    with pytest.raises(gi.UnsupportedVersionError, match=rf"supports transformers >={lo}.*found transformers 4\.40\.0"):
         gi.patch(build("qwen3_5"))
+    monkeypatch.setattr(transformers, "__version__", "9.0.0")  # newer: guarded by the self-check instead
+    assert gi.gdn_layers(gi.patch(build("qwen3_5")))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,186 @@
+"""First-call self-check: a patched class proves, on real input, that it computes HF's numbers.
+
+transformers releases newer than the tested range are not refused; instead, the first call of
+each patched class runs HF's own forward and the decomposed forward on a short slice of that
+call's input (first batch row, first `TOKENS` tokens, no cache, no mask, no grad, eval mode,
+the caller's random state untouched) and compares
+the layer output and the final recurrent state with `torch.equal`. A difference raises
+`SelfCheckError` (a `gdn_intervene.UnsupportedVersionError`) naming the class, the release and
+what differed, on that call and every later call of the class.
+
+    GDN_INTERVENE_SKIP_SELFCHECK=1 python run.py     # skip it everywhere
+    gdn_intervene.patch(model, selfcheck=False)      # skip it for this model's classes
+
+The check runs on a private twin of the module: the same parameters and children, with every
+forward hook (and nnsight's per-module controller) left out, so user hooks, nnsight traces
+and pyvene interventions see nothing of it. HF's final state is read at its chunk kernel,
+which is asked for the final state (that does not change the output).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import _compat
+
+__all__ = ["SelfCheckError", "ENV", "TOKENS", "first_call", "mark_checked", "reset"]
+
+ENV = "GDN_INTERVENE_SKIP_SELFCHECK"
+TOKENS = 8  # crosses no chunk boundary, covers the conv's left context (kernel 4)
+
+_DONE: set[type] = set()  # classes checked (or skipped)
+_FAILED: dict[type, "SelfCheckError"] = {}
+
+
+class SelfCheckError(_compat.UnsupportedVersionError):
+    """The decomposed forward does not reproduce HF's forward bit for bit on this release."""
+
+
+def mark_checked(cls: type) -> None:
+    """Skip the check for `cls` (what `patch(..., selfcheck=False)` does)."""
+    _DONE.add(cls)
+
+
+def reset() -> None:
+    """Forget which classes were checked (tests)."""
+    _DONE.clear()
+    _FAILED.clear()
+
+
+def first_call(forward: Callable, *, ours: Callable, hf: Callable, chunk_kernel: str = "torch_chunk_gated_delta_rule") -> Callable:
+    """Wrap a patched class's `forward` so that its first call per class runs the check.
+
+    `ours` and `hf` are the undecorated functions `(module, hidden_states)` compared: the
+    decomposed forward and HF's own; `chunk_kernel` names the family's chunk kernel in HF's
+    modeling module (where HF's final state is read)."""
+
+    @functools.wraps(forward)
+    def checked(self, *args, **kwargs):
+        cls = type(self)
+        if cls not in _DONE and not os.environ.get(ENV):
+            if cls in _FAILED:
+                raise _FAILED[cls]
+            x = args[0] if args else kwargs.get("hidden_states")
+            if _checkable(x):
+                _run(self, ours, hf, x, chunk_kernel)
+        return forward(self, *args, **kwargs)
+
+    return checked
+
+
+def _checkable(x) -> bool:
+    """Real numbers on a real device, outside compilation/tracing (else: retry next call)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.numel() == 0 or x.is_meta:
+        return False
+    if type(x) is not torch.Tensor and not isinstance(x, nn.Parameter):  # FakeTensor, subclasses
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return True
+
+
+def _run(module: nn.Module, forward: Callable, hf_forward: Callable, x: torch.Tensor, chunk_kernel: str = "torch_chunk_gated_delta_rule") -> None:
+    cls = type(module)
+    x = x[:1, :TOKENS].detach()
+    twin = _twin(module)
+    try:
+        devices = [x.device] if x.device.type != "cpu" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=x.device.type):
+            ref, ref_state = _hf_with_state(twin, hf_forward, x, chunk_kernel)
+            states = []
+            handle = twin.state.register_forward_hook(lambda m, a, out: states.append(out))
+            out = forward(twin, x)
+            handle.remove()
+    except Exception as e:
+        err = SelfCheckError(
+            f"gdn_intervene self-check of {cls.__name__}: {_release()}: running the two forwards on a "
+            f"{list(x.shape)} slice failed: {type(e).__name__}: {e}. {_HINT}"
+        )
+        _FAILED[cls] = err
+        raise err from e
+    problems = []
+    if not torch.equal(out, ref):
+        problems.append(f"outputs differ (max abs diff {_maxdiff(out, ref)})")
+    if ref_state is None:
+        problems.append("HF's forward did not call its chunk kernel where expected, so its state could not be read")
+    elif not states or not torch.equal(states[-1], ref_state):
+        problems.append(f"final states differ (max abs diff {_maxdiff(states[-1], ref_state) if states else 'n/a'})")
+    if problems:
+        _FAILED[cls] = SelfCheckError(
+            f"gdn_intervene self-check of {cls.__name__} on {_release()}: the decomposed forward does not "
+            f"reproduce HF's forward bit for bit on a {list(x.shape)} {x.dtype} slice on {x.device}: "
+            f"{'; '.join(problems)}. {_HINT}"
+        )
+        raise _FAILED[cls]
+    _DONE.add(cls)
+
+
+_HINT = (
+    f"This transformers release changed the GDN code (tested: transformers >={_compat.TESTED['transformers'][0]}, "
+    f"newest tested {_compat.TESTED['transformers'][1]}); install a tested release or report it. "
+    f"Set {ENV}=1 (or patch(..., selfcheck=False)) to skip the check at your own risk."
+)
+
+
+def _release() -> str:
+    import transformers
+
+    return f"transformers {transformers.__version__}"
+
+
+def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> str:
+    if a.shape != b.shape:
+        return f"shapes {list(a.shape)} vs {list(b.shape)}"
+    return f"{(a.double() - b.double()).abs().max().item():.3g}"
+
+
+# Per-module call-hook dicts of torch.nn.Module (absent names are skipped).
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _twin(module: nn.Module) -> nn.Module:
+    """A shallow copy of `module` and its children: parameters, buffers and instance
+    attributes shared, call hooks and nnsight controllers left out. accelerate's instance
+    forwards are kept (they load offloaded weights, and call the original's undecorated
+    forward, which fires no hook)."""
+    twin = object.__new__(type(module))
+    d = twin.__dict__
+    d.update(module.__dict__)
+    for name in _HOOK_DICTS:
+        if name in d:
+            d[name] = OrderedDict()
+    d["training"] = False  # no dropout; the caller's RNG is forked around the check
+    d["_modules"] = {k: (None if m is None else _twin(m)) for k, m in module._modules.items()}
+    _compat.strip_nnsight(twin)
+    return twin
+
+
+def _hf_with_state(twin: nn.Module, hf_forward: Callable, x: torch.Tensor, chunk_kernel: str):
+    """HF's forward on `twin`, with its chunk kernel asked for (and giving us) the final state."""
+    seen = []
+
+    def capture(kernel):
+        def chunk(*args, **kwargs):
+            kwargs["output_final_state"] = True
+            o, S = kernel(*args, **kwargs)
+            seen.append(S)
+            return o, S
+
+        return chunk
+
+    out = _compat.redirect_chunk_kernel(twin, hf_forward, capture, chunk_kernel)(twin, x)
+    return out, (seen[-1] if seen else None)
