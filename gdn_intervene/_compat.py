@@ -25,6 +25,9 @@ __all__ = [
     "CACHE_API",
     "cache_gap",
     "cache_kwarg",
+    "cache_view",
+    "hf_cache_name",
+    "gqa_in_layer",
     "force_accelerate_hooks",
     "deprecate_cache_params",
     "rebind_forwards",
@@ -35,7 +38,7 @@ __all__ = [
 # tested): releases below are refused, newer ones run behind the first-call self-check
 # (gdn_intervene.selfcheck). Keep in step with pyproject.toml and the README's matrix.
 TESTED: dict[str, tuple[str, str]] = {
-    "transformers": ("5.24.0", "5.24.0"),
+    "transformers": ("5.23.0", "5.24.0"),
     "nnsight": ("0.8.1", "0.9.0"),
     "pyvene": ("0.1.8", "0.1.9"),
 }
@@ -79,6 +82,17 @@ def check_version(package: str, version: str | None = None) -> None:
             f"gdn_intervene is tested with {package} >={lo},<{hi}; found {package} {version}. "
             f"Install a tested release, or set {_SKIP_ENV}=1 to try anyway."
         )
+
+
+def modeling_module(name: str) -> ModuleType | None:
+    """The transformers modeling module `name`, or None where this release does not have it
+    (a family newer than the installed release)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and name.startswith(e.name):
+            return None
+        raise
 
 
 # Besides the family's two delta-rule kernels (`Family.kernels`).
@@ -139,14 +153,18 @@ def cache_step(cache: Any, layer_idx: int, T: int, asks_recording: bool = True) 
     family's HF forward asks `is_recording_past` before the conv-update kernel."""
     if cache is None:
         return _NO_CACHE
+    cache = cache_view(cache)
     conv_state = cache.get_conv_state(layer_idx, state_idx=0)
     S0 = cache.get_recurrent_state(layer_idx, state_idx=0)
     conv_decode = conv_state is not None and T == 1 and not (asks_recording and cache.is_recording_past(layer_idx))
     return Step(conv_state, S0, conv_decode, S0 is not None and T == 1)
 
 
-# The transformers 5.x cache methods the decomposed cached forward calls.
+# The transformers 5.x cache methods the decomposed cached forward calls (the 5.23+ API).
 CACHE_API = ("get_conv_state", "get_recurrent_state", "update_conv_state", "update_recurrent_state", "is_recording_past")
+# What a 5.15-5.20 cache has instead of the getters: `has_previous_state(i, state_idx)` and
+# per-layer lists `layers[i].conv_states` / `.recurrent_states` / `.record_past`.
+_LAYERS_API = ("has_previous_state", "update_conv_state", "update_recurrent_state")
 
 
 def cache_gap(cache: Any) -> str | None:
@@ -154,12 +172,92 @@ def cache_gap(cache: Any) -> str | None:
     return _cache_type_gap(type(cache))
 
 
+def cache_view(cache: Any) -> Any:
+    """`cache` as the 5.23+ linear-attention cache API (see CACHE_API) that the decomposed
+    forward speaks: the cache itself where it has that API, else a thin adapter. Call only
+    for caches `cache_gap` accepts."""
+    if cache is None or _cache_adapter(type(cache)) is None:
+        return cache
+    return _LayersCacheView(cache)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_adapter(cls: type):
+    if all(callable(getattr(cls, n, None)) for n in CACHE_API):
+        return None
+    if all(callable(getattr(cls, n, None)) for n in _LAYERS_API) and _takes(cls.has_previous_state, "state_idx"):
+        return _LayersCacheView
+    raise TypeError(cls)
+
+
 @functools.lru_cache(maxsize=None)
 def _cache_type_gap(cls: type) -> str | None:
-    missing = [n for n in CACHE_API if not callable(getattr(cls, n, None))]
-    if missing:
+    try:
+        _cache_adapter(cls)
+    except TypeError:
+        missing = [n for n in CACHE_API if not callable(getattr(cls, n, None))]
         return f"cache type {cls.__name__} lacks {', '.join(missing)}"
     return None
+
+
+def _takes(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _LayersCacheView:
+    """The 5.23+ getters over a 5.15-5.20 cache (`has_previous_state(i, state_idx)`,
+    `layers[i].conv_states[state_idx]`); writes go to the cache's own update methods."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        if not self.cache.has_previous_state(layer_idx, state_idx=state_idx):
+            return None
+        return self.cache.layers[layer_idx].conv_states[state_idx]
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        if not self.cache.has_previous_state(layer_idx, state_idx=state_idx):
+            return None
+        return self.cache.layers[layer_idx].recurrent_states[state_idx]
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return getattr(self.cache.layers[layer_idx], "record_past", False)
+
+    def update_conv_state(self, *args, **kwargs):
+        return self.cache.update_conv_state(*args, **kwargs)
+
+    def update_recurrent_state(self, *args, **kwargs):
+        return self.cache.update_recurrent_state(*args, **kwargs)
+
+
+# --- how HF's GDN forward is called, and what it leaves to the layer ---
+
+
+def hf_cache_name(cls: type) -> str:
+    """The name under which HF's GDN forward takes the cache: `cache` (5.24 on) or
+    `cache_params` (before)."""
+    params = inspect.signature(undecorated(cls.forward)).parameters
+    return "cache" if "cache" in params else "cache_params"
+
+
+def gqa_in_layer(cls: type) -> bool:
+    """True where HF's GDN forward repeats q and k to the value heads itself (before 5.23),
+    so its kernel expects them repeated; from 5.23 on the kernel does it."""
+    return "repeat_interleave" in inspect.getsource(undecorated(cls.forward))
+
+
+def repeat_heads(q, k, num_v_heads: int):
+    """q, k [B, T, HK, K] -> [B, T, HV, K], each key head serving HV/HK consecutive value heads."""
+    r = num_v_heads // q.shape[2]
+    if r == 1:
+        return q, k
+    return q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
 
 
 def _decorators():
@@ -175,9 +273,20 @@ def force_accelerate_hooks(name: str):
     return _decorators()[0](name)
 
 
-def deprecate_cache_params(fn):
-    """Accept the pre-5.x keyword `cache_params` as HF's GDN forward does."""
-    return _decorators()[1]("cache_params", "5.40.0", new_name="cache")(fn)
+def deprecate_cache_params(fn, hf_cls: type | None = None):
+    """Accept the cache under both names. Where HF's forward takes `cache` (5.24 on), as HF
+    does: `cache_params` with a deprecation warning. Where it takes `cache_params` (before),
+    silently: that is what HF's own decoder layers pass."""
+    if hf_cls is None or hf_cache_name(hf_cls) == "cache":
+        return _decorators()[1]("cache_params", "5.40.0", new_name="cache")(fn)
+
+    @functools.wraps(fn)
+    def renamed(self, *args, **kwargs):
+        if "cache_params" in kwargs:
+            kwargs["cache"] = kwargs.pop("cache_params")
+        return fn(self, *args, **kwargs)
+
+    return renamed
 
 
 def remove_forward_hooks_where(module, predicate) -> None:

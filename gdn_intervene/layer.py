@@ -68,6 +68,8 @@ class GDNMixin:
     _gdn_family: Family
     _gdn_hf_class: type
     _gdn_norm: str
+    _gdn_cache_kw: str  # HF's name for the forward's cache argument (`cache` / `cache_params`)
+    _gdn_gqa_in_layer: bool  # HF repeats q, k to the value heads before its kernel
     _gdn_out: str
     _GDN_ATTRS = ("native_cached", "state_positions", "_gdn_beta_x2", "_gdn_dims")
 
@@ -136,7 +138,7 @@ class GDNMixin:
         """[B, T, D] -> [B, T, D], exactly as HF's forward, through the sites."""
         if cache is not None and (reason := self._native_reason(cache)) is not None:
             _warn_native(reason)
-            return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+            return super().forward(hidden_states, attention_mask=attention_mask, **{self._gdn_cache_kw: cache}, **kwargs)
 
         x = _compat.hf_function(self._gdn_hf_class, "apply_mask_to_padding_states")(hidden_states, attention_mask)
         B, T, _ = x.shape
@@ -216,6 +218,8 @@ class GDNMixin:
         """
         fam = self._gdn_family
         chunk, recurrent = (_compat.hf_function(self._gdn_hf_class, name) for name in fam.kernels)
+        if self._gdn_gqa_in_layer:  # releases whose kernel expects q, k repeated to HV heads
+            q, k = _compat.repeat_heads(q, k, v.shape[2])
         # The final state is always requested so the `state` site fires without a cache too;
         # it does not change o. The GDN forwards pass packed offsets as `cu_seqlens`; the KDA
         # forwards pass the kwargs on as they came.
@@ -280,7 +284,7 @@ def hookable_class(cls: type) -> type:
     fam, hf = found
     _compat.check_hf_module(hf, fam.kernels)
     forward = selfcheck.first_call(
-        _compat.deprecate_cache_params(GDNMixin.forward),
+        _compat.deprecate_cache_params(GDNMixin.forward, hf),
         ours=GDNMixin.forward,
         hf=_compat.undecorated(cls.forward),
         chunk_kernel=fam.kernels[0],
@@ -295,6 +299,8 @@ def hookable_class(cls: type) -> type:
             "_gdn_hf_class": hf,
             "_gdn_norm": fam.hf_names["norm"],
             "_gdn_out": fam.hf_names["out_proj"],
+            "_gdn_cache_kw": _compat.hf_cache_name(cls),
+            "_gdn_gqa_in_layer": _compat.gqa_in_layer(cls),
             "__module__": __name__,
             "__qualname__": f"Hookable{cls.__name__}",
             "__doc__": f"{cls.__name__} with a decomposed, hookable forward (gdn_intervene).",

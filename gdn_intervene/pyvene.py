@@ -153,7 +153,9 @@ def model_classes() -> list[type]:
     found = []
     for fam in FAMILIES:
         for mod_name, _ in fam.classes:
-            mod = importlib.import_module(mod_name)
+            mod = _compat.modeling_module(mod_name)
+            if mod is None:  # this family is absent from the installed transformers release
+                continue
             for name, cls in vars(mod).items():
                 if (
                     inspect.isclass(cls)

@@ -3,6 +3,7 @@ setting (pyproject.toml), so test files import `models`, `reference` and these h
 
 import copy
 import functools
+import inspect
 import os
 
 import pytest
@@ -19,7 +20,7 @@ import gdn_intervene as gi  # noqa: E402
 def logits(model, ids, mask=None, **kw) -> torch.Tensor:
     """[B, T, vocab] logits of one no-grad forward."""
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, **kw).logits
+        return run(model, input_ids=ids, attention_mask=mask, **kw).logits
 
 
 def no_hooks(model) -> bool:
@@ -70,3 +71,15 @@ def left_pad_mask(B: int, T: int) -> torch.Tensor:
     for b in range(B):
         mask[b, : min(b, T - 1)] = 0
     return mask
+
+
+def cache_kw(model) -> str:
+    """The model forward's name for the cache: `cache` (transformers 5.24 on) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def run(model, **kw):
+    """`model(**kw)`, with `cache=` passed under the model's own name for it."""
+    if "cache" in kw:
+        kw[cache_kw(model)] = kw.pop("cache")
+    return model(**kw)

@@ -17,11 +17,14 @@ import gdn_intervene as gi
 from gdn_intervene import _compat
 from gdn_intervene.layer import GDNMixin, _WARNED
 from gdn_intervene.sites import SITE_NAMES, SITES
-from models import MODELS, VOCAB, build
+from models import MODELS, VOCAB, build, pick
 from reference import hf_gdn, kernel_edit
 
 NAMES = list(MODELS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+pytestmark = pytest.mark.compat  # the whole file runs on every release of the CI matrix
 
 
 # ---------------------------------------------------------------- parity
@@ -42,7 +45,8 @@ def test_prefill_logits_bitwise(pair, name, dtype, hv_ratio, T):
 
 
 def _conv_rec(cache, layers):
-    return [(cache.get_conv_state(i).clone(), cache.get_recurrent_state(i).clone()) for i in layers]
+    view = _compat.cache_view(cache)
+    return [(view.get_conv_state(i).clone(), view.get_recurrent_state(i).clone()) for i in layers]
 
 
 def _decode_both(patched, ref, steps=7):
@@ -127,7 +131,7 @@ def test_state_dict_and_checkpoints_roundtrip(pair, name, tmp_path):
 
 
 def test_patch_is_idempotent_and_unpatch_restores():
-    ref = build("qwen3_5")
+    ref = build(pick("qwen3_5"))
     model = copy.deepcopy(ref)
     before = {n: (type(m), sorted(m.__dict__)) for n, m in model.named_modules()}
     params = {n: p.data_ptr() for n, p in model.named_parameters()}
@@ -154,7 +158,7 @@ def test_patched_context_manager_restores_on_error():
 
 
 def test_patch_on_load_builds_patched_modules(tmp_path):
-    ref = build("qwen3_5_vl")
+    ref = build(pick("qwen3_5_vl"))
     ref.save_pretrained(tmp_path)
     with gi.patch_on_load():
         model = type(ref).from_pretrained(tmp_path).eval()
@@ -249,14 +253,15 @@ def test_patching_another_runs_value_matches_reference(pair, name, site_name):
 
 
 def test_state_replacement_carries_to_the_cache_and_later_tokens(pair):
-    patched, ref = pair("qwen3_5")
+    patched, ref = pair(pick("qwen3_5"))
     layer = list(gi.gdn_layers(patched))[0]
     ids, nxt = ids_for(12), ids_for(1, seed=5)
     zero_state = lambda S: torch.zeros_like(S)  # noqa: E731
     cache_p = DynamicCache(config=patched.config)
     with gi.intervene(patched, {(layer, "state"): zero_state}):
         first = logits(patched, ids, cache=cache_p, use_cache=True)
-    assert torch.equal(cache_p.get_recurrent_state(layer), torch.zeros_like(cache_p.get_recurrent_state(layer)))
+    S = _compat.cache_view(cache_p).get_recurrent_state(layer)
+    assert torch.equal(S, torch.zeros_like(S))
     after = logits(patched, nxt, cache=cache_p, use_cache=True)
 
     cache_r = DynamicCache(config=ref.config)
@@ -272,7 +277,7 @@ def test_state_replacement_carries_to_the_cache_and_later_tokens(pair):
 
 
 def test_native_cached_switch_warns_and_matches(pair, recwarn):
-    ref = build("qwen3_5")
+    ref = build(pick("qwen3_5"))
     model = gi.patch(copy.deepcopy(ref), native_cached=True)
     _WARNED.clear()
     fired = []
@@ -326,9 +331,9 @@ def test_transformers_below_the_supported_range_is_refused_newer_is_not(monkeypa
     monkeypatch.delenv("GDN_INTERVENE_SKIP_VERSION_CHECK", raising=False)
     monkeypatch.setattr(transformers, "__version__", "4.40.0")
     with pytest.raises(gi.UnsupportedVersionError, match=rf"supports transformers >={lo}.*found transformers 4\.40\.0"):
-        gi.patch(build("qwen3_5"))
+        gi.patch(build(pick("qwen3_5")))
     monkeypatch.setattr(transformers, "__version__", "9.0.0")  # newer: guarded by the self-check instead
-    assert gi.gdn_layers(gi.patch(build("qwen3_5")))
+    assert gi.gdn_layers(gi.patch(build(pick("qwen3_5"))))
 
 
 @pytest.mark.parametrize(
@@ -342,7 +347,7 @@ def test_transformers_below_the_supported_range_is_refused_newer_is_not(monkeypa
     ids=["short", "dtype", "broadcastable", "not-a-tensor"],
 )
 def test_wrong_replacement_names_the_site(pair, bad, expected):
-    patched, _ = pair("qwen3_5")
+    patched, _ = pair(pick("qwen3_5"))
     with pytest.raises(gi.SiteValueError, match=expected):
         with gi.intervene(patched, {(0, "beta"): bad}):
             logits(patched, ids_for(8))
@@ -350,7 +355,7 @@ def test_wrong_replacement_names_the_site(pair, bad, expected):
 
 
 def test_exception_in_user_hook_leaves_nothing_behind():
-    ref = build("olmo_hybrid")
+    ref = build(pick("olmo_hybrid"))
     model = copy.deepcopy(ref)
 
     def boom(x):
@@ -365,7 +370,7 @@ def test_exception_in_user_hook_leaves_nothing_behind():
 
 
 def test_site_on_a_full_attention_layer_lists_gdn_layers(pair):
-    patched, _ = pair("qwen3_5")
+    patched, _ = pair(pick("qwen3_5"))
     with pytest.raises(ValueError, match=r"layer 1 is not a GDN layer; GDN layers are \[0, 2\]"):
         gi.site_module(patched, 1, "beta")
     with pytest.raises(ValueError, match="unknown site 'betta'; sites are: q_pre_conv"):
