@@ -38,7 +38,7 @@ __all__ = [
 # tested): releases below are refused, newer ones run behind the first-call self-check
 # (gdn_intervene.selfcheck). Keep in step with pyproject.toml and the README's matrix.
 TESTED: dict[str, tuple[str, str]] = {
-    "transformers": ("5.23.0", "5.24.0"),
+    "transformers": ("5.20.0", "5.24.0"),
     "nnsight": ("0.8.1", "0.9.0"),
     "pyvene": ("0.1.8", "0.1.9"),
 }
