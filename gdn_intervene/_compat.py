@@ -38,7 +38,7 @@ __all__ = [
 # tested): releases below are refused, newer ones run behind the first-call self-check
 # (gdn_intervene.selfcheck). Keep in step with pyproject.toml and the README's matrix.
 TESTED: dict[str, tuple[str, str]] = {
-    "transformers": ("5.20.0", "5.24.0"),
+    "transformers": ("5.15.0", "5.24.0"),
     "nnsight": ("0.8.1", "0.9.0"),
     "pyvene": ("0.1.8", "0.1.9"),
 }
@@ -248,8 +248,12 @@ def hf_cache_name(cls: type) -> str:
 
 def gqa_in_layer(cls: type) -> bool:
     """True where HF's GDN forward repeats q and k to the value heads itself (before 5.23),
-    so its kernel expects them repeated; from 5.23 on the kernel does it."""
-    return "repeat_interleave" in inspect.getsource(undecorated(cls.forward))
+    so its kernel expects them repeated; from 5.23 on the kernel does it. Without HF's source
+    (a bytecode-only install) the current shape is assumed; the self-check catches a mismatch."""
+    try:
+        return "repeat_interleave" in inspect.getsource(undecorated(cls.forward))
+    except (OSError, TypeError):
+        return False
 
 
 def repeat_heads(q, k, num_v_heads: int):

@@ -126,3 +126,24 @@ def test_not_run_on_meta_or_fake_tensors():
     assert not selfcheck._checkable(torch.empty(1, 4, 8, device="meta"))  # retried on the next call
     with FakeTensorMode() as mode:
         assert not selfcheck._checkable(mode.from_tensor(torch.zeros(1, 4, 8)))
+
+
+def test_first_call_inside_an_nnsight_trace(runs):
+    """The check runs inside nnsight's controller on a twin without it: the trace sees one call
+    of each site per layer, with the values of a plain forward."""
+    pytest.importorskip("nnsight")
+    from test_nnsight import tokenizer
+
+    from gdn_intervene import nnsight as gnn
+
+    model = gi.patch(build(pick("qwen3_5")))
+    lm = gnn.load(model, tokenizer=tokenizer())
+    ids = ids_for(12)
+    with lm.trace(ids):
+        saved = {layer: gnn.site(lm, layer, "beta").output.save() for layer in gnn.layers(lm)}
+        out = lm.output.logits.save()
+    assert sum(runs.values()) == 1
+    seen = {}
+    with torch.no_grad(), gi.intervene(model, {(l, "beta"): (lambda v, l=l: seen.__setitem__(l, v.clone())) for l in saved}):
+        plain = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.equal(out, plain) and all(torch.equal(saved[l], seen[l]) for l in saved)
