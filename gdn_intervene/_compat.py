@@ -343,9 +343,20 @@ def rebind_forwards(module, old_forward=None) -> None:
 CHUNK_KERNEL_NAMES = ("torch_chunk_gated_delta_rule", "chunk_gated_delta_rule")
 
 
-def undecorated(fn):
-    """`fn` without its functools.wraps decorators (HF's force_accelerate_hooks, deprecate_kwarg)."""
-    return inspect.unwrap(fn)
+def undecorated(fn, name: str = "forward"):
+    """`fn` (a method called `name`) without its decorators (HF's force_accelerate_hooks,
+    deprecate_kwarg): through `__wrapped__` where the decorator used functools.wraps, else
+    through the one closure cell holding a function (force_accelerate_hooks before 5.20 does
+    not wrap)."""
+    for _ in range(8):
+        fn = inspect.unwrap(fn)
+        if fn.__name__ == name:
+            return fn
+        inner = [c.cell_contents for c in (fn.__closure__ or ()) if inspect.isfunction(c.cell_contents)]
+        if len(inner) != 1:
+            return fn
+        fn = inner[0]
+    return fn
 
 
 def redirect_chunk_kernel(module, fn, wrap, kernel: str = "torch_chunk_gated_delta_rule"):
