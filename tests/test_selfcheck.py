@@ -139,8 +139,10 @@ def test_first_call_inside_an_nnsight_trace(runs):
     model = gi.patch(build(pick("qwen3_5")))
     lm = gnn.load(model, tokenizer=tokenizer())
     ids = ids_for(12)
+    saved = {}
     with lm.trace(ids):
-        saved = {layer: gnn.site(lm, layer, "beta").output.save() for layer in gnn.layers(lm)}
+        for layer in gnn.layers(lm):
+            saved[layer] = gnn.site(lm, layer, "beta").output.save()
         out = lm.output.logits.save()
     assert sum(runs.values()) == 1
     seen = {}
