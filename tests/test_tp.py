@@ -1,7 +1,7 @@
 """Tensor parallelism: transformers `tp_plan="auto"` with 2 CPU processes (gloo).
 
-Each rank loads the same tiny Qwen3.5 checkpoint three ways: tensor-parallel unpatched,
-tensor-parallel patched, and whole (no TP) patched. Checked on every rank: patched TP equals
+Each rank loads the same tiny Qwen3.5 checkpoint tensor-parallel (run unpatched, then patched
+in place) and whole (no TP, patched). Checked on every rank: patched TP equals
 unpatched TP bitwise; the `beta` and `recurrence` sites fire and see whole tensors, equal on
 both ranks; an intervention applied on every rank (zero beta of one head at one position)
 matches the same intervention on the single-process model to TP tolerance (the row-wise
@@ -59,11 +59,11 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
 
         ids = torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(0))
         load = lambda **kw: tr.Qwen3_5ForCausalLM.from_pretrained(path, **kw).eval()  # noqa: E731
-        ref_tp = load(tp_plan="auto")
-        patched_tp = gi.patch(load(tp_plan="auto"))
+        tp = load(tp_plan="auto")
         whole = gi.patch(load())
         with torch.no_grad():
-            want = ref_tp(ids).logits
+            want = tp(ids).logits  # unpatched TP
+            patched_tp = gi.patch(tp)  # in place: the same sharded weights, now patched
             seen = {}
             edits = {(0, s): (lambda x, s=s: seen.__setitem__(s, x.clone())) for s in ("beta", "recurrence")}
             with gi.intervene(patched_tp, edits):
