@@ -12,8 +12,9 @@ what differed, on that call and every later call of the class.
     gdn_intervene.patch(model, selfcheck=False)      # skip it for this model's classes
 
 The check runs on a private twin of the module: the same parameters and children, with every
-forward hook (and nnsight's per-module controller) left out, so user hooks, nnsight traces
-and pyvene interventions see nothing of it. HF's final state is read at its chunk kernel,
+observing hook (user code, pyvene, nnsight's per-module controller) left out, so they see
+nothing of it; hooks of torch, transformers and accelerate stay (tensor parallelism gathers
+sharded projections in forward hooks). HF's final state is read at its chunk kernel,
 which is asked for the final state (that does not change the output).
 """
 
@@ -140,16 +141,24 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"{(a.double() - b.double()).abs().max().item():.3g}"
 
 
-# Per-module call-hook dicts of torch.nn.Module (absent names are skipped).
+# Per-module call-hook dicts of torch.nn.Module, each with the dicts of per-hook flags keyed
+# by the same ids (absent names are skipped).
 _HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
+    ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+    ("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
+    ("_backward_hooks", ()),
+    ("_backward_pre_hooks", ()),
 )
+# Hooks that are part of how the model computes, not observers: torch's tensor parallelism
+# (`distribute_module` gathers a colwise_gather_output projection in a forward hook),
+# transformers' and accelerate's. They stay on the twin; every other hook (user code, pyvene,
+# gdn_intervene.intervene) is left out.
+_INFRASTRUCTURE = ("torch.", "transformers.", "accelerate.")
+
+
+def _infrastructure(hook) -> bool:
+    fn = getattr(hook, "func", hook)  # functools.partial
+    return (getattr(fn, "__module__", None) or "").startswith(_INFRASTRUCTURE)
 
 
 def _twin(module: nn.Module) -> nn.Module:
@@ -160,9 +169,13 @@ def _twin(module: nn.Module) -> nn.Module:
     twin = object.__new__(type(module))
     d = twin.__dict__
     d.update(module.__dict__)
-    for name in _HOOK_DICTS:
-        if name in d:
-            d[name] = OrderedDict()
+    for hooks, flags in _HOOK_DICTS:
+        if hooks in d:
+            kept = OrderedDict((i, h) for i, h in d[hooks].items() if _infrastructure(h))
+            d[hooks] = kept
+            for f in flags:
+                if f in d:
+                    d[f] = OrderedDict((i, v) for i, v in d[f].items() if i in kept)
     d["training"] = False  # no dropout; the caller's RNG is forked around the check
     d["_modules"] = {k: (None if m is None else _twin(m)) for k, m in module._modules.items()}
     _compat.strip_nnsight(twin)

@@ -47,6 +47,20 @@ def _tiny_checkpoint(path: str) -> None:
     tr.Qwen3_5ForCausalLM(cfg).save_pretrained(path)
 
 
+def _tp_kwargs(world: int) -> dict:
+    """How this release asks from_pretrained for tensor parallelism: `tp_plan="auto"` (5.20 on),
+    or `distributed_config=DistributedConfig(tp_size=N)` (5.15-5.19)."""
+    import inspect
+
+    import transformers as tr
+
+    if 'kwargs.pop("tp_plan"' in inspect.getsource(tr.PreTrainedModel.from_pretrained):
+        return {"tp_plan": "auto"}
+    from transformers.distributed.configuration_utils import DistributedConfig
+
+    return {"distributed_config": DistributedConfig(tp_size=world)}
+
+
 def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
@@ -59,7 +73,7 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
 
         ids = torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(0))
         load = lambda **kw: tr.Qwen3_5ForCausalLM.from_pretrained(path, **kw).eval()  # noqa: E731
-        tp = load(tp_plan="auto")
+        tp = load(**_tp_kwargs(world))
         whole = gi.patch(load())
         with torch.no_grad():
             want = tp(ids).logits  # unpatched TP
