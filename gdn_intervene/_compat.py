@@ -265,9 +265,16 @@ def repeat_heads(q, k, num_v_heads: int):
 
 
 def _decorators():
-    from transformers.integrations.accelerate import force_accelerate_hooks as fah
-    from transformers.utils.deprecation import deprecate_kwarg
+    try:
+        from transformers.integrations.accelerate import force_accelerate_hooks as fah
+        from transformers.utils.deprecation import deprecate_kwarg
+    except ImportError as e:  # before 5.15: kernels bound in __init__, another cache API
+        import transformers
 
+        raise UnsupportedVersionError(
+            f"transformers {transformers.__version__}: {e}. Its GDN code predates the shape gdn_intervene "
+            f"serves; the first supported release is {TESTED['transformers'][0]}."
+        ) from e
     return fah, deprecate_kwarg
 
 
