@@ -336,6 +336,30 @@ def test_transformers_below_the_supported_range_is_refused_newer_is_not(monkeypa
     assert gi.gdn_layers(gi.patch(build(pick("qwen3_5"))))
 
 
+def _below_supported() -> bool:
+    import transformers
+
+    return _compat._parse(transformers.__version__) < _compat._parse(_compat.TESTED["transformers"][0])
+
+
+@pytest.mark.skipif(not _below_supported(), reason="the installed transformers release is supported")
+def test_an_unsupported_release_is_refused_by_name(monkeypatch):
+    """On a release before the supported range (the matrix runs this on 5.10 and 4.57): refused
+    with the release and the first supported one named, also with the version check skipped."""
+    import re
+
+    import transformers
+
+    lo, found = _compat.TESTED["transformers"][0], re.escape(transformers.__version__)
+    model = build(pick("qwen3_5", "qwen3_next"))
+    monkeypatch.delenv("GDN_INTERVENE_SKIP_VERSION_CHECK", raising=False)
+    with pytest.raises(gi.UnsupportedVersionError, match=rf"supports transformers >={lo}.*found transformers {found}"):
+        gi.patch(model)
+    monkeypatch.setenv("GDN_INTERVENE_SKIP_VERSION_CHECK", "1")
+    with pytest.raises(gi.UnsupportedVersionError, match=rf"transformers {found}: .*first supported release is {lo}"):
+        gi.patch(model)
+
+
 @pytest.mark.parametrize(
     "bad, expected",
     [
