@@ -54,7 +54,9 @@ def reset() -> None:
     _FAILED.clear()
 
 
-def first_call(forward: Callable, *, ours: Callable, hf: Callable, chunk_kernel: str = "torch_chunk_gated_delta_rule") -> Callable:
+def first_call(
+    forward: Callable, *, ours: Callable, hf: Callable, chunk_kernel: str = "torch_chunk_gated_delta_rule"
+) -> Callable:
     """Wrap a patched class's `forward` so that its first call per class runs the check.
 
     `ours` and `hf` are the undecorated functions `(module, hidden_states)` compared: the
@@ -86,7 +88,10 @@ def _checkable(x) -> bool:
     return True
 
 
-def _run(module: nn.Module, forward: Callable, hf_forward: Callable, x: torch.Tensor, chunk_kernel: str = "torch_chunk_gated_delta_rule") -> None:
+def _run(
+    module: nn.Module, forward: Callable, hf_forward: Callable, x: torch.Tensor,
+    chunk_kernel: str = "torch_chunk_gated_delta_rule",
+) -> None:
     cls = type(module)
     x = x[:1, :TOKENS].detach()
     twin = _twin(module)
