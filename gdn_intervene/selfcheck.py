@@ -183,6 +183,9 @@ def _twin(module: nn.Module) -> nn.Module:
                     d[f] = OrderedDict((i, v) for i, v in d[f].items() if i in kept)
     d["training"] = False  # no dropout; the caller's RNG is forked around the check
     d["_modules"] = {k: (None if m is None else _twin(m)) for k, m in module._modules.items()}
+    for k, m in module._modules.items():  # children also kept in the instance dict (a fast path)
+        if m is not None and d.get(k) is m:
+            d[k] = d["_modules"][k]
     _compat.strip_nnsight(twin)
     return twin
 
