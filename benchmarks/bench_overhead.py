@@ -295,7 +295,9 @@ def case_nnsight(bench: Bench, models, Ts) -> list[dict]:
     `.source` (b_sigmoid_0, torch_chunk_gated_delta_rule_0) vs the plain forward."""
     from nnsight import NNsight
 
-    model, patched = models
+    # nnsight installs its controllers on every module for good (each site then counts as
+    # listened): wrap copies, so that later cases measure the plain models.
+    model, patched = (copy.deepcopy(m) for m in models)
     n_src, n_pat = NNsight(model), NNsight(patched)
     layers = [i for i, t in enumerate(model.config.layer_types) if t == "linear_attention"]
     rows = []
