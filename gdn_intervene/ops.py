@@ -51,6 +51,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._positions import as_positions  # pure: imports nothing else of the package
+
 Tensor = torch.Tensor
 Index = Union[Sequence[int], Tensor]
 
@@ -113,30 +115,9 @@ def _check_inputs(
 
 
 def _index(name: str, idx: Index, size: int, what: str, device: torch.device) -> Tensor:
-    """A non-empty 1-D long tensor of positions in [0, size); ValueError otherwise."""
-    if isinstance(idx, Tensor):
-        if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-            raise ValueError(
-                f"{name} must be a 1-D integer tensor or a sequence of ints; "
-                f"got {idx.dtype} tensor of shape {_shape(idx)}"
-            )
-        vals = idx.tolist()
-    elif isinstance(idx, (str, bytes)) or not isinstance(idx, Sequence):
-        raise ValueError(
-            f"{name} must be a sequence of ints or a 1-D integer tensor (e.g. {name}=[0]); "
-            f"got {type(idx).__name__}"
-        )
-    else:
-        vals = list(idx)
-    if any(isinstance(x, (bool, float)) or not hasattr(x, "__index__") for x in vals):
-        raise ValueError(f"{name} must contain ints; got {vals}")
-    vals = [x.__index__() for x in vals]
-    if not vals:
-        raise ValueError(f"{name} must not be empty")
-    bad = [x for x in vals if not 0 <= x < size]
-    if bad:
-        raise ValueError(f"{name} out of range: {bad}; valid are 0..{size - 1} ({what})")
-    return torch.tensor(vals, dtype=torch.long, device=device)
+    """A non-empty 1-D long tensor of indices in [0, size); ValueError otherwise (the package's
+    one validator, `_positions.as_positions`)."""
+    return torch.tensor(as_positions(idx, None, name=name, size=size, what=what, scalar=False), dtype=torch.long, device=device)
 
 
 def _gate_layout(g: Tensor, heads_idx: Tensor) -> Tensor:

@@ -477,7 +477,7 @@ def _bad_calls():
         pytest.param(lambda: ea(heads=[4]), r"heads out of range: \[4\].*there are 4 value heads", id="head-range"),
         pytest.param(lambda: ea(rows=[8]), r"rows out of range: \[8\].*T=8", id="row-range"),
         pytest.param(lambda: ea(rows=[-1]), r"rows out of range", id="row-negative"),
-        pytest.param(lambda: ea(rows=[1.5]), r"rows must contain ints", id="row-float"),
+        pytest.param(lambda: ea(rows=[1.5]), r"rows must be ints", id="row-float"),
         pytest.param(lambda: ea(rows=3), r"rows must be a sequence", id="row-scalar"),
         pytest.param(lambda: ea(rows=[]), r"rows must not be empty", id="row-empty"),
         pytest.param(lambda: ea(initial_state=x.S0[:, :2]), r"initial_state must be \[B, HV, K, V\]", id="init-shape"),
