@@ -111,7 +111,7 @@ def test_tensor_parallel_two_ranks():
         os.makedirs(out)
         _tiny_checkpoint(path)
         mp.spawn(_worker, args=(2, _free_port(), path, out), nprocs=2, join=True)
-        r = [torch.load(os.path.join(out, f"rank{i}.pt")) for i in range(2)]
+        r = [torch.load(os.path.join(out, f"rank{i}.pt"), weights_only=True) for i in range(2)]
     for res in r:
         assert res["equal"], "patched TP differs from unpatched TP"
         assert set(res["seen"]) == {"beta", "recurrence"}
