@@ -95,14 +95,20 @@ def test_a_skipped_conv_still_writes_its_cache(pair, name):
     assert [torch.equal(a, b) for a, b in zip(want, _decode(ref, ids))] == [True] * 4
 
 
-def test_nnsight_skip_of_the_conv_keeps_the_cache(pair):
+def _nnsight_over_a_copy(pair):
+    """(gdn_intervene.nnsight, nnsight model, its patched qwen3_5, the unpatched reference). The
+    patched model is a copy: nnsight installs its controllers for good, not on the shared pair."""
     pytest.importorskip("nnsight")
     from gdn_intervene import nnsight as gnn
     from test_nnsight import tokenizer
 
     patched, ref = pair("qwen3_5")
-    patched = copy.deepcopy(patched)  # nnsight installs its controllers for good: not on the shared pair
-    lm = gnn.load(patched, tokenizer=tokenizer())
+    patched = copy.deepcopy(patched)
+    return gnn, gnn.load(patched, tokenizer=tokenizer()), patched, ref
+
+
+def test_nnsight_skip_of_the_conv_keeps_the_cache(pair):
+    gnn, lm, patched, ref = _nnsight_over_a_copy(pair)
     ids = ids_for(9)
     mask = torch.ones_like(ids)
     with gi.capture(patched, sites=["conv"], layers=[L]) as seen:
@@ -140,14 +146,9 @@ def test_repatching_keeps_settings_the_caller_did_not_pass():
 
 
 def test_the_core_accepts_the_librarys_nnsight_model(pair):
-    pytest.importorskip("nnsight")
     from gdn_intervene import analysis
-    from gdn_intervene import nnsight as gnn
-    from test_nnsight import tokenizer
 
-    patched, ref = pair("qwen3_5")
-    patched = copy.deepcopy(patched)  # nnsight installs its controllers for good: not on the shared pair
-    lm = gnn.load(patched, tokenizer=tokenizer())
+    _, lm, patched, ref = _nnsight_over_a_copy(pair)
     ids = ids_for(9)
     assert gi.gdn_layers(lm) == gi.gdn_layers(patched)
     gi.patch(lm)  # idempotent, no error
