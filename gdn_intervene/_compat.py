@@ -5,9 +5,11 @@ cache API a cached forward needs.
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib
 import inspect
+import textwrap
 import os
 import sys
 import types
@@ -20,14 +22,18 @@ __all__ = [
     "check_version",
     "check_hf_module",
     "hf_function",
+    "Convention",
+    "convention",
+    "delta_rule_kernels",
+    "conv_kernels",
+    "route_kwargs",
+    "layout_gap",
     "Step",
     "cache_step",
     "CACHE_API",
     "cache_gap",
     "cache_kwarg",
     "cache_view",
-    "hf_cache_name",
-    "gqa_in_layer",
     "force_accelerate_hooks",
     "deprecate_cache_params",
     "rebind_forwards",
@@ -38,7 +44,7 @@ __all__ = [
 # tested): releases below are refused, newer ones run behind the first-call self-check
 # (gdn_intervene.selfcheck). Keep in step with pyproject.toml and the README's matrix.
 TESTED: dict[str, tuple[str, str]] = {
-    "transformers": ("5.15.0", "5.24.0"),
+    "transformers": ("4.57.0", "5.24.0"),
     "nnsight": ("0.8.1", "0.9.0"),
     "pyvene": ("0.1.8", "0.1.9"),
 }
@@ -129,75 +135,223 @@ def hf_function(cls: type, name: str):
     return vars(sys.modules[cls.__module__])[name]
 
 
+class Convention(NamedTuple):
+    """How HF's forward of one GDN class calls its kernels and reads its cache, detected once
+    per class from the forward itself (its signature, names and source), never from a version
+    number. Fields, with the releases that showed each value:
+
+    cache_kw: the forward's cache argument: `cache` (5.24 on) or `cache_params`.
+    gqa_in_layer: q, k are repeated to the value heads before the kernel (before 5.23).
+    kernels_on_instance: the kernels are instance attributes bound in `__init__`
+        (`self.chunk_gated_delta_rule`, `self.causal_conv1d_fn`, ...: 4.57-5.14), not module-level
+        functions (5.15 on).
+    continues: a cached call of several tokens continues from the cached states (5.10 on);
+        False: it restarts from zero states, as a prefill (4.57-5.9).
+    kernel_kwargs: what of the forward's `**kwargs` reaches the kernels: "all" (5.15 on: the
+        conv gets them, the delta-rule kernels `cu_seqlens` plus them), "packed" (5.10-5.14:
+        the conv `seq_idx`, the chunk kernel `cu_seqlens`), "none" (4.57-5.9).
+    decode_needs_position: a cached decode step also needs `cache_position` (4.57-5.0).
+    trim_with_cache: the conv output is cut to the last T positions on every cached call
+        (5.15 on), not only where cached context was prepended (5.10-5.14) or never (4.57-5.9).
+        A no-op on the values, not on the gradient's layout.
+    """
+
+    cache_kw: str = "cache"
+    gqa_in_layer: bool = False
+    kernels_on_instance: bool = False
+    continues: bool = True
+    kernel_kwargs: str = "all"
+    decode_needs_position: bool = False
+    trim_with_cache: bool = True
+
+
+@functools.lru_cache(maxsize=None)
+def convention(cls: type, chunk_kernel: str = "torch_chunk_gated_delta_rule") -> Convention:
+    """The `Convention` of HF GDN class `cls` (`chunk_kernel`: the family's module-level chunk
+    kernel). Without HF's source (a bytecode-only install) the newest shape is assumed for what
+    only the source tells; the first-call self-check catches a mismatch."""
+    fwd = undecorated(cls.forward)
+    params = inspect.signature(fwd).parameters
+    on_instance = chunk_kernel not in fwd.__code__.co_names and chunk_kernel.removeprefix("torch_") in fwd.__code__.co_names
+    base = Convention(
+        cache_kw="cache" if "cache" in params else "cache_params",
+        kernels_on_instance=on_instance,
+        kernel_kwargs="all" if any(p.kind is p.VAR_KEYWORD for p in params.values()) else "none",
+    )
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fwd)))
+    except (OSError, TypeError, SyntaxError):
+        return base
+    src = ast.unparse(tree)
+    decides = [ast.unparse(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
+               and any(isinstance(t, ast.Name) and t.id == "use_precomputed_states" for t in n.targets)]
+    restarts = any("seq_len == 1" in d for d in decides)
+    chunk_calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _callee(n) in (chunk_kernel, chunk_kernel.removeprefix("torch_"))]
+    keywords = {k.arg for c in chunk_calls for k in c.keywords}
+    if base.kernel_kwargs == "all" and chunk_calls and None not in keywords:  # no `**kwargs` on to the kernel
+        kernel_kwargs = "packed" if "cu_seqlens" in keywords else "none"
+    else:
+        kernel_kwargs = base.kernel_kwargs
+    trims_after_context = any(
+        "-seq_len" in ast.unparse(n.body[0]) and "use_precomputed_states" in ast.unparse(n.test)
+        for n in ast.walk(tree) if isinstance(n, ast.If) and len(n.body) == 1
+    )
+    return base._replace(
+        gqa_in_layer="repeat_interleave" in src,
+        trim_with_cache=not restarts and not trims_after_context,
+        continues=not restarts,
+        kernel_kwargs=kernel_kwargs,
+        decode_needs_position=any("cache_position" in d for d in decides),
+    )
+
+
+def _callee(call: ast.Call) -> str | None:
+    f = call.func
+    return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+
+
+def delta_rule_kernels(module, names: tuple[str, str], conv: Convention):
+    """(chunk, recurrent): the delta-rule kernels HF's forward of `module` calls, looked up at
+    call time: the instance attributes `__init__` bound (`chunk_gated_delta_rule`, ...) where
+    the convention has them, else the modeling module's functions `names`."""
+    if conv.kernels_on_instance:
+        return tuple(module.__dict__[n.removeprefix("torch_")] for n in names)
+    return tuple(hf_function(module._gdn_hf_class, n) for n in names)
+
+
+def conv_kernels(hf_module: str):
+    """(conv_fn or None, conv_update) of a modeling module, resolved as HF resolves them: the
+    update kernel falls back to `torch_causal_conv1d_update`; a missing conv kernel (None,
+    4.57-5.14 without causal-conv1d) means HF runs `F.silu(self.conv1d(x))` (`torch_conv`)."""
+    ns = vars(sys.modules[hf_module])
+    return ns.get("causal_conv1d_fn"), ns.get("causal_conv1d_update") or ns["torch_causal_conv1d_update"]
+
+
+def torch_conv(x, weight, bias):
+    """HF's conv without the causal-conv1d kernel: `F.silu(conv1d(x)[..., :L])`, the zero-padded
+    depthwise conv of `nn.Conv1d(C, C, W, groups=C, padding=W - 1)` (the same call).
+    x [B, C, L], weight [C, 1, W] -> [B, C, L]."""
+    import torch.nn.functional as F
+
+    L, W = x.shape[-1], weight.shape[-1]
+    return F.silu(F.conv1d(x, weight, bias, padding=W - 1, groups=x.shape[1])[:, :, :L])
+
+
+def route_kwargs(conv: Convention, kwargs: dict, packed_kwarg: bool) -> tuple[dict, dict, dict]:
+    """(conv, chunk, recurrent) keyword arguments from the forward's `kwargs`, as HF's forward
+    passes them (see `Convention.kernel_kwargs`; `packed_kwarg`: the family's kernels take
+    `cu_seq_lens_q` as `cu_seqlens`)."""
+    if conv.kernel_kwargs == "none":
+        return {}, {}, {}
+    if conv.kernel_kwargs == "packed":
+        return {"seq_idx": kwargs.get("seq_idx")}, {"cu_seqlens": kwargs.get("cu_seq_lens_q")}, {}
+    rest = dict(kwargs)
+    packed = {"cu_seqlens": rest.pop("cu_seq_lens_q", None)} if packed_kwarg else {}
+    delta = {**packed, **rest}
+    return kwargs, delta, delta
+
+
+def layout_gap(cls: type, attrs: tuple[str, ...], since: str | None) -> str | None:
+    """Why HF GDN class `cls` has a layout the decomposed forward cannot serve (None if it can):
+    its `__init__` must create every submodule in `attrs` (e.g. OLMo-Hybrid's one fused
+    `conv1d`, which 5.5-5.14 split into q/k/v convs). `since`: the first release with it."""
+    made = set()
+    for c in cls.__mro__:
+        init = vars(c).get("__init__")
+        if inspect.isfunction(init) and c.__module__.startswith("transformers."):
+            made.update(init.__code__.co_names)
+    missing = [a for a in attrs if a not in made]
+    if not missing:
+        return None
+    import transformers
+
+    return (
+        f"{cls.__name__} on transformers {transformers.__version__} has no {', '.join(missing)} (another layout of "
+        f"its GDN layer); gdn_intervene serves it from transformers {since or 'a later release'} on"
+    )
+
+
 class Step(NamedTuple):
     """What one layer call reads from the cache, decided once per call (before the conv writes
     the cache, as HF does).
 
+    cache: the call's cache in the 5.23+ API (`cache_view`), or None.
     conv_state: [B, C, W] or None.  initial_state: S_0 [B, HV, K, V] or None.
     conv_decode: the conv runs the single-token update kernel (HF: a conv state, T == 1 and, in
         the GDN forwards, the cache is not recording past states; the KDA forwards do not ask).
     recurrent_decode: the recurrent kernel runs (HF: a recurrent state and T == 1).
     HF decides the two separately; so do we, in one place."""
 
+    cache: Any
     conv_state: Any
     initial_state: Any
     conv_decode: bool
     recurrent_decode: bool
 
 
-_NO_CACHE = Step(None, None, False, False)
+_NO_CACHE = Step(None, None, None, False, False)
 
 
-def cache_step(cache: Any, layer_idx: int, T: int, asks_recording: bool = True) -> Step:
+def cache_step(
+    cache: Any, layer_idx: int, T: int, asks_recording: bool = True, conv: Convention = Convention(), cache_position=None
+) -> Step:
     """The `Step` of a layer call with `cache` (None: no cache). `asks_recording`: whether the
-    family's HF forward asks `is_recording_past` before the conv-update kernel."""
+    family's HF forward asks `is_recording_past` before the conv-update kernel; `conv`: the
+    class's `Convention` (a cached multi-token call may restart; a decode step may need
+    `cache_position`)."""
     if cache is None:
         return _NO_CACHE
-    cache = cache_view(cache)
+    cache = cache_view(cache, conv.continues)
+    fresh = (not conv.continues and T != 1) or (conv.decode_needs_position and cache_position is None)
+    if fresh:  # HF reads no state: the call runs as a prefill (and overwrites the cache)
+        return Step(cache, None, None, False, False)
     conv_state = cache.get_conv_state(layer_idx, state_idx=0)
     S0 = cache.get_recurrent_state(layer_idx, state_idx=0)
     conv_decode = conv_state is not None and T == 1 and not (asks_recording and cache.is_recording_past(layer_idx))
-    return Step(conv_state, S0, conv_decode, S0 is not None and T == 1)
+    return Step(cache, conv_state, S0, conv_decode, S0 is not None and T == 1)
 
 
 # The transformers 5.x cache methods the decomposed cached forward calls (the 5.23+ API).
 CACHE_API = ("get_conv_state", "get_recurrent_state", "update_conv_state", "update_recurrent_state", "is_recording_past")
-# What a 5.15-5.20 cache has instead of the getters: `has_previous_state(i, state_idx)` and
-# per-layer lists `layers[i].conv_states` / `.recurrent_states` / `.record_past`.
-_LAYERS_API = ("has_previous_state", "update_conv_state", "update_recurrent_state")
 
 
 def cache_gap(cache: Any) -> str | None:
     """Why the decomposed forward cannot serve `cache` (None if it can); decided per type."""
-    return _cache_type_gap(type(cache))
+    return _cache_kind(type(cache))[1]
 
 
-def cache_view(cache: Any) -> Any:
+def cache_view(cache: Any, continues: bool = True) -> Any:
     """`cache` as the 5.23+ linear-attention cache API (see CACHE_API) that the decomposed
-    forward speaks: the cache itself where it has that API, else a thin adapter. Call only
-    for caches `cache_gap` accepts."""
-    if cache is None or _cache_adapter(type(cache)) is None:
+    forward speaks: the cache itself where it has that API, else a thin adapter (`continues`:
+    whether a multi-token call continues from the cached conv state, `Convention.continues`).
+    Call only for caches `cache_gap` accepts."""
+    if cache is None:
         return cache
-    return _LayersCacheView(cache)
+    adapter = _cache_kind(type(cache))[0]
+    return cache if adapter is None else adapter(cache, continues)
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_adapter(cls: type):
+# cache type -> (adapter class or None, gap or None). A plain dict, not lru_cache: torch.compile
+# traces through this lookup without a warning.
+_CACHE_KINDS: dict[type, tuple[Any, str | None]] = {}
+
+
+def _cache_kind(cls: type) -> tuple[Any, str | None]:
+    if cls not in _CACHE_KINDS:
+        _CACHE_KINDS[cls] = _classify_cache(cls)
+    return _CACHE_KINDS[cls]
+
+
+def _classify_cache(cls: type) -> tuple[Any, str | None]:
     if all(callable(getattr(cls, n, None)) for n in CACHE_API):
-        return None
-    if all(callable(getattr(cls, n, None)) for n in _LAYERS_API) and _takes(cls.has_previous_state, "state_idx"):
-        return _LayersCacheView
-    raise TypeError(cls)
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_type_gap(cls: type) -> str | None:
-    try:
-        _cache_adapter(cls)
-    except TypeError:
-        missing = [n for n in CACHE_API if not callable(getattr(cls, n, None))]
-        return f"cache type {cls.__name__} lacks {', '.join(missing)}"
-    return None
+        return None, None
+    prev = inspect.getattr_static(cls, "has_previous_state", None)
+    if isinstance(prev, property) and not callable(getattr(cls, "update_conv_state", None)):
+        return _ListsCacheView, None  # 4.57-5.0: Qwen3NextDynamicCache
+    if callable(prev) and all(callable(getattr(cls, n, None)) for n in ("update_conv_state", "update_recurrent_state")):
+        return (_LayersCacheView if _takes(prev, "state_idx") else _FlatLayersCacheView), None
+    missing = [n for n in CACHE_API if not callable(getattr(cls, n, None))]
+    return None, f"cache type {cls.__name__} lacks {', '.join(missing)}"
 
 
 def _takes(fn, name: str) -> bool:
@@ -207,14 +361,31 @@ def _takes(fn, name: str) -> bool:
         return False
 
 
-class _LayersCacheView:
-    """The 5.23+ getters over a 5.15-5.20 cache (`has_previous_state(i, state_idx)`,
-    `layers[i].conv_states[state_idx]`); writes go to the cache's own update methods."""
+class _CacheView:
+    """The 5.23+ getters and writers over an older cache. The writers do what HF's forward of
+    that release does around its cache: `update_conv_state` returns the conv input (the cached
+    left context, then the new columns) and stores its last W columns, zero-padded on the left."""
 
-    __slots__ = ("cache",)
+    __slots__ = ("cache", "continues")
 
-    def __init__(self, cache):
-        self.cache = cache
+    def __init__(self, cache, continues: bool = True):
+        self.cache, self.continues = cache, continues
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return getattr(self.cache.layers[layer_idx], "record_past", False)
+
+    def _full(self, x, layer_idx: int):
+        import torch
+
+        prev = self.get_conv_state(layer_idx) if self.continues else None
+        return x if prev is None else torch.cat([prev, x], dim=-1)
+
+
+class _LayersCacheView(_CacheView):
+    """5.15-5.22: `has_previous_state(i, state_idx)`, per-layer lists `layers[i].conv_states`;
+    its own `update_conv_state` already returns the conv input."""
+
+    __slots__ = ()
 
     def get_conv_state(self, layer_idx: int, state_idx: int = 0):
         if not self.cache.has_previous_state(layer_idx, state_idx=state_idx):
@@ -226,9 +397,6 @@ class _LayersCacheView:
             return None
         return self.cache.layers[layer_idx].recurrent_states[state_idx]
 
-    def is_recording_past(self, layer_idx: int) -> bool:
-        return getattr(self.cache.layers[layer_idx], "record_past", False)
-
     def update_conv_state(self, *args, **kwargs):
         return self.cache.update_conv_state(*args, **kwargs)
 
@@ -236,24 +404,57 @@ class _LayersCacheView:
         return self.cache.update_recurrent_state(*args, **kwargs)
 
 
-# --- how HF's GDN forward is called, and what it leaves to the layer ---
+class _FlatLayersCacheView(_CacheView):
+    """5.5-5.14: `has_previous_state(i)`, one tensor `layers[i].conv_states`; its
+    `update_conv_state(x, i)` stores what it is given (HF pads to W first)."""
+
+    __slots__ = ()
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        return self.cache.layers[layer_idx].conv_states if self.cache.has_previous_state(layer_idx) else None
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        return self.cache.layers[layer_idx].recurrent_states if self.cache.has_previous_state(layer_idx) else None
+
+    def update_conv_state(self, x, layer_idx: int, conv_kernel_size: int, **_):
+        import torch.nn.functional as F
+
+        full = self._full(x, layer_idx)
+        self.cache.update_conv_state(F.pad(full, (conv_kernel_size - full.shape[-1], 0)), layer_idx)
+        return full
+
+    def update_recurrent_state(self, state, layer_idx: int, **_):
+        return self.cache.update_recurrent_state(state, layer_idx)
 
 
-def hf_cache_name(cls: type) -> str:
-    """The name under which HF's GDN forward takes the cache: `cache` (5.24 on) or
-    `cache_params` (before)."""
-    params = inspect.signature(undecorated(cls.forward)).parameters
-    return "cache" if "cache" in params else "cache_params"
+class _ListsCacheView(_CacheView):
+    """4.57-5.0: Qwen3NextDynamicCache, lists `conv_states[i]` / `recurrent_states[i]` that the
+    forward assigns, and one `has_previous_state` property for every layer."""
 
+    __slots__ = ()
 
-def gqa_in_layer(cls: type) -> bool:
-    """True where HF's GDN forward repeats q and k to the value heads itself (before 5.23),
-    so its kernel expects them repeated; from 5.23 on the kernel does it. Without HF's source
-    (a bytecode-only install) the current shape is assumed; the self-check catches a mismatch."""
-    try:
-        return "repeat_interleave" in inspect.getsource(undecorated(cls.forward))
-    except (OSError, TypeError):
+    def is_recording_past(self, layer_idx: int) -> bool:
         return False
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        return self.cache.conv_states[layer_idx] if self.cache.has_previous_state else None
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        return self.cache.recurrent_states[layer_idx] if self.cache.has_previous_state else None
+
+    def update_conv_state(self, x, layer_idx: int, conv_kernel_size: int, **_):
+        import torch.nn.functional as F
+
+        full = self._full(x, layer_idx)
+        self.cache.conv_states[layer_idx] = F.pad(full, (conv_kernel_size - full.shape[-1], 0))
+        return full
+
+    def update_recurrent_state(self, state, layer_idx: int, **_):
+        self.cache.recurrent_states[layer_idx] = state
+        return state
+
+
+# --- how HF's GDN forward is called, and what it leaves to the layer ---
 
 
 def repeat_heads(q, k, num_v_heads: int):
@@ -264,32 +465,43 @@ def repeat_heads(q, k, num_v_heads: int):
     return q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
 
 
-def _decorators():
+def force_accelerate_hooks(names: list[str]):
+    """HF's decorator (5.13 on; the same here before): the forward reads `self.conv1d.weight`
+    without calling conv1d, so accelerate's offload hooks of those children must be fired by
+    hand, before the forward and (reversed) after it."""
     try:
-        from transformers.integrations.accelerate import force_accelerate_hooks as fah
-        from transformers.utils.deprecation import deprecate_kwarg
-    except ImportError as e:  # before 5.15: kernels bound in __init__, another cache API
-        import transformers
+        from transformers.integrations.accelerate import force_accelerate_hooks as hf_decorator
+    except ImportError:
+        pass
+    else:
+        return hf_decorator(names)
 
-        raise UnsupportedVersionError(
-            f"transformers {transformers.__version__}: {e}. Its GDN code predates the shape gdn_intervene "
-            f"serves; the first supported release is {TESTED['transformers'][0]}."
-        ) from e
-    return fah, deprecate_kwarg
+    def decorator(forward):
+        @functools.wraps(forward)
+        def wrapped(self, *args, **kwargs):
+            hooked = [(m, getattr(m, "_hf_hook", None)) for m in (getattr(self, n) for n in names)]
+            for m, hook in hooked:
+                if hook is not None:
+                    hook.pre_forward(m)
+            out = forward(self, *args, **kwargs)
+            for m, hook in reversed(hooked):
+                if hook is not None:
+                    hook.post_forward(m, None)
+            return out
 
+        return wrapped
 
-def force_accelerate_hooks(name: str):
-    """HF's decorator: the forward reads `self.conv1d.weight` without calling conv1d, so
-    accelerate's offload hooks of that child must be fired by hand."""
-    return _decorators()[0](name)
+    return decorator
 
 
 def deprecate_cache_params(fn, hf_cls: type | None = None):
     """Accept the cache under both names. Where HF's forward takes `cache` (5.24 on), as HF
     does: `cache_params` with a deprecation warning. Where it takes `cache_params` (before),
     silently: that is what HF's own decoder layers pass."""
-    if hf_cls is None or hf_cache_name(hf_cls) == "cache":
-        return _decorators()[1]("cache_params", "5.40.0", new_name="cache")(fn)
+    if hf_cls is None or convention(hf_cls).cache_kw == "cache":
+        from transformers.utils.deprecation import deprecate_kwarg
+
+        return deprecate_kwarg("cache_params", "5.40.0", new_name="cache")(fn)
 
     @functools.wraps(fn)
     def renamed(self, *args, **kwargs):

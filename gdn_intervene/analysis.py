@@ -160,8 +160,10 @@ def capture(
     def pre(l, module, args, kwargs):
         cache = _compat.cache_kwarg(kwargs)
         S0 = None
-        if cache is not None and _compat.cache_gap(cache) is None:
-            S0 = cache.get_recurrent_state(l)
+        if cache is not None and _compat.cache_gap(cache) is None:  # what the layer will read
+            T = (args[0] if args else kwargs["hidden_states"]).shape[1]
+            conv, fam = module._gdn_convention, module._gdn_family
+            S0 = _compat.cache_step(cache, l, T, fam.conv_asks_recording, conv, kwargs.get("cache_position")).initial_state
         # the cache is updated in place after the kernel: keep a copy
         initial[l] = None if S0 is None else S0.detach().clone()
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from .sites import Mixer
 
-__all__ = ["Family", "FAMILIES", "UNSUPPORTED", "Projected", "cut_qkv", "family_for", "family_of", "supported_class_names"]
+__all__ = ["Family", "FAMILIES", "UNSUPPORTED", "Projected", "cut_qkv", "family_for", "family_of", "supported_class_names", "unserved"]
 
 
 class Projected(NamedTuple):
@@ -216,6 +216,8 @@ class Family:
     state_fp32: the state is cast to fp32 before it is written to the cache (KDA).
     accelerate_children: children whose accelerate hooks the forward fires by hand (their
         weights are read without calling them).
+    layout_since: the first transformers release whose class has this layout, where older
+        releases have the class with another one (`layout_attrs` tells them apart).
     notes: one line for the docs' family table.
     """
 
@@ -239,7 +241,13 @@ class Family:
     packed_kwarg: bool = True
     state_fp32: bool = False
     accelerate_children: tuple[str, ...] = ("conv1d",)
+    layout_since: str | None = None
     notes: str = ""
+
+    @property
+    def layout_attrs(self) -> tuple[str, ...]:
+        """The submodules the decomposed forward reads: the projections' and the conv's."""
+        return tuple(dict.fromkeys(p.split(".")[0] for p in (*self.projections, *self.accelerate_children)))
 
     def letters(self, config) -> dict[str, int]:
         """Shape letter -> size from the (text) config: HK, HV, K, V, D and C = 2*HK*K + HV*V."""
@@ -277,6 +285,7 @@ FAMILIES: tuple[Family, ...] = (
         hf_names={"norm": "o_norm", "out_proj": "o_proj"},
         neg_eigval_attr="allow_neg_eigval",
         conv_trims_always=True,
+        layout_since="5.15.0",  # 5.5-5.14: three short convs (q_conv1d, k_conv1d, v_conv1d)
     ),
 )
 _KDA = dict(
@@ -334,6 +343,19 @@ def supported_class_names() -> tuple[str, ...]:
 
 
 _BY_CLASS_NAME = {(mod, name): f for f in FAMILIES for mod, name in f.classes}
+
+
+def unserved(fam: Family) -> str | None:
+    """Why the installed transformers release has `fam`'s classes in a layout we do not serve
+    (`_compat.layout_gap`), or None (served, or absent from the release)."""
+    from . import _compat
+
+    for mod, name in fam.classes:
+        module = _compat.modeling_module(mod)
+        cls = getattr(module, name, None) if module is not None else None
+        if cls is not None and (gap := _compat.layout_gap(cls, fam.layout_attrs, fam.layout_since)):
+            return gap
+    return None
 
 
 def family_of(cls: type) -> Family | None:

@@ -68,8 +68,7 @@ class GDNMixin:
     _gdn_family: Family
     _gdn_hf_class: type
     _gdn_norm: str
-    _gdn_cache_kw: str  # HF's name for the forward's cache argument (`cache` / `cache_params`)
-    _gdn_gqa_in_layer: bool  # HF repeats q, k to the value heads before its kernel
+    _gdn_convention: _compat.Convention  # how HF's forward of this class calls kernels and cache
     _gdn_out: str
     _GDN_ATTRS = ("native_cached", "state_positions", "_gdn_beta_x2", "_gdn_dims")
 
@@ -91,6 +90,7 @@ class GDNMixin:
                     self.activation,
                     self.conv_kernel_size,
                     self._gdn_family.conv_trims_always,
+                    self._gdn_convention.trim_with_cache,
                 )
             else:
                 module = Tap(s.name, self.layer_idx, self._gdn_family.parent)
@@ -138,21 +138,22 @@ class GDNMixin:
         """[B, T, D] -> [B, T, D], exactly as HF's forward, through the sites."""
         if cache is not None and (reason := self._native_reason(cache)) is not None:
             _warn_native(reason)
-            return super().forward(hidden_states, attention_mask=attention_mask, **{self._gdn_cache_kw: cache}, **kwargs)
+            return super().forward(hidden_states, attention_mask=attention_mask, **{self._gdn_convention.cache_kw: cache}, **kwargs)
 
         x = _compat.hf_function(self._gdn_hf_class, "apply_mask_to_padding_states")(hidden_states, attention_mask)
         B, T, _ = x.shape
-        fam = self._gdn_family
+        fam, conv = self._gdn_family, self._gdn_convention
         key_dim, value_dim, head_k_dim, head_v_dim = self._gdn_dims
         # read before the conv writes the cache, as HF does
-        step = _compat.cache_step(cache, self.layer_idx, T, fam.conv_asks_recording)
+        step = _compat.cache_step(cache, self.layer_idx, T, fam.conv_asks_recording, conv, kwargs.get("cache_position"))
+        conv_kw, chunk_kw, recurrent_kw = _compat.route_kwargs(conv, kwargs, fam.packed_kwarg)  # as HF passes them
 
         p = fam.project(self, x)
         qkv = self._pre_conv(p, B, T)
         z, b, a = p.z, p.b, p.a
         del p  # HF frees the projections after the conv; `p` would hold them through the kernel
         qkv = self.conv(
-            qkv, self.conv1d.weight, self.conv1d.bias, cache=cache, conv_state=step.conv_state, decode=step.conv_decode, **kwargs
+            qkv, self.conv1d.weight, self.conv1d.bias, cache=step.cache, conv_state=step.conv_state, decode=step.conv_decode, **conv_kw
         )
         q, k, v = (qkv.narrow(-1, s, n) for s, n in ((0, key_dim), (key_dim, key_dim), (2 * key_dim, value_dim)))
         q = self.q(q.reshape(B, T, -1, head_k_dim))
@@ -165,7 +166,7 @@ class GDNMixin:
         beta = self.beta(beta * 2.0 if self._gdn_beta_x2 else beta)
         g = self.decay(fam.decay(self, self.decay_logit(a), x.dtype))  # GDN [B, T, HV], KDA [B, T, HV, K]
 
-        o = self.recurrence(self._delta_rule(q, k, v, g, beta, step, cache, kwargs))
+        o = self.recurrence(self._delta_rule(q, k, v, g, beta, step, chunk_kw, recurrent_kw))
         if fam.late_z is not None:  # KDA: projected after the recurrence, in HF's order
             z = fam.late_z(self, x)
         o = self._hf_site("norm", getattr(self, self._gdn_norm)(o, self.gate(z)), o)
@@ -209,33 +210,32 @@ class GDNMixin:
             return p.qkv
         return torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
 
-    def _delta_rule(self, q, k, v, g, beta, step, cache, kwargs) -> torch.Tensor:
-        """Runs HF's kernel (recurrent for a cached decode step, chunked otherwise), fires the
-        `state` site on each final state and writes the last one to the cache.
+    def _delta_rule(self, q, k, v, g, beta, step, chunk_kwargs: dict, recurrent_kwargs: dict) -> torch.Tensor:
+        """Runs HF's kernel (recurrent for a cached decode step, chunked otherwise) with the
+        keyword arguments HF passes it (`_compat.route_kwargs`), fires the `state` site on each
+        final state and writes the last one to the cache.
 
         q, k [B, T, HK, K]; v [B, T, HV, V]; beta [B, T, HV]; g <= 0, [B, T, HV] (GDN) or
         [B, T, HV, K] (KDA) -> o [B, T, HV, V].
         """
-        fam = self._gdn_family
-        chunk, recurrent = (_compat.hf_function(self._gdn_hf_class, name) for name in fam.kernels)
-        if self._gdn_gqa_in_layer:  # releases whose kernel expects q, k repeated to HV heads
+        fam, conv = self._gdn_family, self._gdn_convention
+        chunk, recurrent = _compat.delta_rule_kernels(self, fam.kernels, conv)
+        if conv.gqa_in_layer:  # releases whose kernel expects q, k repeated to HV heads
             q, k = _compat.repeat_heads(q, k, v.shape[2])
         # The final state is always requested so the `state` site fires without a cache too;
-        # it does not change o. The GDN forwards pass packed offsets as `cu_seqlens`; the KDA
-        # forwards pass the kwargs on as they came.
-        packed = dict(cu_seqlens=kwargs.pop("cu_seq_lens_q", None)) if fam.packed_kwarg else {}
-        common = dict(output_final_state=True, use_qk_l2norm_in_kernel=True, **packed, **kwargs)
+        # it does not change o.
+        common = dict(output_final_state=True, use_qk_l2norm_in_kernel=True)
         S0 = step.initial_state
         if step.recurrent_decode:
-            o, S = recurrent(q, k, v, g=g, beta=beta, initial_state=S0, **common)
+            o, S = recurrent(q, k, v, g=g, beta=beta, initial_state=S0, **common, **recurrent_kwargs)
             S = self.state(S)
         elif self.state_positions:
-            o, S = self._split_delta_rule(q, k, v, g, beta, S0, common, chunk)
+            o, S = self._split_delta_rule(q, k, v, g, beta, S0, dict(common, **chunk_kwargs), chunk)
         else:
-            o, S = chunk(q, k, v, g=g, beta=beta, initial_state=S0, **common)
+            o, S = chunk(q, k, v, g=g, beta=beta, initial_state=S0, **common, **chunk_kwargs)
             S = self.state(S)
-        if cache is not None:
-            cache.update_recurrent_state(S.to(torch.float32) if fam.state_fp32 else S, self.layer_idx)
+        if step.cache is not None:
+            step.cache.update_recurrent_state(S.to(torch.float32) if fam.state_fp32 else S, self.layer_idx)
         return o
 
     def _split_delta_rule(self, q, k, v, g, beta, S, common, chunk):
@@ -282,6 +282,8 @@ def hookable_class(cls: type) -> type:
     if found is None:
         raise ValueError(f"{cls.__name__} is not a supported GDN class")
     fam, hf = found
+    if (gap := _compat.layout_gap(hf, fam.layout_attrs, fam.layout_since)) is not None:
+        raise _compat.UnsupportedVersionError(gap + ".")
     _compat.check_hf_module(hf, fam.kernels)
     forward = selfcheck.first_call(
         _compat.deprecate_cache_params(GDNMixin.forward, hf),
@@ -299,8 +301,7 @@ def hookable_class(cls: type) -> type:
             "_gdn_hf_class": hf,
             "_gdn_norm": fam.hf_names["norm"],
             "_gdn_out": fam.hf_names["out_proj"],
-            "_gdn_cache_kw": _compat.hf_cache_name(hf),
-            "_gdn_gqa_in_layer": _compat.gqa_in_layer(hf),
+            "_gdn_convention": _compat.convention(hf, fam.kernels[0]),
             "__module__": __name__,
             "__qualname__": f"Hookable{cls.__name__}",
             "__doc__": f"{cls.__name__} with a decomposed, hookable forward (gdn_intervene).",

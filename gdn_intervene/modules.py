@@ -11,13 +11,13 @@ global hooks) is skipped entirely: calling it costs one check, not an `nn.Module
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
+from . import _compat
 from .sites import site
 
 __all__ = ["SiteValueError", "Tap", "CausalConv", "listened", "own_storage", "value_layout_grad"]
@@ -119,20 +119,30 @@ class CausalConv(_SiteModule):
     `forward(qkv [B, T, C], weight [C, 1, W], bias, *, cache, conv_state, decode) -> [B, T, C]`.
     A decode step (`decode`, decided once per layer call) uses the per-step update kernel,
     which advances the conv cache in place; other calls write the cache first and run the full
-    conv kernel. The kernels are HF's module-level functions, looked up by module name at call
+    conv kernel. The kernels are HF's (`_compat.conv_kernels`), looked up by module name at call
     time (a module name, unlike the module's globals, survives `deepcopy` and `pickle`).
     `trim_always`: HF slices the output to the last T positions on every call, not only with a
     cache (OLMo-Hybrid); the slice is a no-op on values but not on gradient layout.
+    `trim_with_cache`: HF slices on every cached call (`_compat.Convention.trim_with_cache`).
     """
 
     def __init__(
-        self, site_name: str, layer_idx: int, parent: str, hf_module: str, activation: str, kernel_size: int, trim_always: bool
+        self,
+        site_name: str,
+        layer_idx: int,
+        parent: str,
+        hf_module: str,
+        activation: str,
+        kernel_size: int,
+        trim_always: bool,
+        trim_with_cache: bool = True,
     ):
         super().__init__(site_name, layer_idx, parent)
         self.hf_module = hf_module
         self.activation = activation
         self.kernel_size = kernel_size
         self.trim_always = trim_always
+        self.trim_with_cache = trim_with_cache
         self.wrote_cache = False
         self._produced = None
 
@@ -142,17 +152,20 @@ class CausalConv(_SiteModule):
         return out
 
     def _conv(self, qkv, weight, bias=None, *, cache=None, conv_state=None, decode=False, **kwargs) -> torch.Tensor:
-        ns = vars(sys.modules[self.hf_module])
+        conv_fn, conv_update = _compat.conv_kernels(self.hf_module)
         T = qkv.shape[1]
         x = qkv.transpose(1, 2)
         if decode:
-            x = ns["causal_conv1d_update"](x, conv_state, weight.squeeze(1), bias, self.activation)
+            x = conv_update(x, conv_state, weight.squeeze(1), bias, self.activation)
         else:
             if cache is not None:
                 x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.kernel_size)
-            x = ns["causal_conv1d_fn"](x, weight.squeeze(1), bias, activation=self.activation, **kwargs)
-            if cache is not None or self.trim_always:  # drop the cached left context
-                x = x[:, :, -T:]
+            if conv_fn is None:  # releases that run nn.Conv1d without causal-conv1d
+                x = _compat.torch_conv(x, weight, bias)
+            else:
+                x = conv_fn(x, weight.squeeze(1), bias, activation=self.activation, **kwargs)
+            if self.trim_always or (cache is not None and (self.trim_with_cache or x.shape[-1] != T)):
+                x = x[:, :, -T:]  # drop the cached left context, where HF does
         self.wrote_cache = cache is not None
         return x.transpose(1, 2)
 

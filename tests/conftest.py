@@ -5,6 +5,7 @@ import copy
 import functools
 import inspect
 import os
+import sys
 
 import pytest
 import torch
@@ -76,6 +77,17 @@ def left_pad_mask(B: int, T: int) -> torch.Tensor:
 def cache_kw(model) -> str:
     """The model forward's name for the cache: `cache` (transformers 5.24 on) or `past_key_values`."""
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def new_cache(model):
+    """An empty cache of the kind the model makes for itself: HF's DynamicCache, or the
+    model-specific one of releases that have it (Qwen3NextDynamicCache, 4.57-5.0)."""
+    from transformers import DynamicCache
+
+    config = model.config.get_text_config()
+    module = vars(sys.modules[type(model).__module__])
+    own = [c for n, c in module.items() if n.endswith("DynamicCache") and n != "DynamicCache" and isinstance(c, type)]
+    return own[0](config) if own else DynamicCache(config=config)
 
 
 def run(model, **kw):

@@ -20,6 +20,7 @@ KERNELS = (
     "chunk_kimi_delta_attention",
     "recurrent_kimi_delta_attention",
 )
+INSTANCE_KERNELS = ("chunk_gated_delta_rule", "recurrent_gated_delta_rule")
 # HF's delta-rule layer classes, by name ending (KDA: Kimi/Bailing `...DeltaAttention`,
 # GLM-5-Next `...LinearAttention`).
 LAYER_SUFFIXES = ("GatedDeltaNet", "DeltaAttention", "TextLinearAttention")
@@ -59,13 +60,18 @@ def kernel_edit(
 
         return kernel
 
+    # Releases before 5.15 bind the kernels to the instance in __init__ (`self.chunk_gated_delta_rule`).
+    bound = {n: target.__dict__[n] for n in INSTANCE_KERNELS if callable(target.__dict__.get(n))}
     h1 = target.register_forward_pre_hook(lambda *a: active.__setitem__(0, True))
     h2 = target.register_forward_hook(lambda *a: active.__setitem__(0, False))
     for name, fn in originals.items():
         ns[name] = wrap(fn)
+    for name, fn in bound.items():
+        target.__dict__[name] = wrap(fn)
     try:
         yield
     finally:
         ns.update(originals)
+        target.__dict__.update(bound)
         h1.remove()
         h2.remove()

@@ -6,11 +6,12 @@ exactly one 64-token chunk, one past it and three chunks with padding. Every com
 """
 
 import copy
+import re
 import warnings
 
 import pytest
 import torch
-from conftest import ids_for, left_pad_mask, logits, no_hooks
+from conftest import ids_for, left_pad_mask, logits, new_cache, no_hooks
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import gdn_intervene as gi
@@ -54,7 +55,7 @@ def _decode_both(patched, ref, steps=7):
     by hand on both models; yields (step, logits_p, logits_r, caches, mask) after every call."""
     layers = list(gi.gdn_layers(patched))
     ids, mask = ids_for(64), left_pad_mask(3, 64)
-    caches = {k: DynamicCache(config=m.config.get_text_config()) for k, m in (("p", patched), ("r", ref))}
+    caches = {k: new_cache(m) for k, m in (("p", patched), ("r", ref))}
     step_ids = ids
     for step in range(steps):
         outs = {k: logits(m, step_ids, mask, cache=caches[k], use_cache=True) for k, m in (("p", patched), ("r", ref))}
@@ -178,7 +179,7 @@ def test_every_site_fires_once_per_call(pair, name):
     patched, _ = pair(name)
     ids = ids_for(5)
     with gi.capture(patched, clone=False) as cache:
-        kv = DynamicCache(config=patched.config.get_text_config())
+        kv = new_cache(patched)
         logits(patched, ids, cache=kv, use_cache=True)
         assert {len(v) for _, v in cache.items()} == {1} and len(cache) == 2 * len(SITES)
         for step in range(1, 4):
@@ -257,14 +258,14 @@ def test_state_replacement_carries_to_the_cache_and_later_tokens(pair):
     layer = list(gi.gdn_layers(patched))[0]
     ids, nxt = ids_for(12), ids_for(1, seed=5)
     zero_state = lambda S: torch.zeros_like(S)  # noqa: E731
-    cache_p = DynamicCache(config=patched.config)
+    cache_p = new_cache(patched)
     with gi.intervene(patched, {(layer, "state"): zero_state}):
         first = logits(patched, ids, cache=cache_p, use_cache=True)
     S = _compat.cache_view(cache_p).get_recurrent_state(layer)
     assert torch.equal(S, torch.zeros_like(S))
     after = logits(patched, nxt, cache=cache_p, use_cache=True)
 
-    cache_r = DynamicCache(config=ref.config)
+    cache_r = new_cache(ref)
     with kernel_edit(ref, layer, after=lambda res: (res[0], torch.zeros_like(res[1]))):
         expected_first = logits(ref, ids, cache=cache_r, use_cache=True)
     expected_after = logits(ref, nxt, cache=cache_r, use_cache=True)
@@ -302,7 +303,7 @@ def test_cache_without_the_linear_attention_api_is_named():
 
     reason = _compat.cache_gap(LegacyCache())
     assert "LegacyCache" in reason and "update_recurrent_state" in reason
-    assert _compat.cache_gap(DynamicCache()) is None
+    assert _compat.cache_gap(new_cache(build(pick("qwen3_5", "qwen3_next")))) is None  # the model's own kind
 
 
 # ---------------------------------------------------------------- bad input
@@ -336,28 +337,42 @@ def test_transformers_below_the_supported_range_is_refused_newer_is_not(monkeypa
     assert gi.gdn_layers(gi.patch(build(pick("qwen3_5"))))
 
 
-def _below_supported() -> bool:
+def test_a_layout_the_release_predates_is_refused_by_name(monkeypatch):
+    """A GDN class whose `__init__` lacks a submodule the decomposed forward reads (OLMo-Hybrid's
+    fused `conv1d`, three short convs before 5.15) is refused, naming the release and the first
+    one that works; also with the version check skipped."""
+    from gdn_intervene.families import FAMILIES
+
+    olmo = next(f for f in FAMILIES if f.name == "olmo_hybrid")
+
+    class OlmoHybridGatedDeltaNet(torch.nn.Module):  # the old layout, as family_of finds it
+        def __init__(self):
+            super().__init__()
+            self.q_conv1d = self.k_conv1d = self.v_conv1d = torch.nn.Conv1d(4, 4, 4, groups=4)
+            self.layer_idx = 0
+
+    OlmoHybridGatedDeltaNet.__module__ = olmo.classes[0][0]
+    gap = _compat.layout_gap(OlmoHybridGatedDeltaNet, olmo.layout_attrs, olmo.layout_since)
+    assert re.search(r"OlmoHybridGatedDeltaNet on transformers \S+ has no q_proj, k_proj, v_proj, b_proj, a_proj, g_proj, "
+                     r"conv1d .*from transformers 5\.15\.0 on", gap)
+    monkeypatch.setattr("gdn_intervene.layer._CLASSES", {})
+    with pytest.raises(gi.UnsupportedVersionError, match=r"OlmoHybridGatedDeltaNet on transformers .*5\.15\.0"):
+        gi.patch(torch.nn.Sequential(OlmoHybridGatedDeltaNet()))
+
+
+@pytest.mark.skipif(_compat.modeling_module("transformers.models.olmo_hybrid.modeling_olmo_hybrid") is None
+                    or "olmo_hybrid" in MODELS, reason="this release has no OLMo-Hybrid, or serves it")
+def test_olmo_hybrid_with_three_convs_is_refused(monkeypatch):
+    """On 5.5-5.14 (the matrix: 5.5, 5.10): the real class, refused with the release named."""
     import transformers
 
-    return _compat._parse(transformers.__version__) < _compat._parse(_compat.TESTED["transformers"][0])
+    from models import olmo_hybrid
 
-
-@pytest.mark.skipif(not _below_supported(), reason="the installed transformers release is supported")
-def test_an_unsupported_release_is_refused_by_name(monkeypatch):
-    """On a release before the supported range (the matrix runs this on 5.10 and 4.57): refused
-    with the release and the first supported one named, also with the version check skipped."""
-    import re
-
-    import transformers
-
-    lo, found = _compat.TESTED["transformers"][0], re.escape(transformers.__version__)
-    model = build(pick("qwen3_5", "qwen3_next"))
-    monkeypatch.delenv("GDN_INTERVENE_SKIP_VERSION_CHECK", raising=False)
-    with pytest.raises(gi.UnsupportedVersionError, match=rf"supports transformers >={lo}.*found transformers {found}"):
-        gi.patch(model)
     monkeypatch.setenv("GDN_INTERVENE_SKIP_VERSION_CHECK", "1")
-    with pytest.raises(gi.UnsupportedVersionError, match=rf"transformers {found}: .*first supported release is {lo}"):
-        gi.patch(model)
+    found = re.escape(transformers.__version__)
+    with pytest.raises(gi.UnsupportedVersionError, match=rf"OlmoHybridGatedDeltaNet on transformers {found} has no "
+                       rf"conv1d .*gdn_intervene serves it from transformers 5\.15\.0 on"):
+        gi.patch(olmo_hybrid())
 
 
 @pytest.mark.parametrize(
