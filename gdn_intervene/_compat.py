@@ -1,6 +1,7 @@
 """Every version-sensitive question lives here: which transformers / nnsight / pyvene releases
-we test, how HF's GDN code is reached (its kernels, masking helper, decorators), and which
-cache API a cached forward needs.
+we test, how HF's GDN code is reached (its kernels, masking helper, decorators), how each GDN
+class's forward calls its kernels and cache (`Convention`, read from that forward), and the
+views that give the decomposed forward one cache API over every release's cache.
 """
 
 from __future__ import annotations
@@ -116,7 +117,10 @@ def check_hf_module(
     the module-level functions the decomposed forward calls (the family's `kernels`, e.g.
     `chunk_kimi_delta_attention` / `recurrent_kimi_delta_attention` for KDA, and `HELPERS`)."""
     module: ModuleType = sys.modules[cls.__module__]
-    missing = [n for n in (*kernels, *HELPERS) if n not in vars(module)]
+    ns = vars(module)
+    missing = [n for n in (*kernels, *HELPERS) if n not in ns]
+    if ns.get("causal_conv1d_update", 0) is None and "torch_causal_conv1d_update" not in ns:  # HF's fallback (4.57-5.14)
+        missing.append("torch_causal_conv1d_update")
     if missing:
         raise UnsupportedVersionError(
             f"{cls.__name__}: {cls.__module__} no longer defines {missing}; this transformers release "
@@ -151,6 +155,9 @@ class Convention(NamedTuple):
         conv gets them, the delta-rule kernels `cu_seqlens` plus them), "packed" (5.10-5.14:
         the conv `seq_idx`, the chunk kernel `cu_seqlens`), "none" (4.57-5.9).
     decode_needs_position: a cached decode step also needs `cache_position` (4.57-5.0).
+    extra_params: where the forward takes no `**kwargs` (4.57-5.9), the names it takes besides
+        the hidden states, the cache and the mask (4.57: `cache_position`); any other keyword is
+        a TypeError, as in HF. None: it takes `**kwargs`.
     trim_with_cache: the conv output is cut to the last T positions on every cached call
         (5.15 on), not only where cached context was prepended (5.10-5.14) or never (4.57-5.9).
         A no-op on the values, not on the gradient's layout.
@@ -163,6 +170,7 @@ class Convention(NamedTuple):
     kernel_kwargs: str = "all"
     decode_needs_position: bool = False
     trim_with_cache: bool = True
+    extra_params: tuple[str, ...] | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,10 +181,14 @@ def convention(cls: type, chunk_kernel: str = "torch_chunk_gated_delta_rule") ->
     fwd = undecorated(cls.forward)
     params = inspect.signature(fwd).parameters
     on_instance = chunk_kernel not in fwd.__code__.co_names and chunk_kernel.removeprefix("torch_") in fwd.__code__.co_names
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     base = Convention(
         cache_kw="cache" if "cache" in params else "cache_params",
         kernels_on_instance=on_instance,
-        kernel_kwargs="all" if any(p.kind is p.VAR_KEYWORD for p in params.values()) else "none",
+        kernel_kwargs="all" if takes_kwargs else "none",
+        extra_params=None if takes_kwargs else tuple(
+            n for n in params if n not in ("self", "hidden_states", "cache", "cache_params", "attention_mask")
+        ),
     )
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fwd)))
@@ -237,10 +249,15 @@ def torch_conv(x, weight, bias):
     return F.silu(F.conv1d(x, weight, bias, padding=W - 1, groups=x.shape[1])[:, :, :L])
 
 
-def route_kwargs(conv: Convention, kwargs: dict, packed_kwarg: bool) -> tuple[dict, dict, dict]:
+def route_kwargs(conv: Convention, kwargs: dict, packed_kwarg: bool, hf_name: str = "forward") -> tuple[dict, dict, dict]:
     """(conv, chunk, recurrent) keyword arguments from the forward's `kwargs`, as HF's forward
     passes them (see `Convention.kernel_kwargs`; `packed_kwarg`: the family's kernels take
-    `cu_seq_lens_q` as `cu_seqlens`)."""
+    `cu_seq_lens_q` as `cu_seqlens`). A keyword HF's forward does not take is HF's TypeError
+    (`hf_name`: its class's name), never silently dropped."""
+    if conv.extra_params is not None:
+        for k in kwargs:
+            if k not in conv.extra_params:
+                raise TypeError(f"{hf_name}.forward() got an unexpected keyword argument '{k}'")
     if conv.kernel_kwargs == "none":
         return {}, {}, {}
     if conv.kernel_kwargs == "packed":
@@ -525,6 +542,20 @@ def remove_forward_hooks_where(module, predicate) -> None:
                 d.pop(hid, None)
 
 
+def model_kwargs(model, kwargs: dict) -> dict:
+    """`kwargs` for `model`'s forward, with a `cache=` renamed to `past_key_values=` where the
+    forward predates the `cache` name (before 5.24): those forwards take `**kwargs` and would
+    drop it silently, running without the cache."""
+    if "cache" not in kwargs or "past_key_values" in kwargs:
+        return kwargs
+    forward = getattr(type(model), "forward", None)
+    if forward is None or "cache" in inspect.signature(forward).parameters:
+        return kwargs
+    kwargs = dict(kwargs)
+    kwargs["past_key_values"] = kwargs.pop("cache")
+    return kwargs
+
+
 def cache_kwarg(kwargs: dict) -> Any:
     """The cache a GDN forward was called with: `cache`, or its pre-5.24 name `cache_params`."""
     return kwargs.get("cache", kwargs.get("cache_params"))
@@ -558,7 +589,7 @@ def rebind_forwards(module, old_forward=None) -> None:
 # --- the first-call self-check (gdn_intervene.selfcheck) ---
 
 # The chunk kernel as HF's forward names it: a module-level function (5.15 on), or an
-# instance attribute bound in `__init__` (4.57-5.10).
+# instance attribute bound in `__init__` (4.57-5.14).
 CHUNK_KERNEL_NAMES = ("torch_chunk_gated_delta_rule", "chunk_gated_delta_rule")
 
 

@@ -31,7 +31,7 @@ from . import _compat, ops
 from ._positions import as_positions, check_positions
 from .capturing import capture as _capture_sites
 from .edit import state_at
-from .patching import select_layers, site_module
+from .patching import as_module, select_layers, site_module
 
 __all__ = [
     "LayerCapture",
@@ -173,7 +173,7 @@ def capture(
             handles.append(m.register_forward_pre_hook(lambda mod, a, kw, l=l: pre(l, mod, a, kw), with_kwargs=True))
         with _capture_sites(model, sites=(*_CAPTURED, "state"), layers=list(mods)) as cache:
             with torch.no_grad():
-                model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+                model(input_ids=input_ids, attention_mask=attention_mask, **_compat.model_kwargs(as_module(model), model_kwargs))
     finally:
         for h in handles:
             h.remove()

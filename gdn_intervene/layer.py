@@ -146,7 +146,7 @@ class GDNMixin:
         key_dim, value_dim, head_k_dim, head_v_dim = self._gdn_dims
         # read before the conv writes the cache, as HF does
         step = _compat.cache_step(cache, self.layer_idx, T, fam.conv_asks_recording, conv, kwargs.get("cache_position"))
-        conv_kw, chunk_kw, recurrent_kw = _compat.route_kwargs(conv, kwargs, fam.packed_kwarg)  # as HF passes them
+        conv_kw, chunk_kw, recurrent_kw = _compat.route_kwargs(conv, kwargs, fam.packed_kwarg, self._gdn_hf_class.__name__)
 
         p = fam.project(self, x)
         qkv = self._pre_conv(p, B, T)

@@ -95,6 +95,13 @@ def _run(
     cls = type(module)
     x = x[:1, :TOKENS].detach()
     twin = _twin(module)
+    for name in module._gdn_family.accelerate_children:
+        # The patched forward's decorator has loaded these children's offloaded weights already;
+        # HF's forward calling the child (before 5.15: `self.conv1d(x)`) through accelerate's
+        # wrapper would offload them again, under the decomposed forward's feet.
+        child = twin._modules.get(name)
+        if child is not None and getattr(child, "_hf_hook", None) is not None:
+            child.__dict__.pop("forward", None)
     try:
         devices = [x.device] if x.device.type != "cpu" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=x.device.type):

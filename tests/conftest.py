@@ -90,6 +90,12 @@ def new_cache(model):
     return own[0](config) if own else DynamicCache(config=config)
 
 
+def view(cache):
+    """`cache` through the 5.23 linear-attention API (`get_conv_state`, `get_recurrent_state`),
+    whatever the release's cache type."""
+    return gi._compat.cache_view(cache)
+
+
 def run(model, **kw):
     """`model(**kw)`, with `cache=` passed under the model's own name for it."""
     if "cache" in kw:

@@ -216,6 +216,11 @@ def build(name: str, *, hv_ratio: int | None = None, dtype=torch.float32, seed: 
     return model
 
 
+def present(*names: str) -> list[str]:
+    """Those of `names` this transformers release has (and serves), for parametrising."""
+    return [n for n in names if n in BUILDERS]
+
+
 def pick(*names: str) -> str:
     """The first of `names` this transformers release has (tests that need one family of a kind)."""
     return next((n for n in names if n in MODELS), next(iter(MODELS)))

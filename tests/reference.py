@@ -26,6 +26,13 @@ INSTANCE_KERNELS = ("chunk_gated_delta_rule", "recurrent_gated_delta_rule")
 LAYER_SUFFIXES = ("GatedDeltaNet", "DeltaAttention", "TextLinearAttention")
 
 
+def unrepeat(x, heads: int):
+    """A kernel argument q or k as the `q`/`k` sites hold it: releases before 5.23 repeat the
+    key heads to the value heads in the layer (each head r times, consecutively) before the
+    kernel; the sites hold them before that. [B, T, HV, K] -> [B, T, heads, K] (a view)."""
+    return x if x.shape[2] == heads else x[:, :, :: x.shape[2] // heads]
+
+
 def hf_gdn(model: nn.Module, layer_idx: int) -> nn.Module:
     for m in model.modules():
         if type(m).__name__.endswith(LAYER_SUFFIXES) and m.layer_idx == layer_idx:

@@ -8,14 +8,13 @@ reference for a state patched mid-prefill.
 
 import pytest
 import torch
-from conftest import ids_for, left_pad_mask
-from transformers import DynamicCache
+from conftest import ids_for, left_pad_mask, logits, new_cache, view
 
 import gdn_intervene as gi
 from gdn_intervene import analysis as an
 from gdn_intervene import ops
-from models import MODELS
-from reference import LAYER_SUFFIXES, kernel_edit
+from models import MODELS, present
+from reference import LAYER_SUFFIXES, kernel_edit, unrepeat
 
 NAMES = list(MODELS)  # GDN (decay per head) and KDA (per key channel) families
 SIZES = [1, 17, 64, 130]
@@ -24,11 +23,6 @@ HV = pytest.mark.parametrize("hv_ratio", [1, 2], ids=["hv=hk", "hv=2hk"])
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def logits(model, ids, mask=None, **kw):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, **kw).logits
 
 
 def kernel_calls(ref, layer, ids, mask=None, **kw):
@@ -68,7 +62,8 @@ def test_effective_attention_reconstructs_the_kernel_output(pair, name, hv_ratio
     for layer, cap in caps.items():
         (call,), _ = kernel_calls(ref, layer, ids, mask)
         for field, arg in (("q", "q"), ("k", "k"), ("v", "v"), ("beta", "beta"), ("g", "g")):
-            assert torch.equal(getattr(cap, field), call[arg]), f"layer {layer}: captured {field} differs"
+            got = getattr(cap, field)
+            assert torch.equal(got, unrepeat(call[arg], got.shape[2])), f"layer {layer}: captured {field} differs"
         o, S = call["result"]
         M = result[layer].matrix
         assert M.shape == (3, 2 * hv_ratio, T, T) and M.dtype == torch.float32
@@ -79,7 +74,7 @@ def test_effective_attention_reconstructs_the_kernel_output(pair, name, hv_ratio
 
 
 @HV
-@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid", "kimi_linear"])
+@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid", "kimi_linear"))
 def test_rows_and_heads_slices_equal_the_full_matrix(pair, name, hv_ratio):
     patched, _ = pair(name, hv_ratio)
     ids, mask = ids_for(70), left_pad_mask(3, 70)
@@ -94,7 +89,7 @@ def test_rows_and_heads_slices_equal_the_full_matrix(pair, name, hv_ratio):
 
 @pytest.mark.parametrize("T", [1, 17])
 @HV
-@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid", "qwen3_next", "kimi_linear", "glm5_next"])
+@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid", "qwen3_next", "kimi_linear", "glm5_next"))
 def test_continuation_from_a_cache_adds_the_state_term(pair, name, hv_ratio, T):
     """Prefix (padded) into a DynamicCache, then a T-token continuation (T=1: the recurrent
     decode kernel): the captured initial state is the cache's, and M v + C reconstructs HF's o."""
@@ -102,15 +97,15 @@ def test_continuation_from_a_cache_adds_the_state_term(pair, name, hv_ratio, T):
     prefix, mask = ids_for(20), left_pad_mask(3, 20)
     cont = ids_for(T, seed=3)
     cmask = torch.cat([mask, torch.ones_like(cont)], 1)
-    cache_p, cache_r = (DynamicCache(config=m.config.get_text_config()) for m in (patched, ref))
+    cache_p, cache_r = (new_cache(m) for m in (patched, ref))
     logits(patched, prefix, mask, cache=cache_p, use_cache=True)
     logits(ref, prefix, mask, cache=cache_r, use_cache=True)
     layers = list(gi.gdn_layers(patched))
-    S0 = {l: cache_r.get_recurrent_state(l).clone() for l in layers}
+    S0 = {l: view(cache_r).get_recurrent_state(l).clone() for l in layers}
     result = an.effective_attention_for(patched, cont, attention_mask=cmask, cache=cache_p, use_cache=True, check=True)
     calls = {}
     for l in layers:  # each call advances cache_r; replay from a copy for every layer
-        c = DynamicCache(config=ref.config.get_text_config())
+        c = new_cache(ref)
         logits(ref, prefix, mask, cache=c, use_cache=True)
         (calls[l],), _ = kernel_calls(ref, l, cont, cmask, cache=c, use_cache=True)
     for l in layers:
@@ -239,11 +234,11 @@ def test_attribution_sums_to_the_layer_output(pair, name, hv_ratio):
     assert rel(att.total()[:, 0], torch.cat(rows)) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid", "kimi_linear"])
+@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid", "kimi_linear"))
 def test_attribution_after_a_cached_prefix_has_a_state_term(pair, name):
     patched, ref = pair(name)
     prefix, cont = ids_for(20), ids_for(9, seed=3)
-    c_p, c_r = (DynamicCache(config=m.config.get_text_config()) for m in (patched, ref))
+    c_p, c_r = (new_cache(m) for m in (patched, ref))
     logits(patched, prefix, cache=c_p, use_cache=True)
     logits(ref, prefix, cache=c_r, use_cache=True)
     outs, _, _ = hf_layer_outputs(ref, cont, cache=c_r, use_cache=True)
@@ -299,7 +294,7 @@ def test_attribution_bad_input_is_named(pair, kw, match):
 
 
 @HV
-@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid"])  # KDA: test_kda.py
+@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid"))  # KDA: test_kda.py
 def test_state_decomposition_sums_to_the_kernel_state(pair, name, hv_ratio):
     patched, ref = pair(name, hv_ratio)
     ids, mask = ids_for(130), left_pad_mask(3, 130)
@@ -317,7 +312,8 @@ def test_state_decomposition_sums_to_the_kernel_state(pair, name, hv_ratio):
         # hand check of the definition at one token: u_t = beta_t (v_t - exp(g_t) S_{t-1}^T k_t)
         t = 90
         prev = an.state_decomposition_for(patched, ids, layer, attention_mask=mask, position=t - 1).state()
-        kt = ops.l2norm(call["k"][:, t]).repeat_interleave(hv_ratio, dim=1)  # [B, HV, K]
+        k = unrepeat(call["k"], call["v"].shape[2] // hv_ratio)  # [B, T, HK, K]
+        kt = ops.l2norm(k[:, t]).repeat_interleave(hv_ratio, dim=1)  # [B, HV, K]
         want = call["beta"][:, t, :, None] * (
             call["v"][:, t] - call["g"][:, t].exp()[..., None] * torch.einsum("bhkv,bhk->bhv", prev, kt)
         )
@@ -327,13 +323,13 @@ def test_state_decomposition_sums_to_the_kernel_state(pair, name, hv_ratio):
 def test_state_decomposition_after_a_cached_prefix(pair):
     patched, ref = pair("qwen3_5")
     prefix, cont = ids_for(30), ids_for(40, seed=4)
-    c_p, c_r = DynamicCache(config=patched.config), DynamicCache(config=ref.config)
+    c_p, c_r = new_cache(patched), new_cache(ref)
     logits(patched, prefix, cache=c_p, use_cache=True)
     logits(ref, prefix, cache=c_r, use_cache=True)
     dec = an.state_decomposition_for(patched, cont, 0, cache=c_p, use_cache=True)
     logits(ref, cont, cache=c_r, use_cache=True)
     assert dec.initial is not None
-    assert rel(dec.state(), c_r.get_recurrent_state(0)) <= 1e-5
+    assert rel(dec.state(), view(c_r).get_recurrent_state(0)) <= 1e-5
 
 
 # ---------------------------------------------------------------- split prefill
@@ -398,7 +394,7 @@ def test_split_prefill_without_edit_matches_the_single_call(pair, name):
 
 
 @HV
-@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid", "kimi_linear"])
+@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid", "kimi_linear"))
 def test_states_at_match_the_cache_after_each_prefix(pair, name, hv_ratio):
     patched, ref = pair(name, hv_ratio)
     ids, mask = ids_for(100), left_pad_mask(3, 100)
@@ -406,11 +402,11 @@ def test_states_at_match_the_cache_after_each_prefix(pair, name, hv_ratio):
     states = an.states_at(patched, ids, positions, attention_mask=mask)
     assert list(states) == list(gi.gdn_layers(patched))
     for i, p in enumerate(positions):
-        cache = DynamicCache(config=ref.config)
+        cache = new_cache(ref)
         logits(ref, ids[:, : p + 1], mask[:, : p + 1], cache=cache, use_cache=True)
         for layer, S in states.items():
             assert S.shape[:2] == (3, len(positions))
-            assert rel(S[:, i], cache.get_recurrent_state(layer)) <= 1e-5, (layer, p)
+            assert rel(S[:, i], view(cache).get_recurrent_state(layer)) <= 1e-5, (layer, p)
     # layer 0 alone, same first segments: the same kernel calls, so bitwise the same states
     only = an.states_at(patched, ids, [4, 63], layers=[0], attention_mask=mask)
     assert list(only) == [0] and torch.equal(only[0], states[0][:, :2])
@@ -427,9 +423,9 @@ def test_patching_the_state_with_another_prompts_state(pair, name):
     L, other, t, T = layers[0], layers[1], 20, 50
     a, b = ids_for(T, seed=1), ids_for(T, seed=2)
 
-    cache_b = DynamicCache(config=ref.config)
+    cache_b = new_cache(ref)
     logits(ref, b[:, : t + 1], cache=cache_b, use_cache=True)
-    S_b = cache_b.get_recurrent_state(L).clone()
+    S_b = view(cache_b).get_recurrent_state(L).clone()
 
     fired, seen = [], {}
 
@@ -440,7 +436,7 @@ def test_patching_the_state_with_another_prompts_state(pair, name):
     def record(key):
         return lambda S: seen.setdefault(key, []).append(S.clone())
 
-    cache_p = DynamicCache(config=patched.config)
+    cache_p = new_cache(patched)
     with an.state_at(patched, [t]):  # split every GDN layer; edit only L
         with gi.intervene(patched, {(other, "state"): record("plain")}):
             plain = logits(patched, a)
@@ -452,15 +448,15 @@ def test_patching_the_state_with_another_prompts_state(pair, name):
     assert torch.equal(seen["edited"][0], seen["plain"][0])  # the other layer's state at t is untouched
     assert not torch.equal(seen["edited"][1], seen["plain"][1])  # its final state sees L's edit downstream
 
-    cache_r = DynamicCache(config=ref.config)
+    cache_r = new_cache(ref)
     first = logits(ref, a[:, : t + 1], cache=cache_r, use_cache=True)
-    assert rel(seen["plain"][0], cache_r.get_recurrent_state(other)) <= 1e-5
+    assert rel(seen["plain"][0], view(cache_r).get_recurrent_state(other)) <= 1e-5
     cache_r.update_recurrent_state(S_b, L)  # overwrite only L's recurrent state; conv cache stays A's
     second = logits(ref, a[:, t + 1 :], cache=cache_r, use_cache=True)
     assert rel(edited, torch.cat([first, second], 1)) <= 1e-5
     for l in layers:  # the caches both runs leave behind agree
-        assert rel(cache_p.get_recurrent_state(l), cache_r.get_recurrent_state(l)) <= 1e-5
-        assert rel(cache_p.get_conv_state(l), cache_r.get_conv_state(l)) <= 1e-5
+        assert rel(view(cache_p).get_recurrent_state(l), view(cache_r).get_recurrent_state(l)) <= 1e-5
+        assert rel(view(cache_p).get_conv_state(l), view(cache_r).get_conv_state(l)) <= 1e-5
 
 
 # ---------------------------------------------------------------- plots

@@ -59,8 +59,8 @@ class Hf5_24:
 
 C = _compat.Convention
 EXPECTED = {
-    Hf4_57: C("cache_params", True, True, False, "none", True, False),
-    Hf5_5: C("cache_params", True, True, False, "none", False, False),
+    Hf4_57: C("cache_params", True, True, False, "none", True, False, ("cache_position",)),
+    Hf5_5: C("cache_params", True, True, False, "none", False, False, ()),
     Hf5_10: C("cache_params", True, True, True, "packed", False, False),
     Hf5_15: C("cache_params", True, False, True, "all", False, True),
     Hf5_24: C("cache", False, False, True, "all", False, True),
@@ -73,8 +73,10 @@ def test_each_release_shape_is_detected(cls):
 
 
 def test_kwargs_reach_the_kernels_as_each_shape_passes_them():
+    assert _compat.route_kwargs(EXPECTED[Hf4_57], {"cache_position": 3}, True) == ({}, {}, {})
+    with pytest.raises(TypeError, match=r"^Hf\.forward\(\) got an unexpected keyword argument 'seq_idx'$"):
+        _compat.route_kwargs(EXPECTED[Hf4_57], {"cache_position": 3, "seq_idx": 0}, True, "Hf")  # as HF: not dropped
     kwargs = {"cu_seq_lens_q": "offsets", "seq_idx": "ids", "position_ids": "pos"}
-    assert _compat.route_kwargs(EXPECTED[Hf4_57], kwargs, True) == ({}, {}, {})
     assert _compat.route_kwargs(EXPECTED[Hf5_10], kwargs, True) == (
         {"seq_idx": "ids"}, {"cu_seqlens": "offsets"}, {})
     conv, chunk, recurrent = _compat.route_kwargs(EXPECTED[Hf5_24], kwargs, True)

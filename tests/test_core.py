@@ -97,6 +97,23 @@ def test_greedy_generate_bitwise(pair, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_beam_search_generate_bitwise(pair, name):
+    """Beam search reorders the cache between steps (`reorder_cache`): the sites read the
+    reordered states, through whichever cache view the release needs."""
+    patched, ref = pair(name)
+    ids = ids_for(12)
+    fired = []
+    h = gi.site_module(patched, list(gi.gdn_layers(patched))[0], "state").register_forward_hook(lambda *a: fired.append(1))
+    try:
+        gen = {k: m.generate(ids, max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False)
+               for k, m in (("p", patched), ("r", ref))}
+    finally:
+        h.remove()
+    assert gen["p"].shape == (3, 18) and torch.equal(gen["p"], gen["r"])
+    assert len(fired) == 6  # the prefill and 5 decode steps, each on the 9 beams at once
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_gradients_bitwise(pair, name):
     patched, ref = pair(name)
     ids = ids_for(70)
@@ -370,9 +387,11 @@ def test_olmo_hybrid_with_three_convs_is_refused(monkeypatch):
 
     monkeypatch.setenv("GDN_INTERVENE_SKIP_VERSION_CHECK", "1")
     found = re.escape(transformers.__version__)
+    model = olmo_hybrid()
     with pytest.raises(gi.UnsupportedVersionError, match=rf"OlmoHybridGatedDeltaNet on transformers {found} has no "
                        rf"conv1d .*gdn_intervene serves it from transformers 5\.15\.0 on"):
-        gi.patch(olmo_hybrid())
+        gi.patch(model)
+    assert not any(isinstance(m, GDNMixin) for m in model.modules()) and no_hooks(model)  # nothing left behind
 
 
 @pytest.mark.parametrize(

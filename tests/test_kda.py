@@ -11,14 +11,13 @@ import copy
 
 import pytest
 import torch
-from conftest import ids_for, left_pad_mask, rel_error
-from transformers import DynamicCache
+from conftest import ids_for, left_pad_mask, new_cache, rel_error, view
 
 import gdn_intervene as gi
 from gdn_intervene.families import family_of
 from gdn_intervene.layer import GDNMixin
 from gdn_intervene.sites import SITES, Mixer, site
-from models import KDA, bailing_hybrid, build
+from models import KDA, bailing_hybrid, build, present
 from reference import hf_gdn, kernel_edit
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -54,14 +53,14 @@ def test_glm5_next_text_cached_decode_and_sites(text_pair):
     handles = [gi.site_module(patched, i, s.name).register_forward_hook(
         lambda *a, key=(i, s.name): counts.__setitem__(key, counts.get(key, 0) + 1)) for i in layers for s in SITES]
     try:
-        caches = {k: DynamicCache(config=m.config) for k, m in (("p", patched), ("r", ref))}
+        caches = {k: new_cache(m) for k, m in (("p", patched), ("r", ref))}
         x, mask = ids_for(64), left_pad_mask(3, 64)
         for step in range(6):
             out = {k: hidden(m, x, mask, cache=caches[k], use_cache=True) for k, m in (("p", patched), ("r", ref))}
             assert torch.equal(out["p"], out["r"]), step
             for i in layers:
-                assert torch.equal(caches["p"].get_conv_state(i), caches["r"].get_conv_state(i)), (step, i)
-                assert torch.equal(caches["p"].get_recurrent_state(i), caches["r"].get_recurrent_state(i)), (step, i)
+                assert torch.equal(view(caches["p"]).get_conv_state(i), view(caches["r"]).get_conv_state(i)), (step, i)
+                assert torch.equal(view(caches["p"]).get_recurrent_state(i), view(caches["r"]).get_recurrent_state(i)), (step, i)
             assert set(counts.values()) == {step + 1} and len(counts) == len(layers) * len(SITES)
             x = ids_for(1, seed=step + 10)
             mask = torch.cat([mask, torch.ones_like(x)], 1)
@@ -143,7 +142,7 @@ def test_decode_while_the_cache_records_past_states(pair, name):
     update kernel (they do not ask `is_recording_past`). The patched forward follows each."""
     patched, ref = pair(name)
     layers = list(gi.gdn_layers(patched))
-    caches = {k: DynamicCache(config=m.config.get_text_config()) for k, m in (("p", patched), ("r", ref))}
+    caches = {k: new_cache(m) for k, m in (("p", patched), ("r", ref))}
     models_ = {"p": patched, "r": ref}
     x = ids_for(9)
     with torch.no_grad():
@@ -157,11 +156,11 @@ def test_decode_while_the_cache_records_past_states(pair, name):
             out = {k: m(input_ids=x, cache=caches[k], use_cache=True).logits for k, m in models_.items()}
             assert torch.equal(out["p"], out["r"]), step
             for i in layers:
-                assert torch.equal(caches["p"].get_conv_state(i), caches["r"].get_conv_state(i))
-                assert torch.equal(caches["p"].get_recurrent_state(i), caches["r"].get_recurrent_state(i))
+                assert torch.equal(view(caches["p"]).get_conv_state(i), view(caches["r"]).get_conv_state(i))
+                assert torch.equal(view(caches["p"]).get_recurrent_state(i), view(caches["r"]).get_recurrent_state(i))
 
 
-@pytest.mark.parametrize("name", ["glm5_next", "bailing_hybrid"])
+@pytest.mark.parametrize("name", present("glm5_next", "bailing_hybrid"))
 def test_bf16_checkpoint_keeps_fp32_conv_and_gates(pair, name, tmp_path):
     """GLM-5-Next and Bailing keep conv1d, dt_bias and A_log in fp32 when loaded in bf16
     (`_keep_in_fp32_modules_strict`): the conv casts its input to fp32 and back, Bailing's decay
@@ -180,7 +179,7 @@ def test_bf16_checkpoint_keeps_fp32_conv_and_gates(pair, name, tmp_path):
                        plain.generate(ids[:, :9], max_new_tokens=4, do_sample=False))
 
 
-@pytest.mark.parametrize("name", ["kimi_linear", "glm5_next"])
+@pytest.mark.parametrize("name", present("kimi_linear", "glm5_next"))
 def test_state_decomposition_with_per_channel_decay(pair, name):
     """S_T = exp(G_T) S_0 + sum_j exp(G_T - G_j) k_j u_j^T with exp(...) per key channel: the
     per-token terms sum to HF's kernel state, and u is `ops.written_values` of the kernel's own

@@ -19,10 +19,11 @@ import torch
 pytest.importorskip("nnsight")
 
 from conftest import ids_for  # noqa: E402
-from models import MODELS, VOCAB, build  # noqa: E402
-from reference import kernel_edit  # noqa: E402
+from models import MODELS, VOCAB, build, present  # noqa: E402
+from reference import kernel_edit, unrepeat  # noqa: E402
 
 import gdn_intervene as gi  # noqa: E402
+from gdn_intervene import _compat  # noqa: E402
 from gdn_intervene import nnsight as gnn  # noqa: E402
 from gdn_intervene.layer import GDNMixin  # noqa: E402
 from gdn_intervene.sites import SITE_NAMES  # noqa: E402
@@ -127,7 +128,7 @@ def test_reads_equal_plain_hooks_and_hf_kernel_arguments(wrapped, name):
             assert torch.equal(hf_logits(ref, x), logits)
         pairs = [("q", "q"), ("k", "k"), ("v", "v"), ("beta", "beta"), ("decay", "g"), ("recurrence", "o"), ("state", "S")]
         for site, arg in pairs:
-            assert torch.equal(seen[layer, site], hf[arg]), (layer, site)
+            assert torch.equal(seen[layer, site], unrepeat(hf[arg], seen[layer, site].shape[2])), (layer, site)
 
 
 # ---------------------------------------------------------------- edits
@@ -230,7 +231,7 @@ def test_generation_edit_on_every_step(wrapped, name):
     assert not torch.equal(expected_logits, hf_generate(ref, x)[1])
 
 
-@pytest.mark.parametrize("name", ["qwen3_5", "olmo_hybrid"])
+@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid"))
 def test_generation_edit_on_chosen_steps(wrapped, name):
     lm, ref = wrapped(name)
     x = ids()
@@ -436,6 +437,7 @@ def test_a_model_without_gdn_layers_is_refused():
         gnn.load(llama, tokenizer=tokenizer())
 
 
+@pytest.mark.skipif("olmo_hybrid" not in MODELS, reason="this release has no OLMo-Hybrid we serve")
 def test_olmo_hybrid_norm_site_resolves_to_o_norm(wrapped):
     lm, _ = wrapped("olmo_hybrid")
     assert gnn.site(lm, 0, "norm") is lm.model.layers[0].linear_attn.o_norm
@@ -445,6 +447,14 @@ def test_olmo_hybrid_norm_site_resolves_to_o_norm(wrapped):
 # ---------------------------------------------------------------- migration from .source
 
 
+def _kernels_are_module_functions() -> bool:
+    """The migration table below names HF's forward of 5.15 on (module-level kernel calls)."""
+    mod = _compat.modeling_module("transformers.models.qwen3_5.modeling_qwen3_5")
+    return mod is not None and not _compat.convention(mod.Qwen3_5GatedDeltaNet).kernels_on_instance
+
+
+@pytest.mark.skipif(not _kernels_are_module_functions(),
+                    reason="`.source` names differ before 5.15 (HF calls self.chunk_gated_delta_rule)")
 def test_source_names_on_unpatched_qwen3_5_equal_the_sites():
     """README table: nnsight 0.8.1 `.source` names of HF's Qwen3.5 forward (transformers 5.24)."""
     from nnsight.modeling.transformers import TransformersModel

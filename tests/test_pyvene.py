@@ -7,10 +7,10 @@ the edit through the recurrence).
 
 import pytest
 import torch
-from conftest import ids_for, no_hooks
+from conftest import ids_for, no_hooks, view
 
 import gdn_intervene as gi
-from models import MODELS, build
+from models import MODELS, build, present
 from reference import kernel_edit
 
 pv = pytest.importorskip("pyvene")
@@ -75,7 +75,7 @@ def reference(ref, layer, site, base, src):
         edit = {"after": lambda out: (out[0], swap(out[1]))}
     with kernel_edit(ref, layer, **edit), torch.no_grad():
         out = ref(input_ids=base, use_cache=True)
-    return out.logits, out.past_key_values.get_recurrent_state(layer)
+    return out.logits, view(out.past_key_values).get_recurrent_state(layer)
 
 
 COMPONENT = {"beta": "head_linear_attn_beta", "recurrence": "head_linear_attn_recurrence_output", "state": "head_linear_attn_state"}
@@ -95,14 +95,15 @@ def test_vanilla_head_swap_matches_kernel_edit(models, name, site):
         _, out = iv({"input_ids": base}, [{"input_ids": src}], {"sources->base": ([loc], [loc])})
     assert no_hooks(patched)
     assert torch.equal(out.logits, want_logits)
-    assert torch.equal(out.past_key_values.get_recurrent_state(layer), want_state)
+    assert torch.equal(view(out.past_key_values).get_recurrent_state(layer), want_state)
     with torch.no_grad():
         clean = patched(input_ids=base, use_cache=True)
     # the swap must change something for this test to mean anything (a state edit: the cache)
-    unchanged = torch.equal(clean.past_key_values.get_recurrent_state(layer), want_state)
+    unchanged = torch.equal(view(clean.past_key_values).get_recurrent_state(layer), want_state)
     assert not (unchanged and torch.equal(clean.logits, want_logits))
 
 
+@pytest.mark.skipif("olmo_hybrid" not in MODELS, reason="this release has no OLMo-Hybrid we serve")
 def test_whole_position_swap_beta(models):
     """unit="pos" on the non-head component swaps all HV heads at position P."""
     patched, ref = models("olmo_hybrid")  # beta x2 (negative eigenvalues)
@@ -148,7 +149,7 @@ def test_trainable_intervention_one_step(models, kind):
     assert no_hooks(patched)
 
 
-@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_next"])
+@pytest.mark.parametrize("name", present("qwen3_5", "qwen3_next"))
 def test_generate_matches_hook_reference(models, name):
     """(a) every generated token: beta of layer 0 set to a constant vector (not the prompt);
     (b) the prompt only: head H of the recurrence at position P from a source prompt."""
@@ -218,7 +219,7 @@ def same(got, want):
     assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits, strict=True))
 
 
-@pytest.mark.parametrize("name", ["qwen3_5", "kimi_linear"])  # KDA layers sit at self_attn too
+@pytest.mark.parametrize("name", present("qwen3_5", "kimi_linear"))  # KDA layers sit at self_attn too
 def test_gdn_component_at_attention_layer(models, name):
     patched, _ = models(name)
     with pytest.raises(ValueError, match=r"linear_attn_beta.*layer 1 is not a GDN layer; GDN layers are \[0, 2\]"):
@@ -288,12 +289,14 @@ def test_mapping_paths_and_widths(models, name):
 
 
 def test_register_covers_all_families():
+    import transformers
+
     classes = {c.__name__ for c in gp.register()}
     for must in ("Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration", "Qwen3_5TextModel",
                  "Qwen3_5MoeForCausalLM", "OlmoHybridForCausalLM", "LaraMiniForCausalLM", "Qwen4ExpForCausalLM",
                  "KimiLinearForCausalLM", "Glm5NextForConditionalGeneration", "Glm5NextTextModel",
                  "BailingHybridForCausalLM"):
-        assert must in classes
+        assert must in classes or getattr(transformers, must, None) is None  # absent from this release
     assert {"linear_attn_q", "linear_attn_k", "linear_attn_v", "linear_attn_beta", "linear_attn_decay",
             "linear_attn_recurrence_output", "linear_attn_state", "linear_attn_gate", "linear_attn_output",
             "head_linear_attn_beta", "head_linear_attn_recurrence_output"} <= set(gp.COMPONENTS)

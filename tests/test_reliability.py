@@ -11,8 +11,7 @@ import types
 
 import pytest
 import torch
-from conftest import ids_for, logits, no_hooks
-from transformers import DynamicCache
+from conftest import cache_kw, ids_for, logits, new_cache, no_hooks, view
 
 import gdn_intervene as gi
 from gdn_intervene import SiteValueError
@@ -29,7 +28,7 @@ def halve(module, args, out):  # a picklable hook
 
 def _decode(model, ids, steps=3):
     """Prefill with a cache, then `steps` greedy decode steps: every step's logits."""
-    cache = DynamicCache(config=model.config.get_text_config())
+    cache = new_cache(model)
     out, x = [], ids
     for _ in range(steps + 1):
         y = logits(model, x, cache=cache, use_cache=True)
@@ -112,14 +111,14 @@ def test_nnsight_skip_of_the_conv_keeps_the_cache(pair):
     ids = ids_for(9)
     mask = torch.ones_like(ids)
     with gi.capture(patched, sites=["conv"], layers=[L]) as seen:
-        patched(input_ids=ids, attention_mask=mask, cache=DynamicCache(config=patched.config), use_cache=True)
-    cache = DynamicCache(config=patched.config)
-    with lm.trace(ids, attention_mask=mask, cache=cache, use_cache=True):
+        patched(input_ids=ids, attention_mask=mask, cache=new_cache(patched), use_cache=True)
+    cache = new_cache(patched)
+    with lm.trace(ids, attention_mask=mask, **{cache_kw(patched): cache}, use_cache=True):
         gnn.site(lm, L, "conv").skip(seen[L, "conv"][0])
         first = lm.output.logits.save()
-    ref_cache = DynamicCache(config=ref.config)
+    ref_cache = new_cache(ref)
     assert torch.equal(first, logits(ref, ids, mask, cache=ref_cache, use_cache=True))
-    assert torch.equal(cache.get_conv_state(L), ref_cache.get_conv_state(L))
+    assert torch.equal(view(cache).get_conv_state(L), view(ref_cache).get_conv_state(L))
     x = first[:, -1:].argmax(-1)
     for _ in range(3):
         mask = torch.cat([mask, torch.ones_like(x)], 1)

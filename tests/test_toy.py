@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import run
 
 from gdn_intervene.toy import TOY_PATH, load_toy, mqar
 
@@ -123,10 +124,11 @@ def test_generate_and_cached_decode(toy):
     # decode token by token from the cache (GDN recurrent step + attention KV cache):
     # after "<sep> k0 v0 k1" the next token is the value of k1, as in the full forward
     with torch.no_grad():
-        cache = model(input_ids=p.input_ids, use_cache=True).cache
+        out = model(input_ids=p.input_ids, use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values  # before 5.24
         for tok in (mqar.value_id(v0), mqar.key_id(k1)):
-            step = model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True)
-            cache = step.cache
+            step = run(model, input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True)
+            cache = step.cache if hasattr(step, "cache") else step.past_key_values
         ids = torch.cat([p.input_ids, torch.tensor([[mqar.value_id(v0), mqar.key_id(k1)]])], 1)
         full = model(input_ids=ids).logits[0, -1]
     assert step.logits[0, -1].argmax().item() == full.argmax().item() == mqar.value_id(v1)
