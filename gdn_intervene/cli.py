@@ -116,7 +116,10 @@ def _load(model: str | None, device, dtype: str):
     if model is None:
         from .toy import load_toy
 
-        m, tok = load_toy(dtype=dt)
+        try:
+            m, tok = load_toy(dtype=dt)
+        except gi.UnsupportedVersionError as e:
+            raise UsageError(str(e)) from None
         return gi.patch(m).to(device), tok, "bundled MQAR toy"
     p = Path(model).expanduser()
     if not p.is_dir():
@@ -243,7 +246,10 @@ def cmd_demo(args) -> None:
 
     import gdn_intervene as gi
 
-    model, tok = load_toy()
+    try:
+        model, tok = load_toy()
+    except gi.UnsupportedVersionError as e:
+        raise UsageError(str(e)) from None
     gi.patch(model)
     clean, bad, info = mqar.demo_prompts(args.seed, args.corrupt)
     record = {"model": "bundled MQAR toy", "seed": args.seed, **info,

@@ -224,3 +224,7 @@ def present(*names: str) -> list[str]:
 def pick(*names: str) -> str:
     """The first of `names` this transformers release has (tests that need one family of a kind)."""
     return next((n for n in names if n in MODELS), next(iter(MODELS)))
+
+
+# One GDN family every supported release has: Qwen3.5 (5.5 on), else Qwen3-Next (4.57, 5.0).
+ANY_GDN = pick("qwen3_5", "qwen3_next")

@@ -13,7 +13,7 @@ from conftest import ids_for, left_pad_mask, logits, new_cache, view
 import gdn_intervene as gi
 from gdn_intervene import analysis as an
 from gdn_intervene import ops
-from models import MODELS, present
+from models import ANY_GDN, MODELS, present
 from reference import LAYER_SUFFIXES, kernel_edit, unrepeat
 
 NAMES = list(MODELS)  # GDN (decay per head) and KDA (per key channel) families
@@ -43,6 +43,13 @@ def kernel_calls(ref, layer, ids, mask=None, **kw):
 
 def no_hooks(model):
     return all(not (m._forward_hooks or m._forward_pre_hooks) for m in model.modules())
+
+
+def skip_unless_continues(model, T: int = 2) -> None:
+    """Skip where HF restarts a cached call of T > 1 tokens from zero states (4.57-5.9): there
+    is no continuation to describe (the core tests check that restart, bitwise)."""
+    if T > 1 and not next(iter(gi.gdn_layers(model).values()))._gdn_convention.continues:
+        pytest.skip("this transformers release restarts a multi-token cached call from zero states")
 
 
 # ---------------------------------------------------------------- effective attention
@@ -94,6 +101,7 @@ def test_continuation_from_a_cache_adds_the_state_term(pair, name, hv_ratio, T):
     """Prefix (padded) into a DynamicCache, then a T-token continuation (T=1: the recurrent
     decode kernel): the captured initial state is the cache's, and M v + C reconstructs HF's o."""
     patched, ref = pair(name, hv_ratio)
+    skip_unless_continues(patched, T)
     prefix, mask = ids_for(20), left_pad_mask(3, 20)
     cont = ids_for(T, seed=3)
     cmask = torch.cat([mask, torch.ones_like(cont)], 1)
@@ -120,7 +128,7 @@ def test_continuation_from_a_cache_adds_the_state_term(pair, name, hv_ratio, T):
 
 
 def test_too_large_matrix_surfaces_the_rows_hint(pair):
-    patched, _ = pair("qwen3_5")
+    patched, _ = pair(ANY_GDN)
     ids = ids_for(64)
     with pytest.raises(ValueError, match=r"layer 0: effective_attention would need .*rows=\[\.\.\.\]"):
         an.effective_attention_for(patched, ids, max_bytes=200_000)
@@ -130,7 +138,7 @@ def test_too_large_matrix_surfaces_the_rows_hint(pair):
 
 
 def test_bad_layers_and_failed_check_are_named(pair):
-    patched, _ = pair("qwen3_5")
+    patched, _ = pair(ANY_GDN)
     with pytest.raises(ValueError, match=r"GDN layer indices from \[0, 2\]; got \[1\]"):
         an.effective_attention_for(patched, ids_for(5), layers=[1])
     with pytest.raises(RuntimeError, match=r"layer 0: .*relative error .* > 0"):
@@ -237,6 +245,7 @@ def test_attribution_sums_to_the_layer_output(pair, name, hv_ratio):
 @pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid", "kimi_linear"))
 def test_attribution_after_a_cached_prefix_has_a_state_term(pair, name):
     patched, ref = pair(name)
+    skip_unless_continues(patched)
     prefix, cont = ids_for(20), ids_for(9, seed=3)
     c_p, c_r = (new_cache(m) for m in (patched, ref))
     logits(patched, prefix, cache=c_p, use_cache=True)
@@ -250,7 +259,7 @@ def test_attribution_after_a_cached_prefix_has_a_state_term(pair, name):
 
 
 def test_attribution_heads_subset_and_fp64(pair):
-    patched, _ = pair("qwen3_5", 2)
+    patched, _ = pair(ANY_GDN, 2)
     ids = ids_for(30)
     d = torch.randn(32, generator=torch.Generator().manual_seed(7))
     full = an.attribution_for(patched, ids, positions=29, direction=d, dtype=torch.float64)
@@ -283,7 +292,7 @@ def _bad_attribution():
 
 @pytest.mark.parametrize("kw,match", _bad_attribution())
 def test_attribution_bad_input_is_named(pair, kw, match):
-    patched, _ = pair("qwen3_5")
+    patched, _ = pair(ANY_GDN)
     args = {"positions": [11], "direction": torch.randn(32), **kw}
     with pytest.raises(ValueError, match=match):
         an.attribution_for(patched, ids_for(12), **args)
@@ -321,7 +330,8 @@ def test_state_decomposition_sums_to_the_kernel_state(pair, name, hv_ratio):
 
 
 def test_state_decomposition_after_a_cached_prefix(pair):
-    patched, ref = pair("qwen3_5")
+    patched, ref = pair(ANY_GDN)
+    skip_unless_continues(patched)
     prefix, cont = ids_for(30), ids_for(40, seed=4)
     c_p, c_r = new_cache(patched), new_cache(ref)
     logits(patched, prefix, cache=c_p, use_cache=True)
@@ -349,7 +359,7 @@ def test_state_decomposition_after_a_cached_prefix(pair):
     ],
 )
 def test_state_at_validates_eagerly(pair, positions, match):
-    patched, _ = pair("qwen3_5")
+    patched, _ = pair(ANY_GDN)
     with pytest.raises(ValueError, match=match):
         with an.state_at(patched, positions):
             pass
@@ -357,7 +367,7 @@ def test_state_at_validates_eagerly(pair, positions, match):
 
 
 def test_state_positions_out_of_range_and_restore_on_error(pair):
-    patched, _ = pair("qwen3_5")
+    patched, _ = pair(ANY_GDN)
     ids = ids_for(10)
     with pytest.raises(ValueError, match=r"out of range for a call of T=10 tokens \(valid: 0\.\.9\)"):
         an.states_at(patched, ids, [2, 10])
@@ -419,6 +429,7 @@ def test_patching_the_state_with_another_prompts_state(pair, name):
     cached segments with L's recurrent state overwritten between them (the conv cache and the
     other GDN layer's state stay prompt A's)."""
     patched, ref = pair(name)
+    skip_unless_continues(patched)
     layers = list(gi.gdn_layers(patched))
     L, other, t, T = layers[0], layers[1], 20, 50
     a, b = ids_for(T, seed=1), ids_for(T, seed=2)
@@ -451,7 +462,7 @@ def test_patching_the_state_with_another_prompts_state(pair, name):
     cache_r = new_cache(ref)
     first = logits(ref, a[:, : t + 1], cache=cache_r, use_cache=True)
     assert rel(seen["plain"][0], view(cache_r).get_recurrent_state(other)) <= 1e-5
-    cache_r.update_recurrent_state(S_b, L)  # overwrite only L's recurrent state; conv cache stays A's
+    view(cache_r).update_recurrent_state(S_b, L)  # overwrite only L's recurrent state; conv cache stays A's
     second = logits(ref, a[:, t + 1 :], cache=cache_r, use_cache=True)
     assert rel(edited, torch.cat([first, second], 1)) <= 1e-5
     for l in layers:  # the caches both runs leave behind agree
@@ -467,7 +478,7 @@ def test_heatmap_shows_the_head_mean_and_saves(pair, tmp_path):
 
     from gdn_intervene import plot
 
-    patched, _ = pair("qwen3_5")
+    patched, _ = pair(ANY_GDN)
     ids = ids_for(12)
     res = an.effective_attention_for(patched, ids, layers=[0])[0]
     tokens = [f"tok{i}" for i in range(12)]

@@ -15,7 +15,7 @@ from conftest import ids_for
 
 import gdn_intervene as gi
 from gdn_intervene.sites import SITE_NAMES, site
-from models import MODELS
+from models import ANY_GDN, MODELS
 from reference import kernel_edit
 
 NAMES = list(MODELS)
@@ -185,7 +185,7 @@ def test_an_in_place_edit_changes_no_other_sites_value(pair, name, grad):
 
 def test_readme_in_place_edits_run_under_autograd(pair):
     """The README's nnsight-style edits, as plain hooks, with parameters requiring grad."""
-    patched, _ = pair("qwen3_5")
+    patched, _ = pair(ANY_GDN)
     ids = ids_for(T, B=2)
 
     def k3(m, a, out):

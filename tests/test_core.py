@@ -354,6 +354,17 @@ def test_transformers_below_the_supported_range_is_refused_newer_is_not(monkeypa
     assert gi.gdn_layers(gi.patch(build(pick("qwen3_5"))))
 
 
+@pytest.mark.skipif(hasattr(__import__("transformers"), "Qwen3_5ForCausalLM"), reason="this release loads the Qwen3.5 toy")
+def test_the_toy_needs_qwen3_5_and_the_cli_says_so_in_one_line(capsys, tmp_path):
+    from gdn_intervene import cli
+
+    rc = cli.main(["demo", "--out", str(tmp_path / "o"), "--no-progress"])
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(("[transformers]", "note: "))]
+    assert rc == 2 and len(err) == 1, err
+    assert re.fullmatch(r"error: the bundled toy model is a Qwen3\.5 checkpoint, which transformers \S+ cannot load; "
+                        r"it needs transformers >= 5\.5 \(the library itself supports 4\.57 on\)", err[0]), err
+
+
 def test_a_layout_the_release_predates_is_refused_by_name(monkeypatch):
     """A GDN class whose `__init__` lacks a submodule the decomposed forward reads (OLMo-Hybrid's
     fused `conv1d`, three short convs before 5.15) is refused, naming the release and the first

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("nnsight")
 
 from conftest import ids_for  # noqa: E402
-from models import MODELS, VOCAB, build, present  # noqa: E402
+from models import ANY_GDN, MODELS, VOCAB, build, present  # noqa: E402
 from reference import kernel_edit, unrepeat  # noqa: E402
 
 import gdn_intervene as gi  # noqa: E402
@@ -319,7 +319,7 @@ def test_load_from_directory_lazy_and_dispatched(name, tmp_path):
 
 
 def test_text_prompts_use_the_saved_tokenizer(tmp_path):
-    ref = _save("qwen3_5", tmp_path)
+    ref = _save(ANY_GDN, tmp_path)
     lm = gnn.load(str(tmp_path))
     with lm.trace("w3 w4 w5 w6"):
         logits = lm.output.logits.save()
@@ -331,7 +331,7 @@ def test_module_wrapped_by_nnsight_before_patching():
     # the patched forward, else no site would fire (OutOfOrderError: "already ran past it").
     from nnsight.modeling.transformers import TransformersModel
 
-    ref = build("qwen3_5")
+    ref = build(ANY_GDN)
     model = copy.deepcopy(ref)
     TransformersModel(model, task="text-generation", tokenizer=tokenizer())
     lm = gnn.load(model, tokenizer=tokenizer())
@@ -355,7 +355,7 @@ def _assert_clean(lm):
 
 
 def test_no_hooks_remain_after_a_trace_or_an_exception(wrapped):
-    lm, ref = wrapped("qwen3_5")
+    lm, ref = wrapped(ANY_GDN)
     x = ids()
     with lm.trace(x):
         attn(lm, L).beta.output[:] = 0
@@ -379,7 +379,7 @@ def _live_tensors() -> int:
 
 
 def test_200_traces_do_not_grow_memory(wrapped):
-    lm, _ = wrapped("qwen3_5")
+    lm, _ = wrapped(ANY_GDN)
     x = ids()
 
     def trace():
@@ -396,7 +396,7 @@ def test_200_traces_do_not_grow_memory(wrapped):
     assert all(r() is None for r in saved)
     assert _live_tensors() <= before
 
-    model_ref = weakref.ref(gnn.load(build("qwen3_5"), tokenizer=tokenizer())._module)
+    model_ref = weakref.ref(gnn.load(build(ANY_GDN), tokenizer=tokenizer())._module)
     gc.collect()
     assert model_ref() is None
 
@@ -405,7 +405,7 @@ def test_200_traces_do_not_grow_memory(wrapped):
 
 
 def test_wrong_shape_names_the_site_and_both_shapes(wrapped):
-    lm, _ = wrapped("qwen3_5")
+    lm, _ = wrapped(ANY_GDN)
     with pytest.raises(gi.SiteValueError) as err:
         with lm.trace(ids()):
             attn(lm, L).beta.output = torch.zeros(2, T, 3)
@@ -415,7 +415,7 @@ def test_wrong_shape_names_the_site_and_both_shapes(wrapped):
 
 
 def test_full_attention_layer_and_unknown_site_errors(wrapped):
-    lm, _ = wrapped("qwen3_5")
+    lm, _ = wrapped(ANY_GDN)
     with pytest.raises(AttributeError, match=r"not a Gated DeltaNet layer; the GDN layers are \[0, 2\]"):
         lm.model.layers[1].linear_attn
     with pytest.raises(ValueError, match=r"layer 1 is not a GDN layer; GDN layers are \[0, 2\]"):
@@ -459,7 +459,7 @@ def test_source_names_on_unpatched_qwen3_5_equal_the_sites():
     """README table: nnsight 0.8.1 `.source` names of HF's Qwen3.5 forward (transformers 5.24)."""
     from nnsight.modeling.transformers import TransformersModel
 
-    ref = build("qwen3_5")
+    ref = build(ANY_GDN)
     plain = TransformersModel(copy.deepcopy(ref), task="text-generation", tokenizer=tokenizer())
     lm = gnn.load(gi.patch(copy.deepcopy(ref)), tokenizer=tokenizer())
     old_to_new = {  # in execution order, as a trace must request them

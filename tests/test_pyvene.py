@@ -10,7 +10,7 @@ import torch
 from conftest import ids_for, no_hooks, view
 
 import gdn_intervene as gi
-from models import MODELS, build, present
+from models import ANY_GDN, MODELS, build, present
 from reference import kernel_edit
 
 pv = pytest.importorskip("pyvene")
@@ -126,7 +126,7 @@ def test_whole_position_swap_beta(models):
 
 @pytest.mark.parametrize("kind", ["rotated", "low_rank"])
 def test_trainable_intervention_one_step(models, kind):
-    patched, _ = models("qwen3_5")
+    patched, _ = models(ANY_GDN)
     if kind == "rotated":
         cfg = {"layer": 2, "component": "linear_attn_recurrence_output", "unit": "pos", "intervention_type": pv.RotatedSpaceIntervention}
         loc = {"sources->base": P}
@@ -230,7 +230,7 @@ def test_gdn_component_at_attention_layer(models, name):
 
 
 def test_head_out_of_range_names_head_count_and_leaves_no_hooks(models):
-    patched, _ = models("qwen3_5")
+    patched, _ = models(ANY_GDN)
     iv = pv.IntervenableModel([{"layer": 0, "component": "head_linear_attn_beta", "unit": "h.pos"}], patched)
     base, src = ids_for(T, B, seed=1), ids_for(T, B, seed=2)
     with pytest.raises(ValueError, match=r"4 heads \(HV, indices 0..3\)"):
@@ -241,7 +241,7 @@ def test_head_out_of_range_names_head_count_and_leaves_no_hooks(models):
 def test_transformers_capture_hooks_survive():
     """transformers 5.x installs its output-capturing hooks once per model; pyvene's cleanup
     used to remove them, after which output_hidden_states came back incomplete."""
-    model = gi.patch(build("qwen3_5"))
+    model = gi.patch(build(ANY_GDN))
     ids = ids_for(T, B)
     with torch.no_grad():
         want = model(input_ids=ids, output_hidden_states=True).hidden_states

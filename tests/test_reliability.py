@@ -16,7 +16,7 @@ from conftest import cache_kw, ids_for, logits, new_cache, no_hooks, view
 import gdn_intervene as gi
 from gdn_intervene import SiteValueError
 from gdn_intervene.layer import GDNMixin
-from models import MODELS, build
+from models import ANY_GDN, MODELS, build
 
 NAMES = list(MODELS)
 L = 2
@@ -101,7 +101,7 @@ def _nnsight_over_a_copy(pair):
     from gdn_intervene import nnsight as gnn
     from test_nnsight import tokenizer
 
-    patched, ref = pair("qwen3_5")
+    patched, ref = pair(ANY_GDN)
     patched = copy.deepcopy(patched)
     return gnn, gnn.load(patched, tokenizer=tokenizer()), patched, ref
 
@@ -132,7 +132,7 @@ def test_nnsight_skip_of_the_conv_keeps_the_cache(pair):
 
 
 def test_repatching_keeps_settings_the_caller_did_not_pass():
-    model = gi.patch(build("qwen3_5"), native_cached=True)
+    model = gi.patch(build(ANY_GDN), native_cached=True)
     gi.patch(model)
     assert all(m.native_cached for m in gi.gdn_layers(model).values())
     with gi.patched(model):
@@ -197,7 +197,7 @@ def test_hf_owned_sites_and_the_conv_are_validated(pair, name):
 )
 @pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "replaced"])
 def test_non_finite_values_are_refused_with_the_position(pair, sname, value, shown, in_place):
-    patched, _ = pair("qwen3_5")
+    patched, _ = pair(ANY_GDN)
     ids = ids_for(6, B=2)
 
     def edit(x):
@@ -218,7 +218,7 @@ def test_non_finite_values_are_refused_with_the_position(pair, sname, value, sho
 def test_a_replaced_forward_is_refused_loudly(pair):
     """kernels' `kernelize` binds a hub layer's forward to the instance
     (`module.forward = MethodType(layer.forward, module)`); the sites would never fire."""
-    patched, _ = pair("qwen3_5")
+    patched, _ = pair(ANY_GDN)
     m = gi.gdn_layers(patched)[L]
 
     def hub_forward(self, hidden_states, **kwargs):
@@ -230,7 +230,7 @@ def test_a_replaced_forward_is_refused_loudly(pair):
     m.forward = types.MethodType(type(m).forward, m)  # kernelize's own restore path is fine
     del m.forward
 
-    plain = build("qwen3_5")
+    plain = build(ANY_GDN)
     layer = next(x for x in plain.modules() if type(x).__name__.endswith("GatedDeltaNet"))
     layer.forward = types.MethodType(hub_forward, layer)
     with pytest.raises(RuntimeError, match=r"forward replaced by .*hub_forward.*no site would fire"):
@@ -242,7 +242,7 @@ def test_a_replaced_forward_is_refused_loudly(pair):
 
 
 def test_compiled_patched_equals_compiled_unpatched(pair):
-    patched, ref = pair("qwen3_5")
+    patched, ref = pair(ANY_GDN)
     ids = ids_for(9)
     torch._dynamo.reset()
     a = torch.compile(patched, backend="aot_eager")

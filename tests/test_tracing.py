@@ -8,7 +8,7 @@ from conftest import ids_for
 import gdn_intervene as gi
 from gdn_intervene import plot
 from gdn_intervene.tracing import Cell, TraceResult, causal_trace
-from models import present
+from models import ANY_GDN, present
 
 state_at = gi.state_at
 
@@ -78,7 +78,7 @@ def test_batched_sweep_matches_one_forward_per_cell(pair, name):
 
 
 def test_bad_input(pair):
-    model, _ = pair("qwen3_5")
+    model, _ = pair(ANY_GDN)
     with pytest.raises(ValueError, match="equal token length.*clean \\[1, 5\\] and corrupted \\[1, 6\\]"):
         causal_trace(model, ids_for(5, B=1), ids_for(6, B=1))
     with pytest.raises(ValueError, match="unknown site 'bta'; sites are"):

@@ -24,8 +24,16 @@ def load_toy(**kw):
     ``kw`` is passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype=``,
     ``attn_implementation=``). Reads only local files.
     """
+    import transformers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    if getattr(transformers, "Qwen3_5ForCausalLM", None) is None:
+        from .._compat import UnsupportedVersionError
+
+        raise UnsupportedVersionError(
+            f"the bundled toy model is a Qwen3.5 checkpoint, which transformers {transformers.__version__} cannot load; "
+            "it needs transformers >= 5.5 (the library itself supports 4.57 on)"
+        )
     kw.setdefault("local_files_only", True)
     model = AutoModelForCausalLM.from_pretrained(TOY_PATH, **kw).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(TOY_PATH, local_files_only=True)
