@@ -10,9 +10,9 @@ import ast
 import functools
 import importlib
 import inspect
-import textwrap
 import os
 import sys
+import textwrap
 import types
 from types import ModuleType
 from typing import Any, NamedTuple
