@@ -149,17 +149,17 @@ class Convention(NamedTuple):
     kernels_on_instance: the kernels are instance attributes bound in `__init__`
         (`self.chunk_gated_delta_rule`, `self.causal_conv1d_fn`, ...: 4.57-5.14), not module-level
         functions (5.15 on).
-    continues: a cached call of several tokens continues from the cached states (5.10 on);
-        False: it restarts from zero states, as a prefill (4.57-5.9).
+    continues: a cached call of several tokens continues from the cached states (5.7 on);
+        False: it restarts from zero states, as a prefill (4.57-5.6).
     kernel_kwargs: what of the forward's `**kwargs` reaches the kernels: "all" (5.15 on: the
-        conv gets them, the delta-rule kernels `cu_seqlens` plus them), "packed" (5.10-5.14:
-        the conv `seq_idx`, the chunk kernel `cu_seqlens`), "none" (4.57-5.9).
-    decode_needs_position: a cached decode step also needs `cache_position` (4.57-5.0).
-    extra_params: where the forward takes no `**kwargs` (4.57-5.9), the names it takes besides
+        conv gets them, the delta-rule kernels `cu_seqlens` plus them), "packed" (5.9-5.14:
+        the conv `seq_idx`, the chunk kernel `cu_seqlens`), "none" (4.57-5.8).
+    decode_needs_position: a cached decode step also needs `cache_position` (4.57-5.3).
+    extra_params: where the forward takes no `**kwargs` (4.57, 5.5), the names it takes besides
         the hidden states, the cache and the mask (4.57: `cache_position`); any other keyword is
         a TypeError, as in HF. None: it takes `**kwargs`.
     trim_with_cache: the conv output is cut to the last T positions on every cached call
-        (5.15 on), not only where cached context was prepended (5.10-5.14) or never (4.57-5.9).
+        (5.15 on), not only where cached context was prepended (5.10) or never (4.57, 5.5).
         A no-op on the values, not on the gradient's layout.
     """
 
@@ -271,7 +271,7 @@ def route_kwargs(conv: Convention, kwargs: dict, packed_kwarg: bool, hf_name: st
 def layout_gap(cls: type, attrs: tuple[str, ...], since: str | None) -> str | None:
     """Why HF GDN class `cls` has a layout the decomposed forward cannot serve (None if it can):
     its `__init__` must create every submodule in `attrs` (e.g. OLMo-Hybrid's one fused
-    `conv1d`, which 5.5-5.14 split into q/k/v convs). `since`: the first release with it."""
+    `conv1d`, which 5.3-5.14 split into q/k/v convs). `since`: the first release with it."""
     made = set()
     for c in cls.__mro__:
         init = vars(c).get("__init__")
@@ -364,7 +364,7 @@ def _classify_cache(cls: type) -> tuple[Any, str | None]:
         return None, None
     prev = inspect.getattr_static(cls, "has_previous_state", None)
     if isinstance(prev, property) and not callable(getattr(cls, "update_conv_state", None)):
-        return _ListsCacheView, None  # 4.57-5.0: Qwen3NextDynamicCache
+        return _ListsCacheView, None  # 4.57-5.4: Qwen3NextDynamicCache, Qwen3_5DynamicCache
     if callable(prev) and all(callable(getattr(cls, n, None)) for n in ("update_conv_state", "update_recurrent_state")):
         return (_LayersCacheView if _takes(prev, "state_idx") else _FlatLayersCacheView), None
     missing = [n for n in CACHE_API if not callable(getattr(cls, n, None))]
@@ -445,8 +445,9 @@ class _FlatLayersCacheView(_CacheView):
 
 
 class _ListsCacheView(_CacheView):
-    """4.57-5.0: Qwen3NextDynamicCache, lists `conv_states[i]` / `recurrent_states[i]` that the
-    forward assigns, and one `has_previous_state` property for every layer."""
+    """4.57-5.4: the model's own cache (Qwen3NextDynamicCache, Qwen3_5DynamicCache), lists
+    `conv_states[i]` / `recurrent_states[i]` that the forward assigns, and one
+    `has_previous_state` property for every layer."""
 
     __slots__ = ()
 

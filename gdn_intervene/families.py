@@ -285,7 +285,7 @@ FAMILIES: tuple[Family, ...] = (
         hf_names={"norm": "o_norm", "out_proj": "o_proj"},
         neg_eigval_attr="allow_neg_eigval",
         conv_trims_always=True,
-        layout_since="5.15.0",  # 5.5-5.14: three short convs (q_conv1d, k_conv1d, v_conv1d)
+        layout_since="5.15.0",  # 5.3-5.14: three short convs (q_conv1d, k_conv1d, v_conv1d)
     ),
 )
 _KDA = dict(

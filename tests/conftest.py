@@ -81,7 +81,7 @@ def cache_kw(model) -> str:
 
 def new_cache(model):
     """An empty cache of the kind the model makes for itself: HF's DynamicCache, or the
-    model-specific one of releases that have it (Qwen3NextDynamicCache, 4.57-5.0)."""
+    model-specific one of releases that have it (Qwen3NextDynamicCache, Qwen3_5DynamicCache: 4.57-5.4)."""
     from transformers import DynamicCache
 
     config = model.config.get_text_config()

@@ -226,5 +226,5 @@ def pick(*names: str) -> str:
     return next((n for n in names if n in MODELS), next(iter(MODELS)))
 
 
-# One GDN family every supported release has: Qwen3.5 (5.5 on), else Qwen3-Next (4.57, 5.0).
+# One GDN family every supported release has: Qwen3.5 (5.2 on), else Qwen3-Next (4.57-5.1).
 ANY_GDN = pick("qwen3_5", "qwen3_next")

@@ -362,7 +362,7 @@ def test_the_toy_needs_qwen3_5_and_the_cli_says_so_in_one_line(capsys, tmp_path)
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(("[transformers]", "note: "))]
     assert rc == 2 and len(err) == 1, err
     assert re.fullmatch(r"error: the bundled toy model is a Qwen3\.5 checkpoint, which transformers \S+ cannot load; "
-                        r"it needs transformers >= 5\.5 \(the library itself supports 4\.57 on\)", err[0]), err
+                        r"it needs a release with Qwen3\.5 \(tested: 5\.5 on; the library itself supports 4\.57 on\)", err[0]), err
 
 
 def test_a_layout_the_release_predates_is_refused_by_name(monkeypatch):
@@ -391,7 +391,7 @@ def test_a_layout_the_release_predates_is_refused_by_name(monkeypatch):
 @pytest.mark.skipif(_compat.modeling_module("transformers.models.olmo_hybrid.modeling_olmo_hybrid") is None
                     or "olmo_hybrid" in MODELS, reason="this release has no OLMo-Hybrid, or serves it")
 def test_olmo_hybrid_with_three_convs_is_refused(monkeypatch):
-    """On 5.5-5.14 (the matrix: 5.5, 5.10): the real class, refused with the release named."""
+    """On 5.3-5.14 (the matrix: 5.5, 5.10): the real class, refused with the release named."""
     import transformers
 
     from models import olmo_hybrid

@@ -32,7 +32,7 @@ def load_toy(**kw):
 
         raise UnsupportedVersionError(
             f"the bundled toy model is a Qwen3.5 checkpoint, which transformers {transformers.__version__} cannot load; "
-            "it needs transformers >= 5.5 (the library itself supports 4.57 on)"
+            "it needs a release with Qwen3.5 (tested: 5.5 on; the library itself supports 4.57 on)"
         )
     kw.setdefault("local_files_only", True)
     model = AutoModelForCausalLM.from_pretrained(TOY_PATH, **kw).eval()
