@@ -391,11 +391,14 @@ class _CacheView:
     def is_recording_past(self, layer_idx: int) -> bool:
         return getattr(self.cache.layers[layer_idx], "record_past", False)
 
-    def _full(self, x, layer_idx: int):
+    def update_conv_state(self, x, layer_idx: int, conv_kernel_size: int, **_):
         import torch
+        import torch.nn.functional as F
 
         prev = self.get_conv_state(layer_idx) if self.continues else None
-        return x if prev is None else torch.cat([prev, x], dim=-1)
+        full = x if prev is None else torch.cat([prev, x], dim=-1)
+        self._store_conv(F.pad(full, (conv_kernel_size - full.shape[-1], 0)), layer_idx)
+        return full
 
 
 class _LayersCacheView(_CacheView):
@@ -433,12 +436,8 @@ class _FlatLayersCacheView(_CacheView):
     def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
         return self.cache.layers[layer_idx].recurrent_states if self.cache.has_previous_state(layer_idx) else None
 
-    def update_conv_state(self, x, layer_idx: int, conv_kernel_size: int, **_):
-        import torch.nn.functional as F
-
-        full = self._full(x, layer_idx)
-        self.cache.update_conv_state(F.pad(full, (conv_kernel_size - full.shape[-1], 0)), layer_idx)
-        return full
+    def _store_conv(self, state, layer_idx: int):
+        self.cache.update_conv_state(state, layer_idx)
 
     def update_recurrent_state(self, state, layer_idx: int, **_):
         return self.cache.update_recurrent_state(state, layer_idx)
@@ -460,12 +459,8 @@ class _ListsCacheView(_CacheView):
     def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
         return self.cache.recurrent_states[layer_idx] if self.cache.has_previous_state else None
 
-    def update_conv_state(self, x, layer_idx: int, conv_kernel_size: int, **_):
-        import torch.nn.functional as F
-
-        full = self._full(x, layer_idx)
-        self.cache.conv_states[layer_idx] = F.pad(full, (conv_kernel_size - full.shape[-1], 0))
-        return full
+    def _store_conv(self, state, layer_idx: int):
+        self.cache.conv_states[layer_idx] = state
 
     def update_recurrent_state(self, state, layer_idx: int, **_):
         self.cache.recurrent_states[layer_idx] = state

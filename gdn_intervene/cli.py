@@ -9,7 +9,6 @@ stderr and exit status 2, checked before the model runs where the input allows.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import tempfile
@@ -116,10 +115,7 @@ def _load(model: str | None, device, dtype: str):
     if model is None:
         from .toy import load_toy
 
-        try:
-            m, tok = load_toy(dtype=dt)
-        except gi.UnsupportedVersionError as e:
-            raise UsageError(str(e)) from None
+        m, tok = load_toy(dtype=dt)
         return gi.patch(m).to(device), tok, "bundled MQAR toy"
     p = Path(model).expanduser()
     if not p.is_dir():
@@ -246,10 +242,7 @@ def cmd_demo(args) -> None:
 
     import gdn_intervene as gi
 
-    try:
-        model, tok = load_toy()
-    except gi.UnsupportedVersionError as e:
-        raise UsageError(str(e)) from None
+    model, tok = load_toy()
     gi.patch(model)
     clean, bad, info = mqar.demo_prompts(args.seed, args.corrupt)
     record = {"model": "bundled MQAR toy", "seed": args.seed, **info,
@@ -434,6 +427,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command == "demo" or getattr(args, "model", "") is None:  # the bundled toy: refused before any work
+            from .toy import unloadable
+
+            if (why := unloadable()) is not None:
+                raise UsageError(why)
         COMMANDS[args.command](args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

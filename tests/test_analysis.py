@@ -81,7 +81,7 @@ def test_effective_attention_reconstructs_the_kernel_output(pair, name, hv_ratio
 
 
 @HV
-@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid", "kimi_linear"))
+@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid", "kimi_linear") or [ANY_GDN])
 def test_rows_and_heads_slices_equal_the_full_matrix(pair, name, hv_ratio):
     patched, _ = pair(name, hv_ratio)
     ids, mask = ids_for(70), left_pad_mask(3, 70)
@@ -242,7 +242,7 @@ def test_attribution_sums_to_the_layer_output(pair, name, hv_ratio):
     assert rel(att.total()[:, 0], torch.cat(rows)) <= 1e-5
 
 
-@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid", "kimi_linear"))
+@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid", "kimi_linear") or [ANY_GDN])
 def test_attribution_after_a_cached_prefix_has_a_state_term(pair, name):
     patched, ref = pair(name)
     skip_unless_continues(patched)
@@ -303,7 +303,7 @@ def test_attribution_bad_input_is_named(pair, kw, match):
 
 
 @HV
-@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid"))  # KDA: test_kda.py
+@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid") or [ANY_GDN])  # KDA: test_kda.py
 def test_state_decomposition_sums_to_the_kernel_state(pair, name, hv_ratio):
     patched, ref = pair(name, hv_ratio)
     ids, mask = ids_for(130), left_pad_mask(3, 130)
@@ -404,7 +404,7 @@ def test_split_prefill_without_edit_matches_the_single_call(pair, name):
 
 
 @HV
-@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid", "kimi_linear"))
+@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid", "kimi_linear") or [ANY_GDN])
 def test_states_at_match_the_cache_after_each_prefix(pair, name, hv_ratio):
     patched, ref = pair(name, hv_ratio)
     ids, mask = ids_for(100), left_pad_mask(3, 100)

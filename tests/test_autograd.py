@@ -90,12 +90,12 @@ def test_every_site_has_its_true_gradient(pair, name, sname):
             loss_of(ref(input_ids=ids, use_cache=False).logits).backward()
         ref.zero_grad(set_to_none=True)
         hf = got[KERNEL_ARGS[sname]].grad
-        if sname in ("q", "k") and hf.shape != grads.shape:
-            # before 5.23 q, k reach the kernel repeated to HV heads: the kernel argument's
-            # gradient is per copy, the site's is their sum (checked above against the perturbation)
-            assert hf.shape[:2] == grads.shape[:2] and hf.shape[2] > grads.shape[2]
-        else:
-            assert torch.equal(grads, hf)
+        if hf.shape != grads.shape:
+            # before 5.23 q, k reach the kernel repeated to HV heads (each key head r times,
+            # consecutively): the site's gradient is the sum over its r copies, as autograd sums them
+            assert sname in ("q", "k") and hf.shape[2] % grads.shape[2] == 0, (sname, hf.shape, grads.shape)
+            hf = hf.unflatten(2, (grads.shape[2], -1)).sum(3)
+        assert torch.equal(grads, hf)
 
 
 def test_recurrence_gradient_equals_the_unpatched_kernel_output_gradient(pair):

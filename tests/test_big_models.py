@@ -9,7 +9,7 @@ from conftest import ids_for
 
 import gdn_intervene as gi
 from gdn_intervene.layer import GDNMixin
-from models import KDA, MODELS, build
+from models import KDA, MODELS, build, present
 from reference import hf_gdn
 
 
@@ -26,7 +26,7 @@ def _logits(model, ids):
 @pytest.mark.compat
 @pytest.mark.parametrize("when", ["patch-after-offload", "patch-before-offload"])
 @pytest.mark.parametrize("offload", ["cpu", "disk"])
-@pytest.mark.parametrize("name", [n for n in ("qwen3_next", "qwen3_5", "kimi_linear", "bailing_hybrid") if n in MODELS])
+@pytest.mark.parametrize("name", present("qwen3_next", "qwen3_5", "kimi_linear", "bailing_hybrid"))
 def test_offloaded_model_equals_and_sites_fire(tmp_path, name, offload, when):
     """Weights live off-device (meta params, accelerate hooks); the decomposed forward reads
     conv1d.weight directly, so its hooks are forced, as in HF. The sites must still fire.
@@ -64,7 +64,7 @@ def test_device_map_load_is_patched(tmp_path):
 
 
 @pytest.mark.compat
-@pytest.mark.parametrize("name", [n for n in ("qwen3_next", "qwen3_5", "olmo_hybrid") if n in MODELS])
+@pytest.mark.parametrize("name", present("qwen3_next", "qwen3_5", "olmo_hybrid"))
 def test_packed_sequences_keep_the_native_behaviour(pair, name):
     """`cu_seq_lens_q` goes to the kernel as HF passes it (`cu_seqlens`; 4.57-5.9: not at all).
     The torch fallback cannot keep packed sequences apart: from 5.15 it raises, and the error

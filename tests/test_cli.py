@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-import transformers
+from conftest import needs_toy
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gdn_intervene import cli, tracing
@@ -17,7 +17,7 @@ from gdn_intervene.toy import load_toy, mqar
 
 # The bundled toy is a Qwen3.5 checkpoint (transformers 5.5 on); test_core checks the one-line
 # refusal where it cannot load.
-pytestmark = pytest.mark.skipif(not hasattr(transformers, "Qwen3_5ForCausalLM"), reason="no Qwen3.5 to load the toy")
+pytestmark = needs_toy
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,19 @@ exactly one 64-token chunk, one past it and three chunks with padding. Every com
 
 import copy
 import re
-import warnings
 
 import pytest
 import torch
 from conftest import ids_for, left_pad_mask, logits, new_cache, no_hooks
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import gdn_intervene as gi
 from gdn_intervene import _compat
 from gdn_intervene.layer import GDNMixin, _WARNED
 from gdn_intervene.sites import SITE_NAMES, SITES
-from models import MODELS, VOCAB, build, pick
-from reference import hf_gdn, kernel_edit
+from gdn_intervene.toy import unloadable
+from models import MODELS, build, pick
+from reference import kernel_edit
 
 NAMES = list(MODELS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -354,15 +354,19 @@ def test_transformers_below_the_supported_range_is_refused_newer_is_not(monkeypa
     assert gi.gdn_layers(gi.patch(build(pick("qwen3_5"))))
 
 
-@pytest.mark.skipif(hasattr(__import__("transformers"), "Qwen3_5ForCausalLM"), reason="this release loads the Qwen3.5 toy")
+@pytest.mark.skipif(unloadable() is None, reason="this release loads the Qwen3.5 toy")
 def test_the_toy_needs_qwen3_5_and_the_cli_says_so_in_one_line(capsys, tmp_path):
     from gdn_intervene import cli
 
-    rc = cli.main(["demo", "--out", str(tmp_path / "o"), "--no-progress"])
-    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(("[transformers]", "note: "))]
-    assert rc == 2 and len(err) == 1, err
-    assert re.fullmatch(r"error: the bundled toy model is a Qwen3\.5 checkpoint, which transformers \S+ cannot load; "
-                        r"it needs a release with Qwen3\.5 \(tested: 5\.5 on; the library itself supports 4\.57 on\)", err[0]), err
+    for argv in (["demo", "--no-progress"], ["attention"], ["trace", "--prompt", "k1 v2", "--corrupt", "k2 v2"]):  # the toy
+        out = tmp_path / argv[0]
+        rc = cli.main([*argv, "--out", str(out)])
+        err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(("[transformers]", "note: "))]
+        assert rc == 2 and len(err) == 1, err
+        assert re.fullmatch(r"error: the bundled toy model is a Qwen3\.5 checkpoint, which transformers \S+ cannot load; "
+                            r"it needs a release with Qwen3\.5 \(tested: 5\.5 on; the library itself supports 4\.57 on\)",
+                            err[0]), err
+        assert not out.exists()  # refused before any work
 
 
 def test_a_layout_the_release_predates_is_refused_by_name(monkeypatch):

@@ -5,10 +5,10 @@ import runpy
 import sys
 
 import pytest
-import transformers
+from conftest import needs_toy
 
 # The examples run on the bundled toy, a Qwen3.5 checkpoint (transformers 5.5 on).
-pytestmark = pytest.mark.skipif(not hasattr(transformers, "Qwen3_5ForCausalLM"), reason="the examples run on the Qwen3.5 toy")
+pytestmark = needs_toy
 
 EXAMPLES = [
     ("beta_decay_stats.py", [], None),

@@ -231,7 +231,7 @@ def test_generation_edit_on_every_step(wrapped, name):
     assert not torch.equal(expected_logits, hf_generate(ref, x)[1])
 
 
-@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid"))
+@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid") or [ANY_GDN])
 def test_generation_edit_on_chosen_steps(wrapped, name):
     lm, ref = wrapped(name)
     x = ids()

@@ -219,7 +219,7 @@ def same(got, want):
     assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits, strict=True))
 
 
-@pytest.mark.parametrize("name", present("qwen3_5", "kimi_linear"))  # KDA layers sit at self_attn too
+@pytest.mark.parametrize("name", present("qwen3_5", "kimi_linear") or [ANY_GDN])  # KDA layers sit at self_attn too
 def test_gdn_component_at_attention_layer(models, name):
     patched, _ = models(name)
     with pytest.raises(ValueError, match=r"linear_attn_beta.*layer 1 is not a GDN layer; GDN layers are \[0, 2\]"):

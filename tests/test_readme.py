@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 
 import pytest
-import transformers
+from conftest import needs_toy
 
 # The README's examples run on the bundled toy, a Qwen3.5 checkpoint (transformers 5.5 on).
-pytestmark = pytest.mark.skipif(not hasattr(transformers, "Qwen3_5ForCausalLM"), reason="the README runs on the Qwen3.5 toy")
+pytestmark = needs_toy
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.M | re.S)

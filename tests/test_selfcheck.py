@@ -9,7 +9,7 @@ from conftest import ids_for
 
 import gdn_intervene as gi
 from gdn_intervene import selfcheck
-from models import MODELS, build, pick
+from models import build, pick, present
 
 pytestmark = pytest.mark.compat
 
@@ -54,7 +54,7 @@ def logits(model, ids, **kw):
         return model(input_ids=ids, **kw).logits
 
 
-@pytest.mark.parametrize("name", [n for n in ("qwen3_next", "qwen3_5", "olmo_hybrid") if n in MODELS])
+@pytest.mark.parametrize("name", present("qwen3_next", "qwen3_5", "olmo_hybrid"))
 def test_passes_on_this_release_once_per_class(runs, name):
     ref = build(name)
     model = gi.patch(copy.deepcopy(ref))

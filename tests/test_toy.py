@@ -4,13 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import run
-
-import transformers
+from conftest import needs_toy, run
 
 from gdn_intervene.toy import TOY_PATH, load_toy, mqar
 
-pytestmark = pytest.mark.skipif(not hasattr(transformers, "Qwen3_5ForCausalLM"), reason="the toy is a Qwen3.5 checkpoint")
+pytestmark = needs_toy
 
 TEST_SEED = 20_240  # disjoint from the training (0) and held-out (10_000) seeds
 

@@ -49,7 +49,7 @@ def _one_cell(model, clean, bad, layer, name, p, answers):
     return (d(last) - d_bad) / (d_clean - d_bad)
 
 
-@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid"))
+@pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid") or [ANY_GDN])
 def test_batched_sweep_matches_one_forward_per_cell(pair, name):
     model, _ = pair(name)
     clean = ids_for(10, B=1, seed=3)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 TOY_PATH = Path(__file__).resolve().parent / "mqar"
 
-__all__ = ["TOY_PATH", "load_toy"]
+__all__ = ["TOY_PATH", "load_toy", "unloadable"]
 
 
 def load_toy(**kw):
@@ -24,17 +24,25 @@ def load_toy(**kw):
     ``kw`` is passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype=``,
     ``attn_implementation=``). Reads only local files.
     """
-    import transformers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    if getattr(transformers, "Qwen3_5ForCausalLM", None) is None:
+    if (why := unloadable()) is not None:
         from .._compat import UnsupportedVersionError
 
-        raise UnsupportedVersionError(
-            f"the bundled toy model is a Qwen3.5 checkpoint, which transformers {transformers.__version__} cannot load; "
-            "it needs a release with Qwen3.5 (tested: 5.5 on; the library itself supports 4.57 on)"
-        )
+        raise UnsupportedVersionError(why)
     kw.setdefault("local_files_only", True)
     model = AutoModelForCausalLM.from_pretrained(TOY_PATH, **kw).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(TOY_PATH, local_files_only=True)
     return model, tokenizer
+
+
+def unloadable() -> str | None:
+    """Why the installed transformers release cannot load the toy (a Qwen3.5 checkpoint), or None."""
+    import transformers
+
+    if getattr(transformers, "Qwen3_5ForCausalLM", None) is not None:
+        return None
+    return (
+        f"the bundled toy model is a Qwen3.5 checkpoint, which transformers {transformers.__version__} cannot load; "
+        "it needs a release with Qwen3.5 (tested: 5.5 on; the library itself supports 4.57 on)"
+    )
