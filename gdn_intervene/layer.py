@@ -19,11 +19,15 @@ from .modules import CausalConv, SiteValueError, Tap, listened
 from ._positions import check_positions
 from .sites import TAP_SITES
 
-__all__ = ["GDNMixin", "NativeFallbackWarning", "hookable_class", "is_patched", "check_positions"]
+__all__ = ["GDNMixin", "HubKernelWarning", "NativeFallbackWarning", "hookable_class", "is_patched", "check_positions"]
 
 
 class NativeFallbackWarning(UserWarning):
     """A cached call ran HF's native forward: the sites did not fire for it."""
+
+
+class HubKernelWarning(UserWarning):
+    """A whole-layer hub kernel (kernels' `kernelize`) was set aside for a patched GDN layer."""
 
 
 _WARNED: set[str] = set()
@@ -91,6 +95,8 @@ class GDNMixin:
                     self.conv_kernel_size,
                     self._gdn_family.conv_trims_always,
                     self._gdn_convention.trim_with_cache,
+                    self._gdn_convention.conv_helper,
+                    self._gdn_convention.conv_keywords,
                 )
             else:
                 module = Tap(s.name, self.layer_idx, self._gdn_family.parent)
@@ -118,15 +124,12 @@ class GDNMixin:
             self.__dict__.pop(name, None)
 
     def __setattr__(self, name, value):
-        # kernels' `kernelize` / `use_kernels=True` replace a module's forward by binding the hub
-        # layer's forward to the instance; every site would then go silent.
-        if name == "forward" and isinstance(value, types.MethodType) and value.__func__ is not type(self).forward:
-            raise RuntimeError(
-                f"gdn_intervene: layer {self.layer_idx} ({type(self).__name__}) is patched; replacing its forward "
-                f"with {getattr(value.__func__, '__qualname__', value)} (hub kernels: kernelize / use_kernels=True?) "
-                f"would bypass every {self._gdn_family.parent} site. Call gdn_intervene.unpatch(model) before kernelizing, or keep "
-                "the GDN layers out of kernelize."
-            )
+        # kernels' `kernelize` (transformers 5.25 on: at load, and again on train()/eval() when
+        # the mode changes) binds a hub layer's forward to the instance, or, under accelerate's
+        # hooks, to `_old_forward`; every site would go silent. Keep the decomposed forward, say so.
+        if name in ("forward", "_old_forward") and _replaces_forward(self, value):
+            _warn_hub_forward(self, value, "kept the decomposed forward instead")
+            return
         super().__setattr__(name, value)
 
     def __delattr__(self, name):
@@ -153,7 +156,8 @@ class GDNMixin:
         z, b, a = p.z, p.b, p.a
         del p  # HF frees the projections after the conv; `p` would hold them through the kernel
         qkv = self.conv(
-            qkv, self.conv1d.weight, self.conv1d.bias, cache=step.cache, conv_state=step.conv_state, decode=step.conv_decode, **conv_kw
+            qkv, self.conv1d.weight, self.conv1d.bias, cache=step.cache, conv_state=step.conv_state, decode=step.conv_decode,
+            conv1d=self.conv1d, **conv_kw,
         )
         q, k, v = (qkv.narrow(-1, s, n) for s, n in ((0, key_dim), (key_dim, key_dim), (2 * key_dim, value_dim)))
         q = self.q(q.reshape(B, T, -1, head_k_dim))
@@ -211,9 +215,10 @@ class GDNMixin:
         return torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
 
     def _delta_rule(self, q, k, v, g, beta, step, chunk_kwargs: dict, recurrent_kwargs: dict) -> torch.Tensor:
-        """Runs HF's kernel (recurrent for a cached decode step, chunked otherwise) with the
-        keyword arguments HF passes it (`_compat.route_kwargs`), fires the `state` site on each
-        final state and writes the last one to the cache.
+        """Runs HF's kernels in HF's sequence (recurrent for a cached decode step; else chunked,
+        then, where the cache keeps N intermediate states, N single-token recurrent steps) with
+        the keyword arguments HF passes them (`_compat.route_kwargs`), fires the `state` site on
+        each state the call keeps (see `Fires.PER_SPLIT`) and writes them to the cache.
 
         q, k [B, T, HK, K]; v [B, T, HV, V]; beta [B, T, HV]; g <= 0, [B, T, HV] (GDN) or
         [B, T, HV, K] (KDA) -> o [B, T, HV, V].
@@ -222,33 +227,72 @@ class GDNMixin:
         chunk, recurrent = _compat.delta_rule_kernels(self, fam.kernels, conv)
         if conv.gqa_in_layer:  # releases whose kernel expects q, k repeated to HV heads
             q, k = _compat.repeat_heads(q, k, v.shape[2])
-        # The final state is always requested so the `state` site fires without a cache too;
-        # it does not change o.
-        common = dict(output_final_state=True, use_qk_l2norm_in_kernel=True)
+        # HF asks for the final state only with a cache; so do we, unless the `state` site needs
+        # it (asking does not change o).
+        want = step.cache is not None or bool(self.state_positions) or listened(self.state)
+        common = dict(output_final_state=want, use_qk_l2norm_in_kernel=True)
         S0 = step.initial_state
         if step.recurrent_decode:
             o, S = recurrent(q, k, v, g=g, beta=beta, initial_state=S0, **common, **recurrent_kwargs)
-            S = self.state(S)
-        elif self.state_positions:
-            o, S = self._split_delta_rule(q, k, v, g, beta, S0, dict(common, **chunk_kwargs), chunk)
+            S = written = self.state(S)
+        elif conv.keeps_states:
+            o, written = self._kept_delta_rule(q, k, v, g, beta, step, common, chunk_kwargs, recurrent_kwargs, chunk, recurrent)
         else:
-            o, S = chunk(q, k, v, g=g, beta=beta, initial_state=S0, **common, **chunk_kwargs)
-            S = self.state(S)
+            o, written = self._chunk(q, k, v, g, beta, S0, dict(common, **chunk_kwargs), chunk, fire_final=True, T_call=q.shape[1])
         if step.cache is not None:
-            step.cache.update_recurrent_state(S.to(torch.float32) if fam.state_fp32 else S, self.layer_idx)
+            if fam.state_fp32 and not conv.keeps_states:  # 5.25 on: cast where HF casts (_kept_delta_rule)
+                written = written.to(torch.float32)
+            step.cache.update_recurrent_state(written, self.layer_idx)
         return o
 
-    def _split_delta_rule(self, q, k, v, g, beta, S, common, chunk):
-        """Chunk kernel run segment by segment, split after each of `state_positions`; each
-        segment starts from the previous segment's (possibly replaced) final state."""
+    def _kept_delta_rule(self, q, k, v, g, beta, step, common, chunk_kwargs, recurrent_kwargs, chunk, recurrent):
+        """5.25 on: the chunk kernel on the first T - N positions (even none), then N recurrent
+        steps, each of whose states fires `state` and is kept (the cache gets the list, or the
+        chunk's final state where N = 0), exactly HF's op sequence (tensor_split, cat): other
+        ops would change the last bits of the parameter gradients.
+        -> (o [B, T, HV, V], the state or list of states to write)."""
+        fam, N = self._gdn_family, step.keep
+        split = q.shape[1] - N
+        (cq, sq), (ck, sk), (cv, sv), (cb, sb), (cg, sg) = (torch.tensor_split(x, [split], dim=1) for x in (q, k, v, beta, g))
+        o, S = self._chunk(
+            cq, ck, cv, cg, cb, step.initial_state, dict(common, **chunk_kwargs), chunk, fire_final=N == 0, T_call=q.shape[1]
+        )
+        if fam.state_fp32 and S is not None:
+            S = S.to(torch.float32)
+        outs, kept = [o], []
+        step_kwargs = dict(recurrent_kwargs)
+        if fam.packed_kwarg:
+            step_kwargs.pop("cu_seqlens", None)  # HF popped it into the chunk call
+        for i in range(N):
+            o_i, S = recurrent(
+                sq[:, i : i + 1], sk[:, i : i + 1], sv[:, i : i + 1], g=sg[:, i : i + 1], beta=sb[:, i : i + 1],
+                initial_state=S, output_final_state=True, use_qk_l2norm_in_kernel=True, **step_kwargs,
+            )
+            S = self.state(S)
+            outs.append(o_i)
+            kept.append(S.to(torch.float32) if fam.state_fp32 else S)
+        return torch.cat(outs, dim=1), (kept if kept else S)
+
+    def _chunk(self, q, k, v, g, beta, S, kwargs: dict, chunk, fire_final: bool, T_call: int):
+        """The chunk kernel over the first T of the call's `T_call` positions (HF runs the rest,
+        if any, step by step); with `state_positions`, segment by segment, split after each
+        listed position, each segment starting from the previous one's (possibly replaced)
+        final state. `state` fires after each listed position below T and, if `fire_final`, on
+        the final state. -> (o [B, T, HV, V], final state)."""
         T = q.shape[1]
-        if common.get("cu_seqlens") is not None or common.get("cu_seq_lens_q") is not None:
+        if not self.state_positions:
+            o, S = chunk(q, k, v, g=g, beta=beta, initial_state=S, **kwargs)
+            return o, (self.state(S) if fire_final else S)
+        if kwargs.get("cu_seqlens") is not None or kwargs.get("cu_seq_lens_q") is not None:
             raise ValueError(f"layer {self.layer_idx}: state_positions cannot split packed sequences (cu_seqlens)")
-        bounds = _split_bounds(self.state_positions, T, self.layer_idx)
+        _split_bounds(self.state_positions, T_call, self.layer_idx)  # every position inside the call
+        listed = {p for p in self.state_positions if p < T}
+        bounds = [0] + [p + 1 for p in sorted(listed) if p + 1 < T] + [T]
         outs = []
         for s, e in zip(bounds[:-1], bounds[1:]):
-            o, S = chunk(q[:, s:e], k[:, s:e], v[:, s:e], g=g[:, s:e], beta=beta[:, s:e], initial_state=S, **common)
-            S = self.state(S)
+            o, S = chunk(q[:, s:e], k[:, s:e], v[:, s:e], g=g[:, s:e], beta=beta[:, s:e], initial_state=S, **kwargs)
+            if e - 1 in listed or (e == T and fire_final):
+                S = self.state(S)
             outs.append(o)
         return torch.cat(outs, dim=1), S
 
@@ -256,6 +300,27 @@ class GDNMixin:
         # The patched class is built at run time, so pickle (copy.deepcopy, torch.save) cannot
         # name it: name the HF class instead and rebuild the patched one from it.
         return (_rebuild, (self._gdn_hf_class,), *super().__reduce_ex__(protocol)[2:])
+
+
+def _replaces_forward(module, value) -> bool:
+    """Whether `value` is a forward bound to `module` other than its class's (a hub kernel's)."""
+    return isinstance(value, types.MethodType) and value.__self__ is module and value.__func__ is not type(module).forward
+
+
+def _warn_hub_forward(module, value, what: str, layers: str | None = None) -> None:
+    """One warning line: a whole-layer hub kernel replaced (or tried to replace) the forward of
+    a patched GDN layer (`layers`: which ones, default `module`'s). Python's warning filter shows
+    a line once per call site and text, so re-kernelizing 18 layers says it once."""
+    kernel = getattr(value.__func__, "__qualname__", repr(value))
+    repo = module.__dict__.get("_kernel_repo")
+    device = next((p.device for p in module.parameters()), "?")
+    warnings.warn(
+        f"gdn_intervene: a whole-layer hub kernel ({kernel}{f' from {repo}' if repo else ''}) for "
+        f"{module._gdn_hf_class.__name__} on {device} would bypass every site of {layers or 'the GDN layers'}; "
+        f"{what} (HF's own layer forward, decomposed). Unpatch to run the hub kernel.",
+        HubKernelWarning,
+        stacklevel=4,
+    )
 
 
 def _rebuild(hf_class: type):
@@ -285,13 +350,17 @@ def hookable_class(cls: type) -> type:
     if (gap := _compat.layout_gap(hf, fam.layout_attrs, fam.layout_since)) is not None:
         raise _compat.UnsupportedVersionError(gap + ".")
     _compat.check_hf_module(hf, fam.kernels)
+    # HF's own kernel routing (5.25 on) around ours, so every kernel call reaches the kernel
+    # object HF's forward would reach on that instance (a hub kernel after kernelize, fla, torch).
+    route = _compat.kernel_router(hf)
     forward = selfcheck.first_call(
         _compat.deprecate_cache_params(GDNMixin.forward, hf),
         ours=GDNMixin.forward,
         hf=_compat.undecorated(cls.forward),
         chunk_kernel=fam.kernels[0],
+        route=route,
     )
-    forward = _compat.force_accelerate_hooks(list(fam.accelerate_children))(forward)
+    forward = route(_compat.force_accelerate_hooks(list(fam.accelerate_children))(forward))
     new = type(
         f"Hookable{cls.__name__}",
         (GDNMixin, cls),

@@ -124,6 +124,9 @@ class CausalConv(_SiteModule):
     `trim_always`: HF slices the output to the last T positions on every call, not only with a
     cache (OLMo-Hybrid); the slice is a no-op on values but not on gradient layout.
     `trim_with_cache`: HF slices on every cached call (`_compat.Convention.trim_with_cache`).
+    `keywords`: HF passes the conv kernels weight, bias and activation by keyword.
+    `helper`: HF runs its modeling module's shared `causal_conv1d_forward(conv1d, x, cache, i)`
+    (5.25 on), which decides the decode step, counts the layer's tokens and trims; we call it.
     """
 
     def __init__(
@@ -136,6 +139,8 @@ class CausalConv(_SiteModule):
         kernel_size: int,
         trim_always: bool,
         trim_with_cache: bool = True,
+        helper: bool = False,
+        keywords: bool = False,
     ):
         super().__init__(site_name, layer_idx, parent)
         self.hf_module = hf_module
@@ -143,27 +148,40 @@ class CausalConv(_SiteModule):
         self.kernel_size = kernel_size
         self.trim_always = trim_always
         self.trim_with_cache = trim_with_cache
+        self.helper = helper
+        self.keywords = keywords
         self.wrote_cache = False
         self._produced = None
 
-    def forward(self, qkv, weight, bias=None, *, cache=None, conv_state=None, decode=False, **kwargs) -> torch.Tensor:
-        out = own_storage(self._conv(qkv, weight, bias, cache=cache, conv_state=conv_state, decode=decode, **kwargs))
+    def forward(self, qkv, weight, bias=None, *, cache=None, conv_state=None, decode=False, conv1d=None, **kwargs) -> torch.Tensor:
+        out = own_storage(self._conv(qkv, weight, bias, cache=cache, conv_state=conv_state, decode=decode, conv1d=conv1d, **kwargs))
         self._produced = (out, out._version)  # lets __call__ tell a hook's edit from our output
         return out
 
-    def _conv(self, qkv, weight, bias=None, *, cache=None, conv_state=None, decode=False, **kwargs) -> torch.Tensor:
-        conv_fn, conv_update = _compat.conv_kernels(self.hf_module)
+    def _conv(self, qkv, weight, bias=None, *, cache=None, conv_state=None, decode=False, conv1d=None, **kwargs) -> torch.Tensor:
         T = qkv.shape[1]
         x = qkv.transpose(1, 2)
+        if self.helper:  # HF's own helper, the kernel object HF calls (kernelize may replace it)
+            helper = _compat.hf_module_function(self.hf_module, "causal_conv1d_forward")
+            x = helper(conv1d, x, cache, self.layer_idx, activation=self.activation, **kwargs)
+            self.wrote_cache = cache is not None
+            return x.transpose(1, 2)
+        conv_fn, conv_update = _compat.conv_kernels(self.hf_module)
+        w = weight.squeeze(1)
         if decode:
-            x = conv_update(x, conv_state, weight.squeeze(1), bias, self.activation)
+            if self.keywords:
+                x = conv_update(x, conv_state, weight=w, bias=bias, activation=self.activation)
+            else:
+                x = conv_update(x, conv_state, w, bias, self.activation)
         else:
             if cache is not None:
                 x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.kernel_size)
             if conv_fn is None:  # releases that run nn.Conv1d without causal-conv1d
                 x = _compat.torch_conv(x, weight, bias)
+            elif self.keywords:
+                x = conv_fn(x, weight=w, bias=bias, activation=self.activation, **kwargs)
             else:
-                x = conv_fn(x, weight.squeeze(1), bias, activation=self.activation, **kwargs)
+                x = conv_fn(x, w, bias, activation=self.activation, **kwargs)
             if self.trim_always or (cache is not None and (self.trim_with_cache or x.shape[-1] != T)):
                 x = x[:, :, -T:]  # drop the cached left context, where HF does
         self.wrote_cache = cache is not None
@@ -174,6 +192,8 @@ class CausalConv(_SiteModule):
         did not run (nnsight `.skip()` with a replacement value)."""
         x = qkv.transpose(1, 2)
         if decode:  # the update kernel rolls the window by one column
+            if self.helper:  # and HF's helper counts the token (5.25 on)
+                cache.increase_count(self.layer_idx, 0)
             conv_state.copy_(torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)[:, :, -conv_state.shape[-1] :])
         else:
             cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.kernel_size)

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import _compat, selfcheck as _selfcheck
 from .families import family_for, supported_class_names
-from .layer import GDNMixin, hookable_class
+from .layer import GDNMixin, _warn_hub_forward, hookable_class
 from .sites import Owner, site
 
 __all__ = [
@@ -83,12 +83,13 @@ def patch(
             f"{type(model).__name__} has no Gated DeltaNet module; supported module classes: "
             f"{', '.join(supported_class_names())}"
         )
+    hubs = []
     for m in mods:
         if isinstance(m, GDNMixin):
             if native_cached is not None:
                 m.native_cached = native_cached
             continue
-        _refuse_replaced_forward(m)
+        hub = _hub_forward(m)
         orig = type(m)
         m.__class__ = hookable_class(orig)
         try:
@@ -97,22 +98,30 @@ def patch(
             m.__class__ = orig
             raise
         _compat.rebind_forwards(m, orig.forward)
+        if hub is not None:  # HF's own layer forward again, decomposed; said in one line
+            if m.__dict__.get("forward") is hub:
+                del m.__dict__["forward"]
+            if m.__dict__.get("_old_forward") is hub:  # accelerate's hooks (device_map)
+                m.__dict__["_old_forward"] = type(m).forward.__get__(m)
+            hubs.append((m, hub))
+    if hubs:
+        where = "layers " + ", ".join(str(m.layer_idx) for m, _ in hubs)
+        _warn_hub_forward(*hubs[0], "patch restored HF's layer forward", layers=where)
     if not selfcheck:
         for m in mods:
             _selfcheck.mark_checked(type(m))
     return model
 
 
-def _refuse_replaced_forward(m: nn.Module) -> None:
-    """A forward bound on the instance (hub kernels' `kernelize`) would shadow the patched one."""
-    fwd = m.__dict__.get("forward")
-    if isinstance(fwd, types.MethodType) and fwd.__func__ is not type(m).forward:
-        raise RuntimeError(
-            f"{type(m).__name__} (layer {getattr(m, 'layer_idx', '?')}) has its forward replaced by "
-            f"{getattr(fwd.__func__, '__qualname__', fwd)} (hub kernels: kernelize / use_kernels=True?); a patched "
-            "layer would still run that forward and no site would fire. Load the model without use_kernels, or "
-            "patch before kernelizing and keep the GDN layers out of it."
-        )
+def _hub_forward(m: nn.Module):
+    """The whole-layer hub kernel forward kernels' `kernelize` bound to `m` (transformers 5.25
+    loads with use_kernels on), on the instance or, under accelerate's hooks (device_map), in
+    `_old_forward`; None if there is none."""
+    for name in ("forward", "_old_forward"):
+        fwd = m.__dict__.get(name)
+        if isinstance(fwd, types.MethodType) and fwd.__self__ is m and fwd.__func__ is not type(m).forward:
+            return fwd
+    return None
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -55,13 +55,17 @@ def reset() -> None:
 
 
 def first_call(
-    forward: Callable, *, ours: Callable, hf: Callable, chunk_kernel: str = "torch_chunk_gated_delta_rule"
+    forward: Callable, *, ours: Callable, hf: Callable, chunk_kernel: str = "torch_chunk_gated_delta_rule",
+    route: Callable = lambda fn: fn,
 ) -> Callable:
     """Wrap a patched class's `forward` so that its first call per class runs the check.
 
     `ours` and `hf` are the undecorated functions `(module, hidden_states)` compared: the
     decomposed forward and HF's own; `chunk_kernel` names the family's chunk kernel in HF's
-    modeling module (where HF's final state is read)."""
+    modeling module (where HF's final state is read); `route` puts ours inside HF's kernel
+    routing (`_compat.kernel_router`), as the patched class runs it; HF's forward runs inside
+    the routing built from HF's class: both run as HF's wrapped forward runs, so a
+    kernel reached by one and not the other shows as a difference."""
 
     @functools.wraps(forward)
     def checked(self, *args, **kwargs):
@@ -71,7 +75,7 @@ def first_call(
                 raise _FAILED[cls]
             x = args[0] if args else kwargs.get("hidden_states")
             if _checkable(x):
-                _run(self, ours, hf, x, chunk_kernel)
+                _run(self, route(ours), hf, x, chunk_kernel)
         return forward(self, *args, **kwargs)
 
     return checked
@@ -93,7 +97,8 @@ def _run(
     chunk_kernel: str = "torch_chunk_gated_delta_rule",
 ) -> None:
     cls = type(module)
-    x = x[:1, :TOKENS].detach()
+    with torch.inference_mode(False):  # an inference tensor has no version counter for the sites
+        x = x[:1, :TOKENS].detach().clone()
     twin = _twin(module)
     for name in module._gdn_family.accelerate_children:
         # The patched forward's decorator has loaded these children's offloaded weights already;
@@ -104,7 +109,7 @@ def _run(
             child.__dict__.pop("forward", None)
     try:
         devices = [x.device] if x.device.type != "cpu" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=x.device.type):
+        with torch.inference_mode(False), torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=x.device.type):
             ref, ref_state = _hf_with_state(twin, hf_forward, x, chunk_kernel)
             states = []
             handle = twin.state.register_forward_hook(lambda m, a, out: states.append(out))
@@ -189,6 +194,8 @@ def _twin(module: nn.Module) -> nn.Module:
                 if f in d:
                     d[f] = OrderedDict((i, v) for i, v in d[f].items() if i in kept)
     d["training"] = False  # no dropout; the caller's RNG is forked around the check
+    if "state_positions" in d:  # a per-call setting of the caller (gdn_intervene.state_at), not of HF's
+        d["state_positions"] = None
     d["_modules"] = {k: (None if m is None else _twin(m)) for k, m in module._modules.items()}
     for k, m in module._modules.items():  # children also kept in the instance dict (a fast path)
         if m is not None and d.get(k) is m:
@@ -198,7 +205,8 @@ def _twin(module: nn.Module) -> nn.Module:
 
 
 def _hf_with_state(twin: nn.Module, hf_forward: Callable, x: torch.Tensor, chunk_kernel: str):
-    """HF's forward on `twin`, with its chunk kernel asked for (and giving us) the final state."""
+    """HF's forward on `twin` inside HF's kernel routing, with its chunk kernel asked for (and
+    giving us) the final state."""
     seen = []
 
     def capture(kernel):
@@ -210,5 +218,8 @@ def _hf_with_state(twin: nn.Module, hf_forward: Callable, x: torch.Tensor, chunk
 
         return chunk
 
-    out = _compat.redirect_chunk_kernel(twin, hf_forward, capture, chunk_kernel)(twin, x)
+    # HF's routing built here from HF's class, not taken from the patched class, so a forward
+    # that misses HF's routing cannot agree with it by construction.
+    hf_route = _compat.kernels.kernel_router(twin._gdn_hf_class)
+    out = hf_route(_compat.redirect_chunk_kernel(twin, hf_forward, capture, chunk_kernel))(twin, x)
     return out, (seen[-1] if seen else None)

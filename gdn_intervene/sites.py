@@ -24,7 +24,11 @@ class Owner(enum.Enum):
 
 class Fires(enum.Enum):
     PER_CALL = "once per forward call"
-    PER_SPLIT = "once per split of the prefill (see state_at), else once per call"
+    PER_SPLIT = (
+        "once per state the call keeps: the final one; with state_at, also after each listed position; "
+        "where the cache keeps N intermediate states (transformers 5.25 on: assisted generation's verify "
+        "forwards), once after each of the last N positions"
+    )
 
 
 class Mixer(enum.Enum):
@@ -105,7 +109,8 @@ SITES: tuple[Site, ...] = (
     Site(
         "state",
         ("B", "HV", "K", "V"),
-        "recurrent state after this call (or after each split, see state_at); written to the cache",
+        "recurrent state after this call (or after each split, see state_at, and each kept intermediate "
+        "state); written to the cache",
         fires=Fires.PER_SPLIT,
     ),
     Site("recurrence", ("B", "T", "HV", "V"), "delta-rule output o (chunk kernel in prefill, recurrent kernel in decode)"),

@@ -386,7 +386,9 @@ def test_a_layout_the_release_predates_is_refused_by_name(monkeypatch):
     OlmoHybridGatedDeltaNet.__module__ = olmo.classes[0][0]
     gap = _compat.layout_gap(OlmoHybridGatedDeltaNet, olmo.layout_attrs, olmo.layout_since)
     assert re.search(r"OlmoHybridGatedDeltaNet on transformers \S+ has no q_proj, k_proj, v_proj, b_proj, a_proj, g_proj, "
-                     r"conv1d .*from transformers 5\.15\.0 on", gap)
+                     r"conv1d, .*served from transformers 5\.15\.0 on \(tested: transformers \S+ to \S+; "
+                     r'pip install "transformers>=\d+\.\d+,<\d+\.\d+"\)$', gap)
+    assert "\n" not in gap
     monkeypatch.setattr("gdn_intervene.layer._CLASSES", {})
     with pytest.raises(gi.UnsupportedVersionError, match=r"OlmoHybridGatedDeltaNet on transformers .*5\.15\.0"):
         gi.patch(torch.nn.Sequential(OlmoHybridGatedDeltaNet()))

@@ -65,3 +65,18 @@ def test_import_has_no_side_effects():
     code = "import sys, gdn_intervene; print(sorted(m for m in ('nnsight', 'pyvene', 'matplotlib', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_install_cap_is_the_newest_tested_release():
+    """pyproject.toml, `_compat.TESTED` and the README name the same transformers range: the
+    install resolves to a tested release on any day."""
+    import re
+
+    from gdn_intervene import _compat
+
+    spec = _compat.install_spec()
+    assert f'"{spec}"' in (ROOT / "pyproject.toml").read_text()
+    newest = _compat.TESTED["transformers"][1]
+    assert spec.endswith(f"<{newest.split('.')[0]}.{int(newest.split('.')[1]) + 1}")
+    readme = (ROOT / "README.md").read_text()
+    assert spec in readme and re.search(rf"\b{re.escape(newest.rsplit('.', 1)[0])}\.x\b", readme)

@@ -1,0 +1,80 @@
+"""Every version-sensitive question, one file per concern:
+
+- `versions`: which transformers / nnsight / pyvene releases are tested; the refusal of others.
+- `conventions`: how each HF GDN class's forward calls its kernels, cache and decorators
+  (`Convention`, read from that forward, never from a version number); the layout check.
+- `kernels`: which kernel objects HF's forward calls on an instance (module-level functions,
+  instance attributes, kernels' per-instance routing) and what each runs on a device.
+- `caches`: one cache API over every release's linear-attention cache (`Step`, views).
+- `hooks`: forward wrappers other libraries put on a module (accelerate, nnsight).
+
+A new transformers release is one new value in `Convention` (with the release that showed
+it) and, where its cache differs, one view in `caches`.
+"""
+
+from .caches import CACHE_API, Step, cache_gap, cache_step, cache_view
+from .conventions import (
+    CHUNK_KERNEL_NAMES,
+    Convention,
+    cache_kwarg,
+    convention,
+    deprecate_cache_params,
+    force_accelerate_hooks,
+    kernelized_wrapper,
+    layout_gap,
+    model_kwargs,
+    repeat_heads,
+    route_kwargs,
+    undecorated,
+    wrapped_chain,
+)
+from .hooks import NNSIGHT_STATE, rebind_forwards, remove_forward_hooks_where, strip_nnsight
+from .kernels import (
+    HELPERS,
+    check_hf_module,
+    conv_kernels,
+    delta_rule_kernels,
+    hf_function,
+    hf_module_function,
+    kernel_router,
+    redirect_chunk_kernel,
+    torch_conv,
+)
+from .versions import (
+    RUNTIME_CHECKED,
+    TESTED,
+    UnsupportedVersionError,
+    _parse,
+    check_version,
+    install_hint,
+    install_spec,
+    modeling_module,
+)
+
+__all__ = [
+    "TESTED",
+    "UnsupportedVersionError",
+    "check_version",
+    "install_hint",
+    "install_spec",
+    "modeling_module",
+    "check_hf_module",
+    "hf_function",
+    "kernel_router",
+    "Convention",
+    "convention",
+    "delta_rule_kernels",
+    "conv_kernels",
+    "route_kwargs",
+    "layout_gap",
+    "Step",
+    "cache_step",
+    "CACHE_API",
+    "cache_gap",
+    "cache_view",
+    "cache_kwarg",
+    "force_accelerate_hooks",
+    "deprecate_cache_params",
+    "rebind_forwards",
+    "remove_forward_hooks_where",
+]

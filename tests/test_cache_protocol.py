@@ -1,0 +1,160 @@
+"""The cache protocol of transformers 5.25 on, bitwise: the per-layer token count, kept
+intermediate states (`activate_past_recording(recurrent_states_to_keep=N)`), `crop`, and the
+generation paths built on them (assisted generation, prompt lookup), with the sites firing in
+every verify forward. Skipped where the release's cache has no rollback (before 5.25).
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import ids_for, logits, new_cache, run
+
+import gdn_intervene as gi
+from models import MODELS, build
+
+NAMES = list(MODELS)
+
+
+def _rollback() -> bool:
+    from transformers import DynamicCache
+
+    return hasattr(DynamicCache, "get_recurrent_states_to_keep")
+
+
+pytestmark = [
+    pytest.mark.compat,
+    pytest.mark.skipif(not _rollback(), reason="this release's cache keeps no intermediate states (5.25 on)"),
+]
+
+
+def _fields(cache) -> list[torch.Tensor]:
+    """Every tensor a linear-attention cache layer holds: conv and recurrent states, the token
+    count, the kept history (in order)."""
+    out = []
+    for layer in cache.layers:
+        if not hasattr(layer, "cumulative_length_linear"):
+            continue
+        out.append(layer.cumulative_length_linear.clone())
+        for i in range(layer.number_of_states):
+            for d in (layer.conv_states, layer.recurrent_states):
+                if d[i] is not None:
+                    out.append(d[i].clone())
+            out.extend(h.clone() for h in getattr(layer, "recurrent_states_history", {}).get(i, []))
+    return out
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_count_and_every_cache_field_through_decode(pair, name):
+    """Prefill, then decode steps: logits, states, conv states and the layer's token count
+    (`get_seq_length`, from which Qwen3.5 builds position ids) equal after every call."""
+    patched, ref = pair(name)
+    caches = {k: new_cache(m) for k, m in (("p", patched), ("r", ref))}
+    step = ids_for(9)
+    for i in range(5):
+        outs = {k: logits(m, step, cache=caches[k], use_cache=True) for k, m in (("p", patched), ("r", ref))}
+        assert torch.equal(outs["p"], outs["r"]), f"logits differ at call {i}"
+        assert _same(_fields(caches["p"]), _fields(caches["r"])), f"cache differs at call {i}"
+        step = outs["p"][:, -1:].argmax(-1)
+    assert int(caches["p"].layers[next(iter(gi.gdn_layers(patched)))].get_seq_length()) == 9 + 4
+
+
+@pytest.mark.parametrize("keep", [1, 3, 5])
+@pytest.mark.parametrize("name", NAMES)
+def test_kept_states_and_crop(pair, name, keep):
+    """A recording cache keeps N intermediate states of a 5-token call (N = 5: the chunk kernel
+    runs on zero tokens); crop(-2) and crop(-1) roll back to them; the next call continues from
+    there. Every field equal after every step; `state` fires once per kept state."""
+    patched, ref = pair(name)
+    layer = next(iter(gi.gdn_layers(patched)))
+    caches = {k: new_cache(m) for k, m in (("p", patched), ("r", ref))}
+    prefix, draft, after = ids_for(11), ids_for(5, seed=1), ids_for(1, seed=2)
+    for k, m in (("p", patched), ("r", ref)):
+        logits(m, prefix, cache=caches[k], use_cache=True)
+        caches[k].activate_past_recording(recurrent_states_to_keep=keep)
+    fired = []
+    h = gi.site_module(patched, layer, "state").register_forward_hook(lambda m, a, o: fired.append(o.clone()))
+    try:
+        outs = {k: logits(m, draft, cache=caches[k], use_cache=True) for k, m in (("p", patched), ("r", ref))}
+    finally:
+        h.remove()
+    assert torch.equal(outs["p"], outs["r"])
+    assert _same(_fields(caches["p"]), _fields(caches["r"]))
+    assert len(fired) == keep  # one firing per kept state, the last one the cached state
+    assert torch.equal(fired[-1], caches["p"].layers[layer].recurrent_states[0].to(fired[-1].dtype))
+    for n in (2, 1):
+        if n > keep:
+            continue
+        cp, cr = copy.deepcopy(caches["p"]), copy.deepcopy(caches["r"])
+        cp.crop(-n), cr.crop(-n)
+        assert _same(_fields(cp), _fields(cr)), f"crop(-{n})"
+        nxt = {k: logits(m, after, cache=c, use_cache=True) for (k, m), c in zip((("p", patched), ("r", ref)), (cp, cr))}
+        assert torch.equal(nxt["p"], nxt["r"]), f"the call after crop(-{n})"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kept_states_gradients_bitwise(pair, name):
+    """The split (tensor_split, a zero-length chunk call, N recurrent steps, cat) under
+    autograd, on a recording cache from the first call (HF's cache overwrites a cached initial
+    state in place, which HF's own backward refuses): every parameter's gradient equal."""
+    patched, ref = pair(name)
+    grads = {}
+    for key, model in (("p", patched), ("r", ref)):
+        for T, keep in ((7, 3), (4, 4)):  # a chunk part and three steps; a zero-length chunk call
+            cache = new_cache(model)
+            cache.activate_past_recording(recurrent_states_to_keep=keep)
+            run(model, input_ids=ids_for(T), cache=cache, use_cache=True).logits.float().pow(2).mean().backward()
+        grads[key] = [p.grad for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+    assert any(g is not None for g in grads["p"])
+    for gp, gr in zip(grads["p"], grads["r"]):
+        assert (gp is None and gr is None) or torch.equal(gp, gr)
+
+
+def _count_calls(patched):
+    """Per GDN call of the first layer: (T, kept N, state firings); HF's rule for N read off the
+    call's cache (independent of the layer's code)."""
+    layer_idx = next(iter(gi.gdn_layers(patched)))
+    mod = gi.gdn_layers(patched)[layer_idx]
+    calls = []
+
+    def pre(m, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        cache = kwargs.get("cache", kwargs.get("cache_params"))
+        T = x.shape[1]
+        decode = cache is not None and cache.get_recurrent_state(layer_idx) is not None and T == 1
+        N = 0 if cache is None or decode else min(cache.get_recurrent_states_to_keep(layer_idx), T)
+        calls.append([T, N, 0])
+
+    def fire(*_):
+        calls[-1][2] += 1
+
+    handles = [mod.register_forward_pre_hook(pre, with_kwargs=True), mod.state.register_forward_hook(fire)]
+    return calls, handles
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_assisted_generation_and_prompt_lookup(name):
+    """Patched target and assistant equal unpatched, token for token; the target's sites fire
+    in every verify forward, once per kept state."""
+    target, assistant = build(name), build(name, seed=1)
+    ref_t, ref_a = copy.deepcopy(target), copy.deepcopy(assistant)
+    gi.patch(target), gi.patch(assistant)
+    ids = ids_for(10, B=1)
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    calls, handles = _count_calls(target)
+    try:
+        mine = target.generate(ids, assistant_model=assistant, **kw)
+        looked = target.generate(torch.cat([ids, ids], 1), prompt_lookup_num_tokens=3, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(mine, ref_t.generate(ids, assistant_model=ref_a, **kw))
+    assert torch.equal(looked, ref_t.generate(torch.cat([ids, ids], 1), prompt_lookup_num_tokens=3, **kw))
+    verify = [c for c in calls if c[1] > 0]
+    assert verify, "no verify forward kept states"
+    assert all(fired == max(N, 1) for _, N, fired in calls), calls
