@@ -96,6 +96,12 @@ class _SiteModule(nn.Module):
         return f"site={self.site_name!r}"
 
 
+def _version(x: torch.Tensor) -> int | None:
+    """`x`'s version counter, or None for an inference tensor (`torch.inference_mode()`), which
+    has none: its value is then always checked, edited or not."""
+    return None if x.is_inference() else x._version
+
+
 class Tap(_SiteModule):
     """Identity site: `forward(x) -> x`, output shape = input shape."""
 
@@ -106,9 +112,9 @@ class Tap(_SiteModule):
         if not listened(self):
             return x
         x = own_storage(x)
-        version = x._version
+        version = _version(x)
         out = super().__call__(x)
-        if out is not x or out._version != version:  # replaced, or edited in place
+        if out is not x or version is None or out._version != version:  # replaced, or edited in place
             self._expect(out, x)
         return value_layout_grad(out)
 
@@ -155,7 +161,7 @@ class CausalConv(_SiteModule):
 
     def forward(self, qkv, weight, bias=None, *, cache=None, conv_state=None, decode=False, conv1d=None, **kwargs) -> torch.Tensor:
         out = own_storage(self._conv(qkv, weight, bias, cache=cache, conv_state=conv_state, decode=decode, conv1d=conv1d, **kwargs))
-        self._produced = (out, out._version)  # lets __call__ tell a hook's edit from our output
+        self._produced = (out, _version(out))  # lets __call__ tell a hook's edit from our output
         return out
 
     def _conv(self, qkv, weight, bias=None, *, cache=None, conv_state=None, decode=False, conv1d=None, **kwargs) -> torch.Tensor:
@@ -207,7 +213,7 @@ class CausalConv(_SiteModule):
             out = super().__call__(qkv, *args, cache=cache, conv_state=conv_state, decode=decode, **kwargs)
         finally:
             produced, self._produced = self._produced, None
-        if produced is None or out is not produced[0] or out._version != produced[1]:
+        if produced is None or out is not produced[0] or produced[1] is None or out._version != produced[1]:
             self._expect(out, qkv)
         if cache is not None and not self.wrote_cache:  # skipped: keep the cache consistent
             self.write_cache(qkv, cache=cache, conv_state=conv_state, decode=decode)
