@@ -6,6 +6,9 @@
     fig = plot.effective_attention_grid(att[0], heads=[0, 1], tokens=labels)          # shared scale
     fig = plot.attribution_heatmap(an.attribution_for(model, ids, direction=(a, b)), tokens=labels)
 
+Tokens are data, never markup: every label built from token strings (tick labels, the answers
+and `what` in titles) is shown literally -- a token such as "$x^2$" or "\\alpha" is not mathtext.
+
 Figures are built with the object-oriented API (`matplotlib.figure.Figure`), not pyplot: no
 global state or backend change, no figure leak in loops, and saving goes through the Agg canvas
 whatever the session's backend. In a notebook, a returned Figure displays as usual.
@@ -40,6 +43,12 @@ def position_labels(tokens: Sequence[str]) -> list[str]:
     return [f"{i}:{t}" for i, t in enumerate(tokens)]
 
 
+def _literal(text) -> str:
+    """`text` as matplotlib shows it literally: a `$` escaped as `\\$` never opens mathtext (the
+    only markup in non-usetex text); matplotlib displays `\\$` as `$`."""
+    return str(text).replace("$", r"\$")
+
+
 def _save(fig, path) -> None:
     from matplotlib.backend_bases import FigureCanvasBase
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -51,7 +60,7 @@ def _save(fig, path) -> None:
 
 def _answers(result, answer_labels) -> str:
     a = answer_labels or [f"token {x}" for x in result.answers]
-    return f"clean answer {a[0]!r} vs corrupted answer {a[1]!r}"
+    return _literal(f"clean answer {a[0]!r} vs corrupted answer {a[1]!r}")
 
 
 def _trace_panel(ax, result, name, *, norm, cmap, show_x: bool, annotate: bool, corrupt_tokens=None):
@@ -81,7 +90,7 @@ def _trace_panel(ax, result, name, *, norm, cmap, show_x: bool, annotate: bool, 
         labels = position_labels(result.tokens)
         for p, tok in (corrupt_tokens or {}).items():
             labels[p] += f"→{tok}"
-        ax.set_xticklabels(labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.set_xticklabels([_literal(x) for x in labels], rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
         for p in result.corrupted_positions:
             ax.get_xticklabels()[p].set_color(_MARK)
             ax.get_xticklabels()[p].set_fontweight("bold")
@@ -178,9 +187,9 @@ def _attention_panel(ax, data, *, row_pos, tokens, cmap, lim, title):
     im = ax.imshow(np.ma.masked_array(data, mask=future), cmap=cmap, vmin=-lim, vmax=lim,
                    interpolation="nearest", aspect="auto", zorder=1)
     if T <= 64 and tokens is not None:
-        ax.set_xticks(range(T), [str(t) for t in tokens], rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
+        ax.set_xticks(range(T), [_literal(t) for t in tokens], rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
     if R <= 64 and tokens is not None:
-        ax.set_yticks(range(R), [str(tokens[p]) for p in row_pos], fontsize=7)
+        ax.set_yticks(range(R), [_literal(tokens[p]) for p in row_pos], fontsize=7)
     elif R <= 64:
         ax.set_yticks(range(R), [str(p) for p in row_pos], fontsize=7)
     ax.set_xlabel("key position s (value v_s)", fontsize=8)
@@ -280,7 +289,7 @@ def effective_attention_grid(
     fig = Figure(figsize=(0.8 + side * len(heads), 2.4 + 0.28 * min(R, 48)), layout="constrained")
     axes = fig.subplots(1, len(heads), squeeze=False, sharey=True)[0]
     for ax, d, lab in zip(axes, data, labels):
-        im = _attention_panel(ax, d, row_pos=row_pos, tokens=tokens, cmap=cmap, lim=lim, title=f"head {lab}")
+        im = _attention_panel(ax, d, row_pos=row_pos, tokens=tokens, cmap=cmap, lim=lim, title=_literal(f"head {lab}"))
     for ax in axes[1:]:
         ax.set_ylabel("")
     fig.colorbar(im, ax=list(axes), shrink=0.8).set_label("M[t, s], one scale for all heads", fontsize=8)
@@ -320,11 +329,11 @@ def attribution_heatmap(att, *, tokens: Optional[Sequence[str]] = None, row: int
         ax.set_xticks(range(T))
         ax.tick_params(labelbottom=i == L - 1)
         ax.axvspan(t + 0.5, T - 0.5, facecolor=_NA_COLOUR, hatch="///", edgecolor="white", linewidth=0) if t < T - 1 else None
-    axes[-1].set_xticklabels(labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+    axes[-1].set_xticklabels([_literal(x) for x in labels], rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
     axes[-1].set_xlabel("source position s (value v_s; v_s mixes tokens s-3..s through the conv)", fontsize=8)
-    fig.colorbar(im, ax=list(axes), fraction=0.025, pad=0.01).set_label("contribution (one scale)", fontsize=8)
-    fig.suptitle(f"attribution of {what} at position {labels[t]} to source positions, per GDN layer and head\n"
-                 f"(exact: M[t, s] times the projected value; the gated norm's scale frozen)", fontsize=9)
+    fig.colorbar(im, ax=list(axes), fraction=0.025, pad=0.01).set_label("contribution (logits, one scale)", fontsize=8)
+    fig.suptitle(_literal(f"attribution of {what} at position {labels[t]} to source positions, per GDN layer and head")
+                 + "\n(exact: M[t, s] times the projected value; the gated norm's scale frozen)", fontsize=9)
     if path is not None:
         _save(fig, path)
     return fig

@@ -13,6 +13,9 @@
 
 plotly is an optional dependency (`pip install "gdn_intervene[all]"`); it is imported when a
 function here is called. The page's interactivity is plotly's own (hover, drop-down menus).
+
+Tokens are data, never markup: plotly reads a subset of HTML in labels (and $...$ as TeX where
+MathJax is loaded), so every token is escaped and shows literally -- "<s>", "x<br>y", "a&amp;b".
 """
 
 from __future__ import annotations
@@ -26,6 +29,18 @@ from .plot import SCORE_LABEL  # one wording of what a trace score is
 __all__ = ["trace_figure", "attention_figure", "attribution_figure", "write_html"]
 
 _GAP = "#d0d0d0"  # background: NaN / masked cells show through as grey
+_MARK = "#d62728"  # corrupted positions (as in plot.py)
+
+
+def _text(s) -> str:
+    """`s` as plotly label text that shows literally: `&`, `<`, `>` as entities (plotly parses
+    tags such as <b>, <br>, <s>) and `$` as `&#36;` (no TeX), all decoded by plotly for display."""
+    return html.escape(str(s), quote=False).replace("$", "&#36;")
+
+
+def _labels(tokens) -> list[str]:
+    """``pos:token`` axis labels, escaped."""
+    return [_text(f"{p}:{t}") for p, t in enumerate(tokens)]
 
 
 def _plotly():
@@ -45,9 +60,13 @@ def trace_figure(result, *, answer_labels: Optional[Sequence[str]] = None):
         for i, layer in enumerate(result.layers):
             row = [None if v != v else round(float(v), 4) for v in result.scores[name][i].tolist()]
             z.append(row)
-            custom.append([[name, layer, result.tokens[p], "n/a" if row[p] is None else f"{row[p]:.3f}"] for p in range(T)])
+            custom.append([[name, layer, _text(result.tokens[p]), "n/a" if row[p] is None else f"{row[p]:.3f}"]
+                           for p in range(T)])
             ylabels.append(f"{name} · layer {layer}")
-    xlabels = [f"{p}:{t}" for p, t in enumerate(result.tokens)]
+    xlabels = _labels(result.tokens)
+    # the corrupted positions' tick labels in red and bold, as in the PNG trace figure
+    ticks = [f'<span style="color:{_MARK}"><b>{x}</b></span>' if p in result.corrupted_positions else x
+             for p, x in enumerate(xlabels)]
     heat = go.Heatmap(
         z=z, x=xlabels, y=ylabels, customdata=custom, zmin=-1, zmax=1, zmid=0, colorscale="RdBu", reversescale=True,
         xgap=1, ygap=1, hoverongaps=False,
@@ -58,15 +77,18 @@ def trace_figure(result, *, answer_labels: Optional[Sequence[str]] = None):
     fig = go.Figure(heat)
     a = answer_labels or [f"token {x}" for x in result.answers]
     fig.update_layout(
-        title=dict(text=f"Causal trace: {html.escape(SCORE_LABEL)}<br><sup>clean answer {html.escape(str(a[0]))}"
-                        f" vs corrupted answer {html.escape(str(a[1]))}; corrupted positions "
+        title=dict(text=f"Causal trace: {html.escape(SCORE_LABEL)}<br><sup>clean answer {_text(a[0])}"
+                        f" vs corrupted answer {_text(a[1])}; corrupted positions "
                         f"{', '.join(map(str, result.corrupted_positions)) or 'none'}</sup>"),
-        plot_bgcolor=_GAP, height=180 + 26 * len(ylabels), margin=dict(l=140, r=40, t=90, b=90),
-        yaxis=dict(autorange="reversed", tickfont=dict(size=11)), xaxis=dict(tickangle=-60, tickfont=dict(size=11)),
+        plot_bgcolor=_GAP, height=220 + 26 * len(ylabels), margin=dict(l=140, r=40, t=90, b=90),
+        yaxis=dict(autorange="reversed", tickfont=dict(size=11)),
+        xaxis=dict(tickangle=-60, tickfont=dict(size=11), automargin=True, tickvals=xlabels, ticktext=ticks,
+                   title=dict(text=f'position:token of the clean prompt (<span style="color:{_MARK}">red</span>: corrupted)',
+                              font=dict(size=12))),
     )
     for p in result.corrupted_positions:  # outline the corrupted columns
         fig.add_shape(type="rect", x0=p - 0.5, x1=p + 0.5, y0=-0.5, y1=len(ylabels) - 0.5, xref="x", yref="y",
-                      line=dict(color="#d62728", width=2))
+                      line=dict(color=_MARK, width=2))
     return fig
 
 
@@ -87,7 +109,7 @@ def _heatmap_menu(views, tokens, *, title, hover, row_pos=None, colorbar="M[t, s
     import numpy as np
 
     T = len(tokens)
-    xlabels = [f"{p}:{t}" for p, t in enumerate(tokens)]
+    xlabels = _labels(tokens)
     fig = go.Figure()
     # one colour scale for every view, so switching heads compares like with like
     lim = max([float(np.abs(d).max()) for _, d in views] + [1e-12])
@@ -95,9 +117,9 @@ def _heatmap_menu(views, tokens, *, title, hover, row_pos=None, colorbar="M[t, s
         R = data.shape[0]
         rows = list(range(R)) if row_pos is None else list(row_pos)
         masked = np.where(np.arange(T)[None, :] > np.asarray(rows)[:, None], np.nan, data)
-        custom = [[[tokens[t], tokens[s]] for s in range(T)] for t in rows]
+        custom = [[[_text(tokens[t]), _text(tokens[s])] for s in range(T)] for t in rows]
         fig.add_trace(go.Heatmap(
-            z=masked, x=xlabels, y=[f"{t}:{tokens[t]}" for t in rows], customdata=custom, name=label,
+            z=masked, x=xlabels, y=[xlabels[t] for t in rows], customdata=custom, name=label,
             zmid=0, zmin=-lim, zmax=lim, colorscale="RdBu", reversescale=True, hoverongaps=False,
             visible=i == 0, colorbar=dict(title=dict(text=colorbar, side="right")), hovertemplate=hover,
         ))
@@ -139,7 +161,7 @@ def attribution_figure(att, tokens: Sequence[str], *, row: int = 0, what: str = 
     go = _plotly()
     C = att.contributions[0, :, :, row].detach().float().cpu()  # [L, H, T]
     t = att.positions[row]
-    xlabels = [f"{p}:{tok}" for p, tok in enumerate(tokens)]
+    xlabels = _labels(tokens)
     fig = go.Figure()
     lim = float(C.abs().max()) or 1.0
     names = []
@@ -147,18 +169,21 @@ def attribution_figure(att, tokens: Sequence[str], *, row: int = 0, what: str = 
         for j, head in enumerate(att.heads):
             names.append(f"layer {layer}, head {head}")
             fig.add_trace(go.Bar(
-                x=xlabels, y=C[i, j].tolist(), name=names[-1], visible=not fig.data, customdata=list(tokens),
+                x=xlabels, y=C[i, j].tolist(), name=names[-1], visible=not fig.data,
+                customdata=[_text(x) for x in tokens],
                 marker_color=["#b2182b" if v >= 0 else "#2166ac" for v in C[i, j].tolist()],
                 hovertemplate="source %{x} (token %{customdata})<br>contribution %{y:.4f}<extra>%{fullData.name}</extra>"))
     n = len(names)
-    title = f"Attribution of {html.escape(what)} at position {xlabels[t]}"
+    title = f"Attribution of {_text(what)} at position {xlabels[t]}"
     buttons = [dict(label=nm, method="update", args=[{"visible": [k == i for k in range(n)]}, {"title.text": f"{title}: {nm}"}])
                for i, nm in enumerate(names)]
     fig.update_layout(title=dict(text=f"{title}: {names[0]}", x=0.01, xanchor="left"), showlegend=False,
                       updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.02,
                                         yanchor="bottom")] if n > 1 else [],
-                      yaxis=dict(range=[-1.05 * lim, 1.05 * lim], title="contribution (one scale for all heads)"),
-                      xaxis=dict(tickangle=-60, title="source position s"), height=440, margin=dict(t=110, b=100))
+                      yaxis=dict(range=[-1.05 * lim, 1.05 * lim], automargin=True,
+                                 title="contribution (logits)<br>one scale for all heads"),
+                      xaxis=dict(tickangle=-60, title="source position s", automargin=True),
+                      height=480, margin=dict(l=100, t=110, b=100))
     return fig
 
 

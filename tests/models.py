@@ -191,6 +191,10 @@ def _served(config_name: str) -> bool:
 
 
 MODELS = {k: fn for k, (fn, cfg) in _ALL.items() if _available(cfg) and _served(cfg)}
+if not MODELS:  # one line at collection, not a StopIteration further down
+    from gdn_intervene._compat import install_hint
+
+    raise RuntimeError(f"transformers {tr.__version__} has no GDN family gdn_intervene serves ({install_hint()})")
 KDA = tuple(n for n in ("kimi_linear", "glm5_next", "bailing_hybrid") if n in MODELS)  # (+ glm5_next_text: test_kda.py)
 GQA = tuple(n for n in MODELS if n not in KDA)  # families whose builders take hv_ratio 2
 BUILDERS = dict(MODELS, **({"glm5_next_text": glm5_next_text} if _available("Glm5NextTextConfig") else {}))

@@ -13,7 +13,9 @@ from gdn_intervene.tracing import TraceResult
 pytest.importorskip("plotly", reason="the report needs plotly (pip install -e '.[all]')")
 
 T = 8
-TOKENS = ["<bos>", "k1", "v3", "k2", "v7", "k5", "<sep>", "k2"]
+# tokens are data, never markup: plotly reads tags, entities and $...$ in labels; these must show literally
+TOKENS = ["<s>", "x<br>y", "v3", "k2", "a&amp;b", "k5", "<b>", "$x^2$"]
+LABELS = [f"{p}:{t}" for p, t in enumerate(TOKENS)]
 
 
 def _result():
@@ -45,8 +47,8 @@ def _attribution():
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     path = tmp_path_factory.mktemp("report") / "report.html"
-    report.write_html(path, trace=_result(), trace_answers=("v7", "v3"), attention=_attention(), tokens=TOKENS,
-                      attribution=_attribution(), attribution_of="logit(v7) - logit(v3)")
+    report.write_html(path, trace=_result(), trace_answers=("</s>", "$$"), attention=_attention(), tokens=TOKENS,
+                      attribution=_attribution(), attribution_of="logit(<b>) - logit(\\alpha)")
     return path
 
 
@@ -121,6 +123,32 @@ def test_hovering_a_trace_cell_shows_its_numbers(browser):
     assert "site state, layer 0" in text and "position 5:k5 (token k5)" in text and "score 0.500" in text, text
     text = _hover(browser, "trace", 3, 1)
     assert "site k, layer 1" in text and "3:k2" in text and "score -0.125" in text, text
+    text = _hover(browser, "trace", 4, 0)
+    assert "position 4:a&amp;b (token a&amp;b)" in text, text
+
+
+def _ticks(d, div: str, axis: str) -> list[str]:
+    return d.execute_script(f"return Array.from(document.querySelectorAll('#{div} .{axis}tick text'))"
+                            ".map(e => e.textContent)")
+
+
+def test_tokens_show_literally_in_labels_and_titles(browser):
+    assert _ticks(browser, "trace", "x") == LABELS
+    assert _ticks(browser, "attention", "x") == LABELS
+    assert _ticks(browser, "attention", "y")[::-1] == LABELS  # the query axis runs downwards
+    assert _ticks(browser, "attribution", "x") == LABELS
+    title = "return document.querySelector('#' + arguments[0] + ' .gtitle').textContent"
+    assert "clean answer </s> vs corrupted answer $$" in browser.execute_script(title, "trace")
+    assert browser.execute_script(title, "attribution").startswith("Attribution of logit(<b>) - logit(\\alpha) at position 7:$x^2$")
+
+
+def test_trace_marks_the_corrupted_position_on_the_x_axis(browser):
+    # as the PNG figure does: the corrupted position's tick label red and bold, the axis title says so
+    marked = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#trace .xtick text')).map(e => e.innerHTML)")
+    assert "fill:#d62728" in marked[3] and "font-weight:bold" in marked[3], marked
+    assert not any("d62728" in m or "bold" in m for m in marked[:3] + marked[4:]), marked
+    assert "red: corrupted" in browser.find_element("css selector", "#trace .g-xtitle").text
 
 
 def test_head_picker_changes_the_view(browser):
