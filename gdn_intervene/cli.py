@@ -1,4 +1,4 @@
-"""Command line: `gdn-intervene {demo,trace,attention}` (also `python -m gdn_intervene`).
+"""Command line: `gdn-intervene {demo,trace,attention,doctor}` (also `python -m gdn_intervene`).
 
 This module parses arguments and calls the library; torch, transformers and the rest of the
 package are imported inside the command functions, so `--help` stays fast. Library functions
@@ -342,6 +342,18 @@ def cmd_attention(args) -> None:
     print(f"wrote {', '.join(map(str, files))}")
 
 
+def cmd_doctor(args) -> None:
+    if args.model is not None:  # the checks of _load, without loading
+        p = Path(args.model).expanduser()
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"--model {args.model}: a file, not a checkpoint directory")
+        if not p.exists() and (not _HUB_ID.fullmatch(args.model) or "--" in args.model or ".." in args.model):
+            raise UsageError(f"--model {args.model!r} is neither a directory nor a hub id (owner/name)")
+    from .doctor import report
+
+    print(report(args.model), end="")
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -350,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     default_sites = ",".join(TRACE_SITES)
     ap = _Parser(prog="gdn-intervene", description="Interventions on Gated DeltaNet layers of HF hybrid models: causal "
                  "tracing over the GDN sites and exact effective attention. Run `gdn-intervene demo` first.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,trace,attention}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,trace,attention,doctor}")
 
     def common_out(p, default, what):
         p.add_argument("--out", default=default, metavar="DIR",
@@ -416,10 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the two tokens whose logit difference --attribution splits (default: the model's top two "
                    "predictions at --position)")
     a.add_argument("--html", action="store_true", help="also write the interactive report.html (head picker, token hover)")
+
+    dr = sub.add_parser("doctor", help="versions, kernel routes and self-check, to paste into bug reports",
+                        description="Print the installed versions against the tested ranges, which implementation "
+                        "each GDN layer's kernels run (torch, fla, causal-conv1d or a hub kernel), and the first-call "
+                        "self-check result, for a model loaded on CPU.")
+    dr.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                    help="checkpoint directory or hub id (owner/name) (default: the bundled MQAR toy model)")
     return ap
 
 
-COMMANDS = {"demo": cmd_demo, "trace": cmd_trace, "attention": cmd_attention}
+COMMANDS = {"demo": cmd_demo, "trace": cmd_trace, "attention": cmd_attention, "doctor": cmd_doctor}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,133 @@
+"""`gdn-intervene doctor`: versions with their verdicts, each GDN layer's kernel routes, the
+self-check, and the command line (one line `error: ...` before any work on a bad --model)."""
+
+import sys
+import types
+
+import pytest
+from conftest import needs_toy
+from models import ANY_GDN, build, present
+
+import gdn_intervene as gi
+from gdn_intervene import cli, doctor
+from gdn_intervene import selfcheck as sc
+from gdn_intervene.selfcheck import ENV
+
+
+def test_versions_name_each_package_with_a_verdict(monkeypatch):
+    lines = doctor.versions()
+    assert len(lines) == len(doctor.PACKAGES)
+    for (_, dist), line in zip(doctor.PACKAGES, lines):
+        assert line.split()[0] == dist
+        verdicts = ("not installed", "tested (", "UNTESTED", "UNSUPPORTED", "no tested range")
+        assert any(w in line for w in verdicts), line
+    transformers_line = next(line for line in lines if line.split()[0] == "transformers")
+    assert "tested (" in transformers_line and "UNTESTED" not in transformers_line
+
+    real = doctor._version
+    monkeypatch.setattr(doctor, "_version", lambda dist: "99.0.0" if dist == "transformers" else real(dist))
+    line = next(line for line in doctor.versions() if line.split()[0] == "transformers")
+    assert "99.0.0" in line and "UNTESTED, newer than" in line and "pip install" in line
+    monkeypatch.setattr(doctor, "_version", lambda dist: None if dist == "nnsight" else real(dist))
+    assert next(line for line in doctor.versions() if line.split()[0] == "nnsight").endswith("not installed")
+
+
+def _layer_blocks(text: str) -> dict[int, list[str]]:
+    """{layer: [its header line, its kernel lines]} of a report."""
+    blocks, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  layer "):
+            current = blocks.setdefault(int(line.split()[1].rstrip(":")), [line])
+        elif line.startswith("    ") and current is not None:
+            current.append(line)
+        else:
+            current = None
+    return blocks
+
+
+@pytest.mark.parametrize("name", present("qwen3_5", "kimi_linear"))
+def test_every_layer_with_its_family_and_torch_kernels_on_cpu(name):
+    model = gi.patch(build(name))
+    text = doctor.report(model)
+    assert text.startswith("gdn-intervene doctor: paste this whole output into bug reports\n")
+    layers = gi.gdn_layers(model)
+    blocks = _layer_blocks(text)
+    assert set(blocks) == set(layers)
+    for idx, m in layers.items():
+        header, *kernels = blocks[idx]
+        assert f"{m._gdn_family.name}, {m._gdn_hf_class.__name__} on cpu" in header
+        assert {k.split()[0] for k in kernels} >= set(m._gdn_family.kernels)
+        assert all(k.split()[1:] == ["torch"] for k in kernels), kernels
+    assert f"  {type(next(iter(layers.values()))).__name__}: passed" in text
+
+
+def test_a_hub_kernel_is_named_with_its_repo():
+    model = gi.patch(build(ANY_GDN))
+    idx, m = next(iter(gi.gdn_layers(model).items()))
+    if "_kernel_funcs" not in m.__dict__:
+        pytest.skip("this transformers release has no per-instance kernels (before 5.25)")
+    chunk = vars(sys.modules[m._gdn_hf_class.__module__])["torch_chunk_gated_delta_rule"]
+    kf = m._kernel_funcs[chunk.kernel_layer_name]  # "chunk_gated_delta_rule"
+    kf.forward = types.MethodType(lambda self, *a, **k: None, kf)  # what kernels' kernelize binds
+    kf.__dict__["_kernel_repo"] = "kernels-community/fake"
+    block = _layer_blocks("\n".join(doctor.routes(model)))[idx]
+    routes = {line.split()[0]: " ".join(line.split()[1:]) for line in block[1:]}
+    assert routes["torch_chunk_gated_delta_rule"] == "hub (kernels-community/fake)"
+    assert routes["torch_recurrent_gated_delta_rule"] == "torch"
+
+
+def test_a_package_kernel_runs_only_on_its_devices(monkeypatch):
+    """HF's own fallback wrapper around a stand-in flash-linear-attention: fla on cuda, torch on cpu."""
+    from transformers.integrations.hub_kernels import use_kernel_func_from_hub_with_fallback
+
+    fla = types.ModuleType("fla")
+    fla.chunk_gated_delta_rule = lambda query, key, value, **kw: None
+    fla.chunk_gated_delta_rule.__module__ = "fla.ops.gated_delta_rule.chunk"
+    monkeypatch.setitem(sys.modules, "fla", fla)
+
+    @use_kernel_func_from_hub_with_fallback("chunk_gated_delta_rule", "fla")
+    def chunk(query, key, value, **kw):
+        pass
+
+    assert (doctor._route(chunk, "cuda"), doctor._route(chunk, "cpu")) == ("fla", "torch")
+    assert doctor._route(None, "cpu") == "torch" and doctor._route(42, "cpu") == "unknown (42)"
+
+
+def test_a_failed_selfcheck_is_reported_with_its_message(monkeypatch):
+    model = gi.patch(build(ANY_GDN))
+    cls = type(next(iter(gi.gdn_layers(model).values())))
+
+    def fail(module, *a, **k):
+        sc._FAILED[type(module)] = err = sc.SelfCheckError("gdn_intervene self-check of X: outputs differ")
+        raise err
+
+    monkeypatch.setattr(sc, "_run", fail)
+    try:
+        assert doctor.self_check(model) == [f"  {cls.__name__}: gdn_intervene self-check of X: outputs differ"]
+    finally:
+        sc._FAILED.pop(cls, None)  # the class checks itself afresh on its next call
+
+
+def test_selfcheck_skipped_by_the_environment(monkeypatch):
+    monkeypatch.setenv(ENV, "1")
+    model = gi.patch(build(ANY_GDN))
+    assert all(line.endswith(f"skipped ({ENV} set)") for line in doctor.self_check(model))
+
+
+@needs_toy
+def test_cli_doctor_on_the_toy(capsys):
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("gdn-intervene doctor:") and "model: bundled MQAR toy" in out
+    assert "  layer 0: qwen3_5, Qwen3_5GatedDeltaNet on cpu" in out and ": passed" in out
+
+
+def test_cli_doctor_refuses_a_missing_model_before_any_work(capsys, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the doctor ran before the error")
+
+    monkeypatch.setattr(doctor, "report", boom)
+    capsys.readouterr()
+    assert cli.main(["doctor", "--model", "/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --model '/nonexistent' is neither a directory nor a hub id (owner/name)"]
