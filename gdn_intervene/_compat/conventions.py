@@ -9,7 +9,8 @@ import inspect
 import textwrap
 from typing import Any, NamedTuple
 
-from .versions import TESTED, install_hint
+from .versions import install_hint
+
 
 class Convention(NamedTuple):
     """How HF's forward of one GDN class calls its kernels and reads its cache, detected once
@@ -61,6 +62,8 @@ class Convention(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
+
+
 def convention(cls: type, chunk_kernel: str = "torch_chunk_gated_delta_rule") -> Convention:
     """The `Convention` of HF GDN class `cls` (`chunk_kernel`: the family's module-level chunk
     kernel). Without HF's source (a bytecode-only install) the newest shape is assumed for what
@@ -113,6 +116,7 @@ def convention(cls: type, chunk_kernel: str = "torch_chunk_gated_delta_rule") ->
 def _callee(call: ast.Call) -> str | None:
     f = call.func
     return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+
 
 def route_kwargs(conv: Convention, kwargs: dict, packed_kwarg: bool, hf_name: str = "forward") -> tuple[dict, dict, dict]:
     """(conv, chunk, recurrent) keyword arguments from the forward's `kwargs`, as HF's forward
@@ -189,6 +193,7 @@ def layout_gap(cls: type, attrs: tuple[str, ...], since: str | None) -> str | No
         f"gdn_intervene does not know{first} ({install_hint()})"
     )
 
+
 # --- how HF's GDN forward is called, and what it leaves to the layer ---
 
 
@@ -245,6 +250,7 @@ def deprecate_cache_params(fn, hf_cls: type | None = None):
         return fn(self, *args, **kwargs)
 
     return renamed
+
 
 def model_kwargs(model, kwargs: dict) -> dict:
     """`kwargs` for `model`'s forward, with a `cache=` renamed to `past_key_values=` where the

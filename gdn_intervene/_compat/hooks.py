@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import types
 
+
 def remove_forward_hooks_where(module, predicate) -> None:
     """Remove the forward (pre-)hooks of `module` whose function satisfies `predicate`, with the
     bookkeeping torch keeps beside them (private dicts: `_forward_hooks_with_kwargs`, ...)."""
@@ -15,6 +16,7 @@ def remove_forward_hooks_where(module, predicate) -> None:
             hooks.pop(hid)
             for d in extra:
                 d.pop(hid, None)
+
 
 def rebind_forwards(module, old_forward=None) -> None:
     """After a class swap, point every forward wrapper installed on the instance at the new

@@ -46,6 +46,7 @@ def hf_function(cls: type, name: str):
     call time, so both forwards always run the same kernels, even if someone rebinds them."""
     return vars(sys.modules[cls.__module__])[name]
 
+
 def hf_module_function(hf_module: str, name: str):
     """`hf_function` by the modeling module's name (what a site module keeps: a name survives
     deepcopy and pickle)."""
@@ -107,6 +108,7 @@ def torch_conv(x, weight, bias):
 
     L, W = x.shape[-1], weight.shape[-1]
     return F.silu(F.conv1d(x, weight, bias, padding=W - 1, groups=x.shape[1])[:, :, :L])
+
 
 def redirect_chunk_kernel(module, fn, wrap, kernel: str = "torch_chunk_gated_delta_rule"):
     """`fn` (an undecorated forward) such that, called on `module`, it runs `wrap(kernel)` in
