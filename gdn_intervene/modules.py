@@ -105,13 +105,17 @@ def _version(x: torch.Tensor) -> int | None:
 class Tap(_SiteModule):
     """Identity site: `forward(x) -> x`, output shape = input shape."""
 
+    def __init__(self, site_name: str, layer_idx: int, parent: str = "linear_attn"):
+        super().__init__(site_name, layer_idx, parent)
+        self.saved_by_producer = site(site_name).saved_by_producer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not listened(self):
             return x
-        x = own_storage(x)
+        x = own_storage(x, self.saved_by_producer)
         version = _version(x)
         out = super().__call__(x)
         if out is not x or version is None or out._version != version:  # replaced, or edited in place
@@ -228,14 +232,16 @@ class CausalConv(_SiteModule):
 # over positions, such as A_log's and dt_bias's.)
 
 
-def own_storage(x: torch.Tensor) -> torch.Tensor:
+def own_storage(x: torch.Tensor, saved: bool = False) -> torch.Tensor:
     """A value listeners may edit in place or read `.grad` of must own its storage. As a view of
     another value (q, k, v of the conv output; the pre-conv slices of a fused projection) an
     in-place edit would silently change that value too, autograd may refuse the edit, and
     nnsight 0.8.1 reads a batched invoke's gradient by the value's strides and offset in its
     base. Views are copied with their exact strides (gaps included): elementwise kernels take
-    their vectorised or scalar paths by layout, so any other layout changes the last bits."""
-    if x._base is None:
+    their vectorised or scalar paths by layout, so any other layout changes the last bits.
+    `saved`: the producer keeps the value for its own backward (`Site.saved_by_producer`): under
+    autograd it is copied too, so an in-place edit cannot invalidate that backward."""
+    if x._base is None and not (saved and torch.is_grad_enabled() and x.requires_grad):
         return x
     return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device).copy_(x)
 

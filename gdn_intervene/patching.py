@@ -4,14 +4,13 @@ copied), add the site modules, and undo it all exactly."""
 from __future__ import annotations
 
 import contextlib
-import types
 from typing import Iterator
 
 from torch import nn
 
 from . import _compat, selfcheck as _selfcheck
 from .families import family_for, supported_class_names
-from .layer import GDNMixin, _warn_hub_forward, hookable_class
+from .layer import GDNMixin, _replaces_forward, _warn_hub_forward, hookable_class
 from .sites import Owner, site
 
 __all__ = [
@@ -117,11 +116,7 @@ def _hub_forward(m: nn.Module):
     """The whole-layer hub kernel forward kernels' `kernelize` bound to `m` (transformers 5.25
     loads with use_kernels on), on the instance or, under accelerate's hooks (device_map), in
     `_old_forward`; None if there is none."""
-    for name in ("forward", "_old_forward"):
-        fwd = m.__dict__.get(name)
-        if isinstance(fwd, types.MethodType) and fwd.__self__ is m and fwd.__func__ is not type(m).forward:
-            return fwd
-    return None
+    return next((f for f in map(m.__dict__.get, ("forward", "_old_forward")) if _replaces_forward(m, f)), None)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

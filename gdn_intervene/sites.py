@@ -46,6 +46,9 @@ class Site:
         `Family.hf_names` maps it to the family's attribute, e.g. norm -> o_norm).
     shape: letters of the output's axes, for GDN; `shapes` overrides it per `Mixer`.
     owner: `Owner.OURS` or `Owner.HF`.  fires: how often the site fires per forward call.
+    saved_by_producer: the op that produces the value keeps it for its own backward (the
+        recurrent kernel reads its final state for its output), so a listened value is a copy
+        under autograd and an in-place edit stays legal.
     """
 
     name: str
@@ -54,6 +57,7 @@ class Site:
     owner: Owner = Owner.OURS
     fires: Fires = Fires.PER_CALL
     shapes: Mapping[Mixer, tuple[str, ...]] = field(default_factory=dict)
+    saved_by_producer: bool = False
 
     def shape_for(self, mixer: Mixer = Mixer.GDN) -> tuple[str, ...]:
         return self.shapes.get(mixer, self.shape)
@@ -112,6 +116,7 @@ SITES: tuple[Site, ...] = (
         "recurrent state after this call (or after each split, see state_at, and each kept intermediate "
         "state); written to the cache",
         fires=Fires.PER_SPLIT,
+        saved_by_producer=True,
     ),
     Site("recurrence", ("B", "T", "HV", "V"), "delta-rule output o (chunk kernel in prefill, recurrent kernel in decode)"),
     Site("gate", ("B", "T", "HV", "V"), "output gate z, before SiLU (KDA: before the sigmoid)"),

@@ -115,6 +115,46 @@ def test_kept_states_gradients_bitwise(pair, name):
         assert (gp is None and gr is None) or torch.equal(gp, gr)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_an_edited_kept_state_carries_forward(pair, name):
+    """Zeroing the first kept state (after position 3 of 6; N = 3) under autograd, in place:
+    the later outputs and the kept states follow from the edited state. Reference: the same
+    edit on a call without a cache, split there by `gi.state_at` (the chunk kernel from the
+    edited state: another kernel, so to kernel tolerance); backward runs through the edit."""
+    patched, _ = pair(name)
+    layer = next(iter(gi.gdn_layers(patched)))
+    ids = ids_for(6)
+
+    def first_only(edit):
+        seen = []
+
+        def f(S):
+            seen.append(1)
+            if len(seen) == 1:
+                S.zero_()
+
+        return f
+
+    cache = new_cache(patched)
+    cache.activate_past_recording(recurrent_states_to_keep=3)
+    with gi.intervene(patched, {(layer, "state"): first_only(None)}):
+        kept = run(patched, input_ids=ids, cache=cache, use_cache=True).logits
+    kept.float().pow(2).mean().backward()  # the in-place edit keeps autograd consistent
+    patched.zero_grad(set_to_none=True)
+    with torch.no_grad(), gi.state_at(patched, [3], [layer]), gi.intervene(patched, {(layer, "state"): first_only(None)}):
+        split = logits(patched, ids)
+    unedited_cache = new_cache(patched)
+    unedited_cache.activate_past_recording(recurrent_states_to_keep=3)
+    with torch.no_grad():
+        plain = logits(patched, ids, cache=unedited_cache, use_cache=True)
+    kept = kept.detach()
+    assert torch.equal(kept[:, :4], plain[:, :4])  # positions up to the edit are untouched
+    assert not torch.allclose(kept[:, 4:], plain[:, 4:], atol=1e-3)
+    torch.testing.assert_close(kept, split, rtol=1e-5, atol=1e-5)
+    history = cache.layers[layer].recurrent_states_history[0]  # [state before the call, kept 1, kept 2]
+    assert len(history) == 3 and not history[1].any()  # the zeroed state is kept as such
+
+
 def _count_calls(patched):
     """Per GDN call of the first layer: (T, kept N, state firings); HF's rule for N read off the
     call's cache (independent of the layer's code)."""

@@ -8,9 +8,9 @@ from conftest import ids_for, logits
 import gdn_intervene as gi
 from gdn_intervene import selfcheck
 from gdn_intervene.sites import SITE_NAMES
-from models import ANY_GDN, KDA, build
+from models import ANY_GDN, MODELS, build
 
-NAMES = [ANY_GDN, *KDA[:1]]
+NAMES = list(MODELS)
 
 
 def _halve(x):

@@ -144,54 +144,53 @@ def _kernelize_layers(model, repo="kernels-community/fake-gdn") -> None:
             m.__dict__["_kernel_repo"] = repo
 
 
-def _state_fires(model) -> list:
+def _sites_fire_with_hf_numbers(model, ref, accelerate: bool = False) -> None:
+    """Each GDN layer runs the decomposed forward (no instance forward; under accelerate's
+    hooks, `_old_forward` is it); the `state` site fires; logits equal HF's own forward's."""
+    for m in gi.gdn_layers(model).values():
+        if accelerate:
+            assert m.__dict__["_old_forward"].__func__ is type(m).forward
+        else:
+            assert "forward" not in m.__dict__
     fired = []
     layer = next(iter(gi.gdn_layers(model)))
-    return fired, gi.site_module(model, layer, "state").register_forward_hook(lambda *a: fired.append(1))
+    h = gi.site_module(model, layer, "state").register_forward_hook(lambda *a: fired.append(1))
+    try:
+        assert torch.equal(logits(model, ids_for(9)), logits(ref, ids_for(9)))
+    finally:
+        h.remove()
+    assert fired
 
 
-def test_patch_restores_hf_forward_over_a_whole_layer_hub_kernel():
+@pytest.mark.parametrize("name", NAMES)
+def test_patch_restores_hf_forward_over_a_whole_layer_hub_kernel(name):
     """A model loaded where transformers maps a whole-layer GDN kernel: patch restores HF's
     layer forward (decomposed), warns once naming the kernel and device; the sites fire and the
     numbers are HF's own forward's."""
-    name = next(iter(MODELS))
     ref = build(name)
     model = copy.deepcopy(ref)
     _kernelize_layers(model)
     with pytest.warns(HubKernelWarning, match=r"whole-layer hub kernel .*_HubLayer.* kernels-community/fake-gdn.* on cpu"):
         gi.patch(model)
-    assert not any("forward" in m.__dict__ for m in gi.gdn_layers(model).values())
-    fired, h = _state_fires(model)
-    try:
-        assert torch.equal(logits(model, ids_for(9)), logits(ref, ids_for(9)))
-    finally:
-        h.remove()
-    assert fired
+    _sites_fire_with_hf_numbers(model, ref)
 
 
-def test_rekernelizing_a_patched_model_keeps_the_sites():
+@pytest.mark.parametrize("name", NAMES)
+def test_rekernelizing_a_patched_model_keeps_the_sites(name):
     """train() / eval() re-kernelize on 5.25 when the mode changes: a hub forward bound to a
     patched layer is set aside with a warning, never silently."""
-    name = next(iter(MODELS))
     ref = build(name)
     model = gi.patch(copy.deepcopy(ref))
     with pytest.warns(HubKernelWarning, match="kept the decomposed forward"):
         _kernelize_layers(model)
-    assert not any("forward" in m.__dict__ for m in gi.gdn_layers(model).values())
-    fired, h = _state_fires(model)
-    try:
-        assert torch.equal(logits(model, ids_for(9)), logits(ref, ids_for(9)))
-    finally:
-        h.remove()
-    assert fired
+    _sites_fire_with_hf_numbers(model, ref)
 
 
-def test_a_hub_kernel_hidden_in_accelerates_old_forward():
+@pytest.mark.parametrize("name", NAMES)
+def test_a_hub_kernel_hidden_in_accelerates_old_forward(name):
     """device_map: accelerate's hook wraps `_old_forward`, where kernelize leaves the hub
     forward (`keep_accelerate_hooks`); patch replaces it by the decomposed forward and says so."""
     accelerate = pytest.importorskip("accelerate.hooks")
-
-    name = next(iter(MODELS))
     ref = build(name)
     model = copy.deepcopy(ref)
     for m in model.modules():
@@ -206,18 +205,13 @@ def test_a_hub_kernel_hidden_in_accelerates_old_forward():
                for m in model.modules() if "_old_forward" in m.__dict__)
     with pytest.warns(HubKernelWarning, match="patch restored HF's layer forward"):
         gi.patch(model)
-    fired, h = _state_fires(model)
-    try:
-        assert torch.equal(logits(model, ids_for(9)), logits(ref, ids_for(9)))
-    finally:
-        h.remove()
-    assert fired
+    _sites_fire_with_hf_numbers(model, ref, accelerate=True)
 
 
-def test_set_use_kernels_then_train_and_eval_on_cpu():
+@pytest.mark.parametrize("name", NAMES)
+def test_set_use_kernels_then_train_and_eval_on_cpu(name):
     """The real `kernelize` (no mapping for the CPU: HF's fallbacks) after patching, and the
     re-kernelization train()/eval() trigger: the sites still fire, the numbers are HF's."""
-    name = next(iter(MODELS))
     ref = build(name)
     model = gi.patch(copy.deepcopy(ref))
     with warnings.catch_warnings():
@@ -225,9 +219,4 @@ def test_set_use_kernels_then_train_and_eval_on_cpu():
         model.set_use_kernels(True)
         model.train()
         model.eval()
-    fired, h = _state_fires(model)
-    try:
-        assert torch.equal(logits(model, ids_for(9)), logits(ref, ids_for(9)))
-    finally:
-        h.remove()
-    assert fired
+    _sites_fire_with_hf_numbers(model, ref)
