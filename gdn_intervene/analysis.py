@@ -15,11 +15,14 @@ width, L selected layers, P state positions, R selected rows / positions, H sele
 Gates: beta [B, T, HV]; g the log decay, g <= 0, decay = exp(g): [B, T, HV] per head (GDN) or
 [B, T, HV, K] per key channel (KDA). Positions index the tokens of the call as given (left
 padding included). Every function here runs the model under `torch.no_grad()` and removes its
-hooks on exit, also on error.
+hooks on exit, also on error. A `cache=` passed to any of them is never advanced: each call runs on
+a deep copy, so repeating a call repeats its numbers. An nnsight model (`gdn_intervene.nnsight.load`)
+is analysed through the module it wraps.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple, Optional, Union
@@ -134,6 +137,38 @@ def _as_list(idx) -> list:
     return idx.tolist() if isinstance(idx, Tensor) else list(idx)
 
 
+_CACHE_KWARGS = ("cache", "past_key_values", "cache_params")  # a forward's names for its cache
+
+
+def _private_caches(kwargs: dict) -> dict:
+    """`kwargs` with each cache (`cache=`, `past_key_values=`, `cache_params=`) replaced by a deep
+    copy: the forward appends to its cache (a 6-token cache holds 11 after a 5-token call), and
+    analysing must not move the caller's. Tensors with autograd history (a prefill run with grad
+    enabled), which `copy.deepcopy` refuses, are copied detached; views keep sharing storage."""
+    if not any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+        return kwargs
+    return {k: _deepcopy_detached(v) if k in _CACHE_KWARGS and v is not None else v for k, v in kwargs.items()}
+
+
+def _deepcopy_detached(obj):
+    memo, seen, todo = {}, set(), [obj]
+    while todo:  # pre-seed deepcopy's memo with detached copies of the non-leaf tensors
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, Tensor):
+            if x.grad_fn is not None:
+                memo[id(x)] = copy.deepcopy(x.detach(), memo)
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple, set)):
+            todo.extend(x)
+        elif hasattr(x, "__dict__") and not isinstance(x, type):
+            todo.extend(vars(x).values())
+    return copy.deepcopy(obj, memo)
+
+
 def _select(model: nn.Module, layers: Layers) -> dict:
     """{layer: patched GDN module} for `layers` (None: all; an int; or an iterable of ints)."""
     return select_layers(model, layers)
@@ -152,8 +187,11 @@ def capture(
     Built on the core `gdn_intervene.capture` (the sites of `LayerCapture`), plus a pre-hook per
     layer that reads the cache's recurrent state (cloned) just before the layer runs, so a cached
     continuation is described exactly. `model_kwargs` go to the model's forward (e.g.
-    `inputs_embeds`, `cache=`, `use_cache=True`).
+    `inputs_embeds`, `cache=`, `use_cache=True`); a cache is deep-copied first (`_private_caches`),
+    so the caller's is left as it was.
     """
+    model = as_module(model)
+    model_kwargs = _private_caches(model_kwargs)
     mods = _select(model, layers)
     initial = {}
 
@@ -173,7 +211,7 @@ def capture(
             handles.append(m.register_forward_pre_hook(lambda mod, a, kw, l=l: pre(l, mod, a, kw), with_kwargs=True))
         with _capture_sites(model, sites=(*_CAPTURED, "state"), layers=list(mods)) as cache:
             with torch.no_grad():
-                model(input_ids=input_ids, attention_mask=attention_mask, **_compat.model_kwargs(as_module(model), model_kwargs))
+                model(input_ids=input_ids, attention_mask=attention_mask, **_compat.model_kwargs(model, model_kwargs))
     finally:
         for h in handles:
             h.remove()
@@ -340,11 +378,15 @@ class Attribution(NamedTuple):
     contributions: [B, L, H, R, T]; zero for s > t (causality).
     state_term: [B, L, H, R], the initial (cached) state's part; zeros without a cache.
     bias_term: [B, L, R], the output projection's bias projected on the direction (zeros without one).
-    value: [B, L, R], the projected layer output direction_t . y_t, read from the `out_proj` site
-        (for a token pair: the layer's direct effect on the logit difference).
+    value: [B, L, R], path_scale * (direction_t . y_t), y_t the layer output read from the
+        `out_proj` site (for a token pair: the layer's direct effect on the logit difference).
     direction: [B, R, D], the direction each position was projected on (a token pair: the
         unembedding difference through the final norm, its scale frozen at position t).
     layers, heads, positions: what the axes L, H, R index.
+    path_scale: [B, L, R], the factor by which the residual carries layer l's output at position
+        t to the final norm's input: ones for a [D] direction and where the layer output is added
+        straight into the residual stream; with hyper-connections (GLM-5-Next) the frozen stream
+        weights' product (see `_ReadOut`). Every part above includes it. None: not recorded.
     """
 
     contributions: Tensor
@@ -355,30 +397,11 @@ class Attribution(NamedTuple):
     layers: tuple
     heads: tuple
     positions: tuple
+    path_scale: Optional[Tensor] = None
 
     def total(self) -> Tensor:
         """sum of the parts, [B, L, R] (equals `value` when all heads are selected)."""
         return self.contributions.sum((2, 4)) + self.state_term.sum(2) + self.bias_term
-
-
-def _final_norm(model: nn.Module, gdn: nn.Module) -> nn.Module:
-    """The final norm of the decoder that holds `gdn`: the module with `layers` (containing gdn) and `norm`."""
-    for m in model.modules():
-        layers = getattr(m, "layers", None)
-        if not (isinstance(layers, nn.ModuleList) and any(sub is gdn for layer in layers for sub in layer.modules())):
-            continue
-        if hasattr(m, "hyper_connection_mixer"):
-            raise ValueError(
-                f"direction=(token, token) needs each layer's output to reach the final norm unmixed; "
-                f"{type(m).__name__} mixes hyper-connection streams (hyper_connection_mixer), so a layer's "
-                "direct effect on the logits is not one linear read-out. Pass a [D] direction instead."
-            )
-        if isinstance(getattr(m, "norm", None), nn.Module):
-            return m.norm
-    raise ValueError(
-        f"cannot find the final norm of {type(model).__name__} (a module with `layers` and `norm`); "
-        "pass a [D] direction instead of a token pair"
-    )
 
 
 def _norm_eps(module: nn.Module) -> float:
@@ -401,6 +424,115 @@ def _unit_gain(norm: nn.Module, *args_after, width: int, like: Tensor) -> Tensor
     return out.to(torch.float64) * math.sqrt(1.0 + _norm_eps(norm))
 
 
+def _refuse_read_out(decoder: nn.Module, why: str):
+    raise ValueError(
+        f"direction=(token, token) needs each GDN layer's output to reach the final norm by a known linear path; "
+        f"{type(decoder).__name__} {why}, so a layer's direct effect on the logits is not one linear read-out. "
+        "Pass a [D] direction instead."
+    )
+
+
+class _ReadOut:
+    """How each GDN layer's output y reaches the final norm, recorded during the one forward run
+    (token-pair directions only). Use as a context manager around the run, then `scales()`.
+
+    From HF's modeling code: Qwen3-Next, Qwen3.5 (and MoE, VL), OLMo-Hybrid, LaraMini, Kimi Linear
+    and Bailing add the mixer's output (after its out_proj / o_proj, no norm) straight into one
+    [B, T, D] residual stream that the final norm reads: y reaches the norm's input as is (scale 1).
+    Where the hidden states entering the GDN layer's decoder layer are not [B, T, D] (checked at
+    run time), the residual is several hyper-connection streams:
+
+    - [B, T, N, D] with mHC modules (manifold-constrained hyper-connections, found by their
+      `hc_mult`, each returning (post [B, T, N], comb [B, T, N, N], block input); GLM-5-Next):
+      y enters stream n times post_n of the mHC call just before the layer, each later mHC call
+      maps the streams s -> comb^T s, and the parameter-free head (`hc_head`, a mean) collapses
+      them with weights h [N]. With those weights frozen at their actual values, as the norm's
+      scale is, y reaches the norm's input times one scalar per token:
+      scale = h . (comb_K^T ... comb_1^T post), [B, T].
+    - anything else (Qwen4-Exp: [B, T, N * D] streams read out by a learned, normalising mixer
+      and no final norm) is refused with a one-line ValueError naming the model class.
+    """
+
+    def __init__(self, model: nn.Module, mods: dict, B: int, T: int, D: int):
+        self.B, self.T, self.D, self.layers = B, T, D, list(mods)
+        gdn = next(iter(mods.values()))
+        found = [
+            (m, layer)
+            for m in model.modules()
+            if isinstance(getattr(m, "layers", None), nn.ModuleList)
+            for layer in m.layers
+            if any(sub is gdn for sub in layer.modules())
+        ]
+        if not found:
+            raise ValueError(
+                f"cannot find the decoder of {type(model).__name__} (a module with `layers` holding the GDN layers); "
+                "pass a [D] direction instead of a token pair"
+            )
+        self.decoder, self.decoder_layer = found[-1]  # the innermost such module (multimodal wrappers nest it)
+        self.norm = getattr(self.decoder, "norm", None)
+        self.mhc = [m for m in self.decoder.layers.modules() if hasattr(m, "hc_mult")]
+        self.residual, self.final_in, self.events = [], [], []  # events: GDN layer ids and mHC outputs, in call order
+        self._mods = mods
+
+    def __enter__(self):
+        rec = self.events.append
+        self.handles = [
+            self.decoder_layer.register_forward_pre_hook(
+                lambda m, a, kw: self.residual.append((a[0] if a else kw["hidden_states"]).shape), with_kwargs=True
+            )
+        ]
+        if isinstance(self.norm, nn.Module):
+            self.handles.append(self.norm.register_forward_hook(lambda m, a, o: self.final_in.append(a[0].detach())))
+        if self.mhc:
+            self.handles += [m.register_forward_hook(lambda m, a, o: rec(o)) for m in self.mhc]
+            self.handles += [g.register_forward_hook(lambda m, a, o, l=l: rec(l)) for l, g in self._mods.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def scales(self):
+        """(final norm, its input [B, T, D], scale [B, L, T] float64 or None for a plain residual)."""
+        B, T, D = self.B, self.T, self.D
+        if len(self.residual) != 1:
+            layer = type(self.decoder_layer).__name__
+            raise RuntimeError(f"{layer} ran {len(self.residual)} times in one forward; expected once")
+        shape = tuple(self.residual[0])
+        why = f"keeps its residual as {list(shape)} hidden states, not [B, T, D] = {[B, T, D]} (hyper-connection streams)"
+        mhc = bool(self.mhc) and len(shape) == 4 and shape[:2] == (B, T) and shape[3] == D
+        if shape != (B, T, D) and not mhc:
+            _refuse_read_out(self.decoder, why)
+        if not isinstance(self.norm, nn.Module):
+            raise ValueError(
+                f"cannot find the final norm of {type(self.decoder).__name__} (a module with `layers` and `norm`); "
+                "pass a [D] direction instead of a token pair"
+            )
+        if len(self.final_in) != 1:
+            raise RuntimeError(f"the final norm ran {len(self.final_in)} times in one forward; expected once")
+        return self.norm, self.final_in[0], (self._mhc_scale(shape[2], why) if mhc else None)
+
+    def _mhc_scale(self, N: int, why: str) -> Tensor:
+        head = getattr(self.decoder, "hc_head", None)
+        if not isinstance(head, nn.Module) or next(head.parameters(), None) is not None:
+            _refuse_read_out(self.decoder, why + " collapsed by a learned head")
+        eye = torch.eye(N, dtype=torch.float64, device=self.final_in[0].device)
+        h = type(head).forward(head, eye.view(1, 1, N, N))[0, 0]  # [N]: the head's weight of each stream
+        paths, post = {}, None  # paths[l]: [B, T, N], how much of y_l each stream carries
+        for ev in self.events:
+            if isinstance(ev, int):
+                if post is None:
+                    _refuse_read_out(self.decoder, why + f" (no hyper-connection call before GDN layer {ev})")
+                paths[ev] = post
+                continue
+            ok = isinstance(ev, tuple) and len(ev) == 3 and ev[0].shape == (self.B, self.T, N)
+            if not (ok and ev[1].shape == (self.B, self.T, N, N)):
+                _refuse_read_out(self.decoder, why + " mixed by hyper-connections of an unknown form")
+            post, comb = ev[0].to(torch.float64), ev[1].to(torch.float64)
+            paths = {l: torch.einsum("btnm,btn->btm", comb, p) for l, p in paths.items()}
+        return torch.stack([paths[l] @ h for l in self.layers], 1)  # [B, L, T]
+
+
 def _direction_for(model, direction, positions, final_in, final_norm, D: int, B: int) -> Tensor:
     """[B, R, D] float64: a [D] vector for every position, or the frozen-norm logit difference
     (final_in [B, T, D]: the final norm's actual input; final_norm: that module)."""
@@ -416,7 +548,12 @@ def _direction_for(model, direction, positions, final_in, final_norm, D: int, B:
             f"direction must be a [D] float tensor (D={D}) or a pair of answer tokens (token_a, token_b), "
             f"each an int or a [B] integer tensor; got {type(direction).__name__}"
         )
-    lm_head = model.get_output_embeddings()
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(getattr(lm_head, "weight", None), Tensor):
+        raise ValueError(
+            f"direction=(token, token) needs an LM head to read the answer tokens from, and {type(model).__name__} "
+            f"has none (a bare decoder, e.g. from AutoModel); pass a [D] direction vector (D={D}) instead"
+        )
     W_U = lm_head.weight  # [vocab, D]
     vocab = W_U.shape[0]
     toks = []
@@ -458,7 +595,7 @@ def attribution_for(
     into one number per (head, source position) plus the initial-state and bias terms:
 
         contributions[b, l, h, r, s] = M_h[t, s] * (a_{t,h} . v_{s,h}),
-        a_{t,h} = (W_out^T direction_t)_h ⊙ gain(z_{t,h}) / rms(o_{t,h}).
+        a_{t,h} = (W_out^T direction_t)_h ⊙ gain(z_{t,h}) / rms(o_{t,h})   (times path_scale).
 
     Attribution lands on value positions; v_s mixes tokens s-3..s through the causal conv.
 
@@ -466,18 +603,22 @@ def attribution_for(
         positions: query positions (an int, ints or a 1-D integer tensor) in [0, T); default the
             last token. Left padding counts (positions index the tokens of the call as given).
         direction: a [D] float vector (projects each layer's output y_t), or a pair of answer
-            tokens (a, b), each an int or a [B] integer tensor: direct logit-difference
-            attribution, direction_t = (W_U[a] - W_U[b]) ⊙ final-norm gain / rms(x_t) with x_t the
-            final norm's actual input (its scale frozen too); then `value` is the layer's direct
-            effect on logit(a) - logit(b).
+            tokens (a, b), each an int or a [B] integer tensor (needs an LM head): direct
+            logit-difference attribution, direction_t = (W_U[a] - W_U[b]) ⊙ final-norm gain /
+            rms(x_t) with x_t the final norm's actual input (its scale frozen too); then `value`
+            is the layer's direct effect on logit(a) - logit(b). With GLM-5-Next's
+            hyper-connections the stream weights are frozen too (`path_scale`); a residual this
+            code cannot read out linearly (Qwen4-Exp) is refused with a ValueError.
         layers: GDN layer indices (default all).  heads: value heads (default all).
         dtype: computation dtype of M and the contributions (float32 default, float64 exact).
-        model_kwargs: passed to the forward (`cache=` with a prefilled cache gives a state term).
+        model_kwargs: passed to the forward (`cache=` with a prefilled cache gives a state term;
+            the cache is copied, not advanced).
 
     Returns:
         Attribution(contributions [B, L, H, R, T], state_term [B, L, H, R], bias_term [B, L, R],
-        value [B, L, R], direction [B, R, D], layers, heads, positions).
+        value [B, L, R], direction [B, R, D], layers, heads, positions, path_scale [B, L, R]).
     """
+    model = as_module(model)
     src = input_ids if input_ids is not None else model_kwargs.get("inputs_embeds")
     if src is None:
         raise ValueError("attribution_for needs input_ids or inputs_embeds")
@@ -485,43 +626,38 @@ def attribution_for(
     if positions is None:
         positions = [T - 1]
     ps = tuple(as_positions(positions, "attribution_for", size=T, what=f"the call has T={T} tokens"))
+    rows = list(ps)
     mods = _select(model, layers)
-    any_gdn = next(iter(mods.values()))
     out_proj = site_module(model, next(iter(mods)), "out_proj")
     D = out_proj.weight.shape[0]
     _direction_for(model, direction, ps, None, None, D, B)  # validate before running the model
     pair = not (isinstance(direction, Tensor) and direction.is_floating_point())
-    final_in = final_norm = handle = None
+    final_in = final_norm = path = None
     if pair:
-        final_norm = norm = _final_norm(model, any_gdn)
-        seen = []
-        handle = norm.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
-    try:
+        with _ReadOut(model, mods, B, T, D) as read_out:
+            caps = capture(model, input_ids, layers=list(mods), attention_mask=attention_mask, **model_kwargs)
+        final_norm, final_in, path = read_out.scales()
+    else:
         caps = capture(model, input_ids, layers=list(mods), attention_mask=attention_mask, **model_kwargs)
-    finally:
-        if handle is not None:
-            handle.remove()
-    if pair:
-        if len(seen) != 1:
-            raise RuntimeError(f"the final norm ran {len(seen)} times in one forward; expected once")
-        final_in = seen[0]
     d = _direction_for(model, direction, ps, final_in, final_norm, D, B)  # [B, R, D] float64
+    # [B, L, R]: how the residual carries each layer's output to the final norm (1: added as is)
+    path = d.new_ones(B, len(mods), len(rows)) if path is None else path[:, :, rows]
 
     contributions, states, biases, values = [], [], [], []
     head_list = None
-    for l, cap in caps.items():
+    for i, (l, cap) in enumerate(caps.items()):
+        d_l = d * path[:, i, :, None]  # [B, R, D]
         HV, V = cap.v.shape[2], cap.v.shape[3]
-        ea = cap.effective_attention(heads=heads, rows=list(ps), dtype=dtype)  # validates heads
+        ea = cap.effective_attention(heads=heads, rows=rows, dtype=dtype)  # validates heads
         head_list = list(range(HV)) if heads is None else _as_list(heads)
         norm = site_module(model, l, "norm")
         out_l = site_module(model, l, "out_proj")
-        rows = list(ps)
         o = cap.o[:, rows].to(torch.float64)  # [B, R, HV, V]
         z = cap.z[:, rows]
         gain = _unit_gain(norm, z, width=V, like=z)  # gain(z) [B, R, HV, V]
         inv_rms = torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + _norm_eps(norm))  # frozen
         W = out_l.weight.to(torch.float64)  # [D, HV * V]
-        read = (d @ W).view(B, len(rows), HV, V)  # W_out^T direction_t, per head
+        read = (d_l @ W).view(B, len(rows), HV, V)  # W_out^T direction_t, per head
         a = (read * gain * inv_rms)[:, :, head_list].to(dtype)  # [B, R, H, V]
         v = cap.v[:, :, head_list].to(dtype)  # [B, T, H, V]
         av = torch.einsum("brhv,bshv->bhrs", a, v)
@@ -531,8 +667,8 @@ def attribution_for(
         else:
             states.append(torch.einsum("brhv,brhv->bhr", a, ea.state_term))
         bias = getattr(out_l, "bias", None)
-        biases.append((d @ bias.to(torch.float64)).to(dtype) if bias is not None else a.new_zeros(B, len(rows)))
-        values.append(torch.einsum("brd,brd->br", d, cap.y[:, rows].to(torch.float64)).to(dtype))
+        biases.append((d_l @ bias.to(torch.float64)).to(dtype) if bias is not None else a.new_zeros(B, len(rows)))
+        values.append(torch.einsum("brd,brd->br", d_l, cap.y[:, rows].to(torch.float64)).to(dtype))
     return Attribution(
         torch.stack(contributions, 1),
         torch.stack(states, 1),
@@ -542,4 +678,5 @@ def attribution_for(
         tuple(caps),
         tuple(head_list),
         ps,
+        path.to(dtype),
     )

@@ -59,10 +59,46 @@ def _tokens(text: str) -> tuple[str, str]:
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != 2 or not all(parts):
         raise argparse.ArgumentTypeError(f"expected two tokens A,B; got {text!r}")
+    if parts[0] == parts[1]:
+        raise argparse.ArgumentTypeError(_SAME_ANSWERS.format(text=text, token=parts[0]))
     return parts[0], parts[1]
 
 
+_SAME_ANSWERS = ("expected two different tokens A,B; got {text!r}, the token {token!r} twice (logit(A) - logit(B) "
+                 "would be 0 everywhere)")
+
+
 # ------------------------------------------------------------------ checks before any work
+
+
+def _prompt_text(text: str | None, option: str = "--prompt") -> None:
+    """Refuse an empty (or all-whitespace) prompt before the model loads."""
+    if text is not None and not text.strip():
+        raise UsageError(f"{option} is empty; expected text with at least one token (got {text!r})")
+
+
+def _prompt_ids(tok, text: str, device, option: str = "--prompt"):
+    """The token ids [1, T] of a prompt (special tokens added); refuse text that gives no token of
+    its own (only what the tokenizer adds, such as <bos>)."""
+    if not tok(text, add_special_tokens=False).input_ids:
+        raise UsageError(f"{option} {text!r} gives no token (only the tokenizer's own special tokens); expected text "
+                         "with at least one token")
+    return tok(text, return_tensors="pt").input_ids.to(device)
+
+
+def _attribution_args(tok, args, T: int):
+    """(position, answer ids or None) of `attention --attribution`, checked against the prompt's T
+    tokens and the vocabulary before any forward: None answers mean the model's top two."""
+    position = T - 1 if args.position is None else args.position
+    if not 0 <= position < T:
+        raise UsageError(f"--position {position}: the prompt has {T} tokens; expected a position in 0..{T - 1}")
+    if args.answers is None:
+        return position, None
+    answers = tuple(_token_id(tok, t, option="--answers") for t in args.answers)
+    if answers[0] == answers[1]:
+        raise UsageError(f"--answers {','.join(args.answers)}: both are the token {_labels(tok, answers[:1])[0]!r}; "
+                         "expected two different tokens A,B (logit(A) - logit(B) would be 0 everywhere)")
+    return position, answers
 
 
 def _out_dir(path: str) -> Path:
@@ -255,14 +291,16 @@ def cmd_demo(args) -> None:
 
 
 def cmd_trace(args) -> None:
+    _prompt_text(args.prompt)
+    _prompt_text(args.corrupt, "--corrupt")
     html = _html_wanted(args.html)
     out = _out_dir(args.out)
     device = _device(args.device)
     model, tok, name = _load(args.model, device, args.dtype)
-    clean = tok(args.prompt, return_tensors="pt").input_ids.to(device)
+    clean = _prompt_ids(tok, args.prompt, device)
     T = clean.shape[1]
     if args.corrupt is not None:
-        bad = tok(args.corrupt, return_tensors="pt").input_ids.to(device)
+        bad = _prompt_ids(tok, args.corrupt, device, "--corrupt")
         if bad.shape != clean.shape:
             raise UsageError(f"the prompt has {T} tokens and --corrupt has {bad.shape[1]}; causal tracing needs equal "
                              "token lengths (or use --corrupt-positions)")
@@ -285,6 +323,10 @@ def cmd_trace(args) -> None:
 
 
 def cmd_attention(args) -> None:
+    _prompt_text(args.prompt)
+    if not args.attribution and (given := [o for o, v in (("--position", args.position), ("--answers", args.answers))
+                                           if v is not None]):
+        raise UsageError(f"{' and '.join(given)} go{'es' if len(given) == 1 else ''} with --attribution")
     html = _html_wanted(args.html)
     out = _out_dir(args.out)
     device = _device(args.device)
@@ -301,13 +343,15 @@ def cmd_attention(args) -> None:
             raise UsageError("--prompt is required with --model (the default prompt is for the bundled toy model)")
         ids = mqar.demo_prompts(0).clean.to(device)
     else:
-        ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
+        ids = _prompt_ids(tok, args.prompt, device)
     gdn = list(gi.gdn_layers(model))
     if args.layers is not None and (bad := [L for L in args.layers if L not in gdn]):
         raise UsageError(f"--layers {','.join(map(str, bad))}: not GDN layers; the GDN layers are {', '.join(map(str, gdn))}")
     HV = next(iter(gi.gdn_layers(model).values())).gdn_heads[1]
     if args.heads is not None and (bad := [h for h in args.heads if h >= HV]):
         raise UsageError(f"--heads {','.join(map(str, bad))}: the layers have {HV} value heads (0..{HV - 1})")
+    if args.attribution:  # checked before any forward and before any figure is written
+        position, answers = _attribution_args(tok, args, ids.shape[1])
     tokens = plot.position_labels(_labels(tok, ids[0]))
     att = effective_attention_for(model, ids, layers=args.layers, heads=args.heads, check=True)
     files = []
@@ -319,13 +363,7 @@ def cmd_attention(args) -> None:
         print(f"layer {layer}: heads {','.join(map(str, heads))}; |M v - o| / |o| = {a.error:.1e}")
     attribution, what = None, ""
     if args.attribution:
-        T = ids.shape[1]
-        position = T - 1 if args.position is None else args.position
-        if position >= T:
-            raise UsageError(f"--position {position}: the prompt has {T} tokens (0..{T - 1})")
-        if args.answers is not None:
-            answers = tuple(_token_id(tok, t, option="--answers") for t in args.answers)
-        else:  # the model's top two predictions at that position
+        if answers is None:  # the model's top two predictions at that position
             import torch
 
             with torch.no_grad():

@@ -282,7 +282,9 @@ class GDNMixin:
         T = q.shape[1]
         if not self.state_positions:
             o, S = chunk(q, k, v, g=g, beta=beta, initial_state=S, **kwargs)
-            return o, (self.state(S) if fire_final else S)
+            # S is None where nothing asked for it: a listener added by another thread after
+            # `want` was decided does not see this call (its hooks skip other threads anyway)
+            return o, (self.state(S) if fire_final and S is not None else S)
         if kwargs.get("cu_seqlens") is not None or kwargs.get("cu_seq_lens_q") is not None:
             raise ValueError(f"layer {self.layer_idx}: state_positions cannot split packed sequences (cu_seqlens)")
         _split_bounds(self.state_positions, T_call, self.layer_idx)  # every position inside the call

@@ -16,11 +16,16 @@ nnsight builds a model on the meta device and, at the first trace (or `dispatch=
 loads the real weights into NEW modules. A patch applied to the meta model alone would be
 lost there, so `PatchedTransformersModel` runs both builds inside `gdn_intervene.patch_on_load()`:
 every module tree nnsight ever sees is patched, and the envoy tree (sites included) is the same
-before and after dispatch.
+before and after dispatch. `gdn_intervene.capture`, `intervene` and `state_at` dispatch a lazy
+model before they hook it (hooks on the meta placeholders would never run).
+
+An in-memory model that names no checkpoint (`config._name_or_path` empty) and comes without
+`tokenizer=` loads without one: token-id inputs work, text raises a one-line error.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -105,6 +110,11 @@ class PatchedTransformersModel(TransformersModel):
             return self._gdn_patch(super()._load(*args, **kwargs))
 
     def _wrap(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        if self.tokenizer is None and not self.repo_id and "pipeline_class" not in kwargs:
+            # Nowhere to load a tokenizer from: HF's pipeline would fail on the empty name.
+            pipeline_class = _tokenizerless(self.task)
+            if pipeline_class is not None:
+                kwargs["pipeline_class"] = pipeline_class
         # Patched before nnsight wraps it: nnsight captures each module's forward once.
         return super()._wrap(self._gdn_patch(module), *args, **kwargs)
 
@@ -138,6 +148,26 @@ def _pipeline_class(task: str | None) -> type | None:
     return impl
 
 
+@functools.lru_cache(maxsize=None)
+def _tokenizerless(task: str | None) -> type | None:
+    """The task's pipeline class, made to build without a tokenizer (HF's soft flag, None), whose
+    text preprocessing says that it has none; None for a task that loads no tokenizer."""
+    impl = _pipeline_class(task)
+    if impl is None or not getattr(impl, "_load_tokenizer", False):
+        return None
+
+    def preprocess(self, *args: Any, **kwargs: Any) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(
+                "gdn_intervene.nnsight: this model was loaded without a tokenizer (an in-memory model names no "
+                "checkpoint to load one from): pass token ids, or load(model, tokenizer=...)"
+            )
+        return impl.preprocess(self, *args, **kwargs)
+
+    namespace = {"_load_tokenizer": None, "preprocess": preprocess, "__module__": impl.__module__}  # nnsight reads Chat there
+    return type(f"Tokenizerless{impl.__name__}", (impl,), namespace)
+
+
 def load(
     model: str | torch.nn.Module,
     *,
@@ -150,7 +180,9 @@ def load(
         model = gdn_intervene.nnsight.load("path/to/checkpoint", dispatch=True, dtype=torch.bfloat16)
 
     `dispatch=False` (nnsight's default) builds on the meta device and loads the weights at the
-    first trace; both builds are patched. Other kwargs go to `nnsight.TransformersModel`
+    first trace (or at the first `gdn_intervene.capture` / `intervene` / `state_at`); both builds
+    are patched. An in-memory model without `tokenizer=` whose config names no checkpoint loads
+    without a tokenizer (token-id inputs only). Other kwargs go to `nnsight.TransformersModel`
     (`tokenizer=`, `dtype=`, `device_map=`, ...)."""
     return PatchedTransformersModel(model, task=task, dispatch=dispatch, **kwargs)
 

@@ -20,7 +20,12 @@ Components (layer index = decoder layer, as `layers[%s]`):
 pyvene indexes `[B, T, X]`. Each GDN value is shown to pyvene as that view and put back after:
 `[B, T, H, D]` -> `[B, T, H*D]`; gates `[B, T, HV]` are `[B, T, HV]` (one number per head,
 D = 1); the state `[B, HV, K, V]` -> `[B, 1, HV*K*V]`, i.e. one position (0) per call: the
-state after this call (each decode step in `generate`). Head h of a `head_` component is the
+state after this call (each decode step in `generate`), which reaches the logits only through
+the cache. Inside `gdn_intervene.state_at(model, [p])` (one position) the state components
+see the state after token p instead, which the rest of the call reads: the layer's prefill is
+split after p, the state site fires after p and again at the end, and pyvene is shown only
+the first of the two (the final state passes through unedited). More than one position
+raises: pyvene takes one value per call. Head h of a `head_` component is the
 slice `[h*D, (h+1)*D)` of that view; HK heads for q/k, HV heads otherwise. KDA's per-channel
 decay `[B, T, HV, K]` has D = K. Widths come from the family's shape of the site
 (`Site.shape_for(family.mixer)`) and its config fields (`Family.config`: KDA configs name one
@@ -31,8 +36,9 @@ model class goes to pyvene's own code unchanged):
 - `get_module_hook`: a GDN component resolves by layer index with a clear error (it names the
   GDN layers; an attention component at a GDN layer names the attention layers) and hooks the
   site through an adapter that hands pyvene a fresh `[B, T, X]` copy and returns it, reshaped,
-  as the site's value. pyvene edits the hooked tensor in place; on the copy that cannot
-  disturb autograd (sigmoid saves beta for backward) or a non-contiguous kernel output.
+  as the site's value (a state component: that of the first firing of a call that `state_at`
+  splits). pyvene edits the hooked tensor in place; on the copy that cannot disturb autograd
+  (sigmoid saves beta for backward) or a non-contiguous kernel output.
   An out-of-range head or position raises `ValueError` naming the head count and T.
 - `get_dimension_by_component`: widths such as HV*V are products of two config fields, which
   pyvene's dimension syntax cannot express; they are computed from the (text) config.
@@ -58,7 +64,7 @@ from torch import nn
 from . import _compat
 from .families import FAMILIES, Family
 from .layer import is_patched
-from .patching import site_module
+from .patching import gdn_layers, site_module
 from .sites import SITES, Owner, Site
 
 __all__ = ["register", "COMPONENTS", "model_classes", "component"]
@@ -286,7 +292,8 @@ def _wrap_get_module_hook(original):
                 raise ValueError(f"pyvene component {c.name!r}: {e}") from None
             sizes = _family_of_model(model).letters(_text_config(model.config))
             heads = sizes[c.site.heads] if c.heads else None
-            return _Adapter(module, c, layer, heads)
+            owner = gdn_layers(model)[layer] if c.site.name == "state" else None
+            return _Adapter(module, c, layer, heads, owner)
         decoder = _decoder_layer(model, layer)
         if c.path.startswith("self_attn") and not _is_attention(decoder):
             attn = [i for i, d in enumerate(_decoder_layers(model)) if _is_attention(d)]
@@ -335,15 +342,31 @@ def _decoder_layer(model, layer: int) -> nn.Module:
 class _Adapter:
     """`pyvene` calls `module_hook(hook_callback, with_kwargs=True)` and later `.remove()` on
     what it returns. We register one forward hook on the site that shows pyvene a fresh
-    `[B, T, X]` copy of the value (state: `[B, 1, HV*K*V]`) and returns it as the new value."""
+    `[B, T, X]` copy of the value (state: `[B, 1, HV*K*V]`) and returns it as the new value.
 
-    def __init__(self, module: nn.Module, comp: Component, layer: int, heads: int | None):
-        self.module, self.comp, self.layer, self.heads = module, comp, layer, heads
+    State components (`owner`: the GDN layer): in a call that `gdn_intervene.state_at` splits
+    after one position p, the state fires after p and at the end; pyvene sees the first firing
+    only (a pre-hook on the layer counts the firings per call), so its getter keeps, and its
+    setter replaces, the state after p."""
+
+    def __init__(self, module: nn.Module, comp: Component, layer: int, heads: int | None, owner: nn.Module | None = None):
+        self.module, self.comp, self.layer, self.heads, self.owner = module, comp, layer, heads, owner
 
     def __call__(self, hook, with_kwargs: bool = True):
-        comp, layer, heads = self.comp, self.layer, self.heads
+        comp, layer, heads, owner = self.comp, self.layer, self.heads, self.owner
+        fired = [0]  # state firings in the current call of the layer
 
         def adapter(module, args, kwargs, out):
+            if owner is not None and owner.state_positions:
+                if len(owner.state_positions) > 1:
+                    raise ValueError(
+                        f"pyvene component {comp.name!r} at layer {layer}: the layer is split after positions "
+                        f"{list(owner.state_positions)} (gdn_intervene.state_at), but pyvene takes one state per "
+                        "call; give state_at one position"
+                    )
+                fired[0] += 1
+                if fired[0] > 1:  # the final state of a split call: not pyvene's
+                    return None
             lead = tuple(out.shape[:2]) if comp.site.has_time else (out.shape[0], 1)
             flat = out.reshape(*lead, -1).clone()
             try:
@@ -355,7 +378,26 @@ class _Adapter:
             return flat.view(out.shape)
 
         adapter._gdn_pyvene = True
-        return self.module.register_forward_hook(adapter, with_kwargs=True)
+        handles = [self.module.register_forward_hook(adapter, with_kwargs=True)]
+        if owner is not None:
+
+            def new_call(module, args, kwargs):
+                fired[0] = 0
+
+            new_call._gdn_pyvene = True
+            handles.append(owner.register_forward_pre_hook(new_call, with_kwargs=True))
+        return _Handles(handles)
+
+
+class _Handles:
+    """The adapter's hooks, removed together (what pyvene's `HandlerList` calls `remove()` on)."""
+
+    def __init__(self, handles: list):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _range_message(comp: Component, layer: int, T: int, heads: int | None) -> str:

@@ -6,6 +6,9 @@ restored from the clean run. The score is the restored fraction of the logit dif
 between the clean answer and the corrupted answer at the last position:
     score = (d_restored - d_corrupt) / (d_clean - d_corrupt),   d = logit[clean] - logit[corrupt]
 1 = fully restored, 0 = no effect.
+
+Threads: a trace's hooks act on its own thread's forwards only, so concurrent traces of one
+model each get their single-threaded result.
 """
 
 from __future__ import annotations

@@ -231,7 +231,10 @@ def test_attribution_sums_to_the_layer_output(pair, name, hv_ratio):
         return
     att = an.attribution_for(patched, ids, positions=positions, direction=(5, 7), attention_mask=mask)
     assert no_hooks(patched)
+    # path_scale: 1 for a plain residual add; GLM-5-Next's hyper-connections scale each layer's
+    # output on its way to the final norm (checked by ablation in test_analysis_guards.py)
     want = torch.stack([direct_effect(ref, outs[l][:, positions], x[:, positions], norm, 5, 7) for l in att.layers], 1)
+    want = want * att.path_scale.double()
     assert rel(att.total(), want) <= 1e-5
     assert rel(att.value, want) <= 1e-5
     # per-example answer tokens
@@ -239,7 +242,7 @@ def test_attribution_sums_to_the_layer_output(pair, name, hv_ratio):
     att = an.attribution_for(patched, ids, positions=positions, direction=(a, b), attention_mask=mask, layers=[att.layers[-1]])
     l = att.layers[0]
     rows = [direct_effect(ref, outs[l][i : i + 1, positions], x[i : i + 1, positions], norm, a[i], b[i]) for i in range(3)]
-    assert rel(att.total()[:, 0], torch.cat(rows)) <= 1e-5
+    assert rel(att.total()[:, 0], torch.cat(rows) * att.path_scale[:, 0].double()) <= 1e-5
 
 
 @pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid", "kimi_linear") or [ANY_GDN])

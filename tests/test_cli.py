@@ -176,6 +176,108 @@ def test_errors_after_loading(tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "LlamaForCausalLM has no Gated DeltaNet" in err[0]
 
 
+@pytest.fixture
+def no_forward(monkeypatch):
+    """Load the model as usual but fail the test if it runs a forward (or a figure is drawn)."""
+    real = cli._load
+
+    def load(*a, **k):
+        model, tok, name = real(*a, **k)
+
+        def boom(*_):
+            raise AssertionError("the model ran before the error")
+
+        model.register_forward_pre_hook(boom)
+        return model, tok, name
+
+    monkeypatch.setattr(cli, "_load", load)
+
+
+# Refused after tokenizing (the bundled toy's prompt has 19 tokens) but before any forward or file.
+_BEFORE_FORWARD = {
+    "position out of range": (["attention", "--attribution", "--position", "99"],
+                              "error: --position 99: the prompt has 19 tokens; expected a position in 0..18"),
+    "negative position": (["attention", "--attribution", "--position", "-1"],
+                          "error: --position -1: the prompt has 19 tokens; expected a position in 0..18"),
+    "position on a given prompt": (["attention", "--prompt", "k1 v2 <sep> k1", "--attribution", "--position", "5"],
+                                   "error: --position 5: the prompt has 5 tokens; expected a position in 0..4"),
+    "unknown answer": (["attention", "--attribution", "--answers", "foo,bar"],
+                       "error: --answers 'foo' is not a token of this tokenizer (it maps to the unknown token); use a "
+                       "token from its vocabulary, e.g. 'k1'"),
+    "second answer unknown": (["attention", "--attribution", "--answers", "v2,v99"],
+                              "error: --answers 'v99' is not a token of this tokenizer"),
+    "answers: a word, not a token": (["attention", "--attribution", "--answers", "v2 v3,v4"],
+                                     "error: --answers 'v2 v3' is not a token of this tokenizer"),
+}
+
+
+@pytest.mark.parametrize("argv, message", _BEFORE_FORWARD.values(), ids=_BEFORE_FORWARD)
+def test_error_after_tokenizing_before_any_forward(argv, message, capsys, no_forward, tmp_path):
+    out = tmp_path / "o"
+    rc, err = run(argv + ["--out", str(out)], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith(message), err
+    assert list(out.iterdir()) == []  # no attention_layer<L>.png left behind
+
+
+# Refused before the model is loaded: the arguments alone are wrong.
+_BEFORE_LOADING = {
+    "same answer twice": (["attention", "--attribution", "--answers", "v2,v2"],
+                          "error: argument --answers: expected two different tokens A,B; got 'v2,v2', the token 'v2' "
+                          "twice (logit(A) - logit(B) would be 0 everywhere)"),
+    "empty trace prompt": (["trace", "--prompt", "", "--corrupt-positions", "0"],
+                           "error: --prompt is empty; expected text with at least one token (got '')"),
+    "blank trace prompt": (["trace", "--prompt", "  ", "--corrupt-positions", "0"],
+                           "error: --prompt is empty; expected text with at least one token (got '  ')"),
+    "empty corrupted prompt": (["trace", "--prompt", "k1 v2", "--corrupt", ""],
+                               "error: --corrupt is empty; expected text with at least one token (got '')"),
+    "empty attention prompt": (["attention", "--prompt", ""],
+                               "error: --prompt is empty; expected text with at least one token (got '')"),
+    "position without attribution": (["attention", "--position", "3"], "error: --position goes with --attribution"),
+    "answers without attribution": (["attention", "--answers", "v1,v2", "--position", "3"],
+                                    "error: --position and --answers go with --attribution"),
+}
+
+
+@pytest.mark.parametrize("argv, message", _BEFORE_LOADING.values(), ids=_BEFORE_LOADING)
+def test_error_before_loading(argv, message, capsys, no_model, tmp_path):
+    out = tmp_path / "o"
+    rc, err = run(argv + ["--out", str(out)], capsys)
+    assert rc == 2 and err == [message + (" (see gdn-intervene attention --help)" if "argument" in message else "")]
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_same_answer_by_id_and_text_without_tokens(tmp_path, capsys, no_forward, monkeypatch):
+    """Two spellings of one token id, and text from which the tokenizer keeps no token (only the
+    <bos> it adds), are refused after tokenizing. The bundled tokenizer has neither case, so a
+    wrapper around it makes `V2` an alias of `v2` and drops the character `~`."""
+
+    class Tok:
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+        def __call__(self, text, **kw):
+            return self.tok(text.replace("~", ""), **kw)
+
+        def convert_tokens_to_ids(self, t):
+            return self.tok.convert_tokens_to_ids("v2" if t == "V2" else t)
+
+    real = cli._load
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: (lambda m, t, n: (m, Tok(t), n))(*real(*a, **k)))
+    out = tmp_path / "o"
+    rc, err = run(["attention", "--attribution", "--answers", "v2,V2", "--out", str(out)], capsys)
+    assert rc == 2 and err == ["error: --answers v2,V2: both are the token 'v2'; expected two different tokens A,B "
+                               "(logit(A) - logit(B) would be 0 everywhere)"]
+    rc, err = run(["trace", "--prompt", "~", "--corrupt-positions", "0", "--out", str(out)], capsys)
+    assert rc == 2 and err == ["error: --prompt '~' gives no token (only the tokenizer's own special tokens); expected "
+                               "text with at least one token"]
+    rc, err = run(["attention", "--prompt", "~~", "--out", str(out)], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --prompt '~~' gives no token")
+    assert list(out.iterdir()) == []
+
+
 def test_dtype_is_honoured_for_the_bundled_model(tmp_path, monkeypatch):
     import torch
 

@@ -103,6 +103,47 @@ def test_vanilla_head_swap_matches_kernel_edit(models, name, site):
     assert not (unchanged and torch.equal(clean.logits, want_logits))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_state_at_a_position_inside_state_at(models, name):
+    """Inside `gi.state_at(model, [P])` the state components are the state after token P (the
+    first of the call's two firings; the final one passes through): head H of it swapped from
+    `src` gives the logits and cached state of the same swap made with `gi.intervene` on the
+    first firing. Two positions are refused (pyvene takes one value per call)."""
+    patched, _ = models(name)
+    layer = min(gi.gdn_layers(patched))  # the first GDN layer: the rest of the model reads the edit
+    base, src = ids_for(T, B, seed=1), ids_for(T, B, seed=2)
+    iv = pv.IntervenableModel([{"layer": layer, "component": "head_linear_attn_state", "unit": "h.pos"}], patched)
+    with torch.no_grad(), gi.state_at(patched, [P], layers=[layer]):
+        _, got = iv({"input_ids": base}, [{"input_ids": src}], {"sources->base": ([hp(H, 0)], [hp(H, 0)])})
+        assert no_hooks(patched)
+        with gi.capture(patched, sites=["state"], layers=[layer]) as seen:
+            patched(input_ids=src)
+        assert len(seen[layer, "state"]) == 2  # after P, then the final state
+        kept, fired = seen[layer, "state"][0], []
+
+        def swap(S):
+            fired.append(1)
+            if len(fired) > 1:
+                return None
+            S = S.clone()
+            S[:, H] = kept[:, H]
+            return S
+
+        with gi.intervene(patched, {(layer, "state"): swap}):
+            want = patched(input_ids=base, use_cache=True)
+        plain = patched(input_ids=base, use_cache=True)
+    assert torch.equal(got.logits, want.logits)
+    assert torch.equal(view(got.past_key_values).get_recurrent_state(layer),
+                       view(want.past_key_values).get_recurrent_state(layer))
+    assert not torch.equal(got.logits[:, P + 1 :], plain.logits[:, P + 1 :])  # the later tokens read the swap
+    assert torch.equal(got.logits[:, : P + 1], plain.logits[:, : P + 1])  # the earlier ones cannot
+    with torch.no_grad(), gi.state_at(patched, [1, P], layers=[layer]), pytest.raises(
+        ValueError, match=r"split after positions \[1, 3\].*pyvene takes one state per call"
+    ):
+        iv({"input_ids": base}, [{"input_ids": src}], {"sources->base": ([hp(H, 0)], [hp(H, 0)])})
+    assert no_hooks(patched)
+
+
 @pytest.mark.skipif("olmo_hybrid" not in MODELS, reason="this release has no OLMo-Hybrid we serve")
 def test_whole_position_swap_beta(models):
     """unit="pos" on the non-head component swaps all HV heads at position P."""
