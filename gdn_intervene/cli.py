@@ -55,6 +55,16 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _nonnegative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}")
+    return value
+
+
 def _tokens(text: str) -> tuple[str, str]:
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != 2 or not all(parts):
@@ -228,15 +238,22 @@ def _attribution(model, tok, ids, answers: tuple[int, int], position: int, out: 
 
 
 def _trace_and_write(model, tok, clean, bad, *, sites, out: Path, html: bool, progress: bool, record: dict,
-                     command: str, attention_ids=None, attribution: bool = False) -> list[Path]:
+                     command: str, attention_ids=None, attribution: bool = False, method: str = "patching",
+                     verify: int = 0, compare: bool = False) -> list[Path]:
+    """Trace (activation patching, or `method="atp"` attribution patching with `verify` top cells
+    re-checked), write trace.json / trace.png (and report.html); `compare`: also attribution
+    patching beside the trace, atp.png and the estimated-vs-measured atp_scatter.png (the demo)."""
     import json
 
     from . import plot
-    from .tracing import SameAnswerError, causal_trace
+    from .tracing import SameAnswerError, attribution_patching, causal_trace
 
     tokens = _labels(tok, clean[0])
     try:
-        result = causal_trace(model, clean, bad, sites=sites, tokens=tokens, progress=progress)
+        if method == "atp":
+            result = attribution_patching(model, clean, bad, sites=sites, tokens=tokens, verify=verify)
+        else:
+            result = causal_trace(model, clean, bad, sites=sites, tokens=tokens, progress=progress)
     except SameAnswerError as e:
         raise UsageError(f"the clean and corrupted prompts have the same answer {_labels(tok, [e.answer])[0]!r}: the "
                          f"corruption does not change the prediction, so nothing can be restored; "
@@ -254,6 +271,13 @@ def _trace_and_write(model, tok, clean, bad, *, sites, out: Path, html: bool, pr
     files[0].write_text(json.dumps({**record, **result.to_json()}, indent=1))
     files.append(out / "trace.png")  # all sites on one scale (plot.trace_heatmap draws one site)
     plot.trace_figure(result, answer_labels=answers, corrupt_tokens=marks, path=files[-1])
+    atp = None
+    if compare:  # attribution patching of the same cells, and how it compares
+        atp = attribution_patching(model, clean, bad, sites=sites, tokens=tokens, answers=result.answers)
+        files.append(out / "atp.png")
+        plot.trace_figure(atp, answer_labels=answers, corrupt_tokens=marks, path=files[-1])
+        files.append(out / "atp_scatter.png")
+        plot.atp_scatter(atp, result, path=files[-1])
     if html:
         attention = None
         if attention_ids is not None:
@@ -262,10 +286,16 @@ def _trace_and_write(model, tok, clean, bad, *, sites, out: Path, html: bool, pr
             attention = effective_attention_for(model, attention_ids, check=True)
         from . import report
 
-        files.append(report.write_html(out / "report.html", trace=result, trace_answers=answers, attention=attention,
+        files.append(report.write_html(out / "report.html", trace=result, atp=atp, trace_answers=answers, attention=attention,
                                        attribution=att, attribution_of=what, tokens=tokens,
                                        title=f"gdn-intervene {command}: {record.get('model', '')}"))
     print(result.summary(answers))
+    if atp is not None:
+        from .tracing import agreement
+
+        al = agreement(atp, result)["all"]
+        print(f"attribution patching of the same {al.cells} cells (atp.png): r {al.pearson:.2f}, rho {al.spearman:.2f} "
+              f"against the trace; top-10 recall in its top 20: {al.recall:.0%} (atp_scatter.png)")
     for line in lines:
         print(line)
     return files
@@ -285,12 +315,14 @@ def cmd_demo(args) -> None:
               "corruption": {"kind": args.corrupt, "clean_prompt": " ".join(_labels(tok, clean[0])),
                              "corrupt_prompt": " ".join(_labels(tok, bad[0]))}}
     files = _trace_and_write(model, tok, clean, bad, sites=args.sites, out=out, html=html, progress=not args.no_progress,
-                             record=record, command="demo", attention_ids=clean, attribution=True)
+                             record=record, command="demo", attention_ids=clean, attribution=True, compare=True)
     print(f"queried key at position {info['key_position']}, its value at {info['value_position']}; "
           f"wrote {', '.join(map(str, files))}")
 
 
 def cmd_trace(args) -> None:
+    if args.verify and args.method != "atp":
+        raise UsageError("--verify goes with --method atp (it re-checks attribution patching's top cells by activation patching)")
     _prompt_text(args.prompt)
     _prompt_text(args.corrupt, "--corrupt")
     html = _html_wanted(args.html)
@@ -316,9 +348,11 @@ def cmd_trace(args) -> None:
         corruption = {"kind": "positions", "replacement": tok.convert_ids_to_tokens(rid)}
     if args.attention_report and not html:
         raise UsageError("--attention-report goes with --html")
-    record = {"model": name, "prompt": args.prompt, "dtype": args.dtype, "device": str(device), "corruption": corruption}
+    record = {"model": name, "prompt": args.prompt, "dtype": args.dtype, "device": str(device), "corruption": corruption,
+              "method": args.method}
     files = _trace_and_write(model, tok, clean, bad, sites=args.sites, out=out, html=html, progress=not args.no_progress,
-                             record=record, command="trace", attention_ids=clean if args.attention_report else None)
+                             record=record, command="trace", attention_ids=clean if args.attention_report else None,
+                             method=args.method, verify=args.verify)
     print(f"wrote {', '.join(map(str, files))}")
 
 
@@ -422,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Causal tracing of the bundled MQAR model: restore each GDN site of the clean run "
                        "at each (layer, position) of the corrupted run and measure the fraction of the clean-vs-corrupt "
                        "logit difference that comes back.")
-    common_out(d, "gdn_demo", "trace.json, trace.png, attribution.png and report.html")
+    common_out(d, "gdn_demo", "trace.json, trace.png, atp.png, atp_scatter.png, attribution.png and report.html")
     d.add_argument("--seed", type=int, default=0, help="which 8 key-value pairs and which queried key (default: %(default)s)")
     d.add_argument("--corrupt", default="key", choices=CORRUPTIONS,
                    help="what the corrupted prompt replaces: the queried pair's key in the context (key), its value "
@@ -445,6 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(t)
     site_arg(t)
     common_out(t, "gdn_trace", "trace.json, trace.png (and report.html)")
+    t.add_argument("--method", default="patching", choices=("patching", "atp"),
+                   help="patching: activation patching, one forward per group of cells, exact (default, right for small "
+                   "models and short prompts); atp: attribution patching, every cell from two forwards and one backward, "
+                   "a first-order estimate that under-reads saturated effects: rank with it on big models and long "
+                   "prompts, then confirm the top cells with --verify (default: %(default)s)")
+    t.add_argument("--verify", type=_nonnegative, default=0, metavar="K",
+                   help="with --method atp: re-run activation patching on the K cells of largest |estimate| and report "
+                   "both (default: %(default)s)")
     t.add_argument("--html", action="store_true", help="also write the interactive report.html")
     t.add_argument("--attention-report", action="store_true",
                    help="with --html: add the effective attention of the clean prompt to the report")

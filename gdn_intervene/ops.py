@@ -701,6 +701,101 @@ def state_decomposition(
     return StateDecomposition(weights, kh.transpose(1, 2), u.transpose(1, 2), initial)
 
 
+# --------------------------------------------------------------------------- attribution patching
+
+
+class DeltaRuleRun(NamedTuple):
+    """One run's inputs of a GDN / KDA layer, as its sites give them: q, k [B, T, HK, K]
+    (pre-L2-norm, pre-GQA), v [B, T, HV, V], beta [B, T, HV], g [B, T, HV] or [B, T, HV, K]
+    (log decay, g <= 0, decay = exp(g))."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    beta: Tensor
+    g: Tensor
+
+
+def _run_layout(run: DeltaRuleRun, dtype):
+    """(qh, kh [B, HV, T, K] normalised (q also scaled by K^-1/2), vh [B, HV, T, V], bh [B, HV, T],
+    decay [B, HV, T, Kg]) in `dtype` (Kg = 1 per head, K per channel)."""
+    q, k, v, beta, g = run
+    _, _, HK, K, HV = _check_inputs(q, k, beta, g, v)
+    heads = torch.arange(HV, device=k.device)
+    qh = _normed_layout(q.to(dtype), heads, HV // HK, K**-0.5)
+    kh = _normed_layout(k.to(dtype), heads, HV // HK)
+    gh = _heads_layout(g, heads).to(dtype)
+    decay = (gh[..., None] if gh.dim() == 3 else gh).exp()
+    return qh, kh, v.transpose(1, 2).to(dtype), beta.transpose(1, 2).to(dtype), decay
+
+
+def _step(S: Tensor, kh, vh, bh, decay, t: int) -> Tensor:
+    """S_t = diag(exp(g_t)) S_{t-1} + k_t u_t^T, u_t = beta_t (v_t - (diag(exp(g_t)) S_{t-1})^T k_t)."""
+    S = S * decay[:, :, t, :, None]
+    u = bh[:, :, t, None] * (vh[:, :, t] - torch.einsum("bhkv,bhk->bhv", S, kh[:, :, t]))
+    return S + kh[:, :, t, :, None] * u[:, :, None, :]
+
+
+def state_patching_scores(
+    base: DeltaRuleRun, source: DeltaRuleRun, delta: Tensor, *, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK
+) -> Tensor:
+    """Attribution patching of the recurrent state: the first-order change of a metric when the
+    base run's state after token p is replaced by the source run's, for every p at once.
+
+        score[b, h, p] = <mu_p, S^source_p - S^base_p>,   mu_p = d metric / d S_p
+
+    where S_p is the state after token p (no initial state) and mu_p its gradient through the
+    later tokens only (patching S_p changes o_{p+1}, o_{p+2}, ...; o_p was read before). With
+    S_t = A_t S_{t-1} + beta_t k_t v_t^T, A_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) and
+    o_t = S_t^T q_t (q, k L2-normalised, q scaled by K^-1/2, as in the kernel), the adjoint is
+
+        mu_{T-1} = 0,   mu_{p-1} = A_p^T (q_p delta_p^T + mu_p),   A_p^T X = diag(exp(g_p)) (X - beta_p k_p (k_p^T X)),
+
+    a backward scan of the same kind as the forward. Neither all T states nor all T adjoints are
+    held: the forward keeps both runs' states every `chunk` positions, and the backward scan
+    recomputes one chunk of states at a time (memory O((T / chunk + chunk) K V) per head).
+
+    Args:
+        base: the run being patched (the metric's gradient is taken there).
+        source: the run the states come from; same shapes as `base`.
+        delta: d metric / d o_t in the base run, [B, T, HV, V] (the gradient at the `recurrence`
+            site).
+        dtype: computation dtype (float64 for an exact check).
+
+    Returns:
+        scores [B, HV, T] in `dtype`; the last column is 0 (the final state reaches no later token).
+    """
+    qh, kh, vh, bh, dec = _run_layout(base, dtype)
+    _, ks, vs, bs, ds = _run_layout(source, dtype)
+    if ks.shape != kh.shape or vs.shape != vh.shape or ds.shape != dec.shape:
+        raise ValueError(f"source and base runs differ in shape: k {_shape(ks)} vs {_shape(kh)}, v {_shape(vs)} vs {_shape(vh)}")
+    B, HV, T, K = kh.shape
+    dh = delta.transpose(1, 2).to(dtype)
+    if tuple(dh.shape) != tuple(vh.shape):
+        raise ValueError(f"delta must be [B, T, HV, V] = {[B, T, HV, vh.shape[-1]]}; got {_shape(delta)}")
+    zero = torch.zeros(B, HV, K, vh.shape[-1], dtype=dtype, device=kh.device)
+    starts = list(range(0, T, chunk))
+    checkpoints, Sb, Ss = [], zero, zero  # the states before each chunk
+    for c0 in starts:
+        checkpoints.append((Sb, Ss))
+        for t in range(c0, min(c0 + chunk, T)):
+            Sb, Ss = _step(Sb, kh, vh, bh, dec, t), _step(Ss, ks, vs, bs, ds, t)
+    scores = torch.zeros(B, HV, T, dtype=dtype, device=kh.device)
+    mu = zero
+    for c0, (Sb, Ss) in reversed(list(zip(starts, checkpoints))):
+        diffs = []
+        for t in range(c0, min(c0 + chunk, T)):
+            Sb, Ss = _step(Sb, kh, vh, bh, dec, t), _step(Ss, ks, vs, bs, ds, t)
+            diffs.append(Ss - Sb)
+        for t in reversed(range(c0, c0 + len(diffs))):
+            scores[:, :, t] = (mu * diffs[t - c0]).sum((-2, -1))
+            X = qh[:, :, t, :, None] * dh[:, :, t, None, :] + mu  # d metric / d S_t
+            k_t = kh[:, :, t]
+            X = X - bh[:, :, t, None, None] * k_t[..., None] * torch.einsum("bhk,bhkv->bhv", k_t, X)[:, :, None]
+            mu = dec[:, :, t, :, None] * X  # d metric / d S_{t-1}, through tokens t, t+1, ...
+    return scores
+
+
 __all__ = [
     "l2norm",
     "naive_gated_delta_rule",
@@ -711,4 +806,6 @@ __all__ = [
     "written_values",
     "StateDecomposition",
     "state_decomposition",
+    "DeltaRuleRun",
+    "state_patching_scores",
 ]

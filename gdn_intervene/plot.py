@@ -26,6 +26,7 @@ __all__ = [
     "position_labels",
     "trace_heatmap",
     "trace_figure",
+    "atp_scatter",
     "effective_attention_heatmap",
     "effective_attention_grid",
     "attribution_heatmap",
@@ -116,7 +117,8 @@ def _trace_figure(result, names, answer_labels, title, path, corrupt_tokens):
     cb = fig.colorbar(im, ax=list(axes), fraction=0.025, pad=0.01, extend="both")
     cb.set_label("fraction of the clean-vs-corrupt\nlogit difference restored", fontsize=8)
     axes[-1].set_xlabel("position:token of the clean prompt (red: corrupted, →the corrupted token)", fontsize=8)
-    fig.suptitle(f"{title}\n{_answers(result, answer_labels)}; colour = {SCORE_LABEL}", fontsize=9)
+    what = "first-order estimate of the " if getattr(result, "method", "") == "attribution patching" else ""
+    fig.suptitle(f"{title}\n{_answers(result, answer_labels)}; colour = {what}{SCORE_LABEL}", fontsize=9)
     handles = [Patch(facecolor=_NA_COLOUR, hatch="///", edgecolor="white", label="n/a (cannot reach the last logits)"),
                Patch(fill=False, edgecolor=_MARK, linewidth=1.6, label="corrupted position")]
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
@@ -144,7 +146,49 @@ def trace_figure(result, *, answer_labels: Optional[Sequence[str]] = None, corru
     """All traced sites of a `tracing.TraceResult`, one panel each, one shared colour scale
     (arguments as `trace_heatmap`)."""
     title = "causal trace: restore one GDN site of the clean run at (layer, position) in the corrupted run"
+    if getattr(result, "method", "") == "attribution patching":
+        title = "attribution patching: first-order estimate of restoring one GDN site at (layer, position)"
     return _trace_figure(result, list(result.scores), answer_labels, title, path, corrupt_tokens)
+
+
+_SITE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def atp_scatter(atp, trace, *, title: str = "", path=None):
+    """Attribution patching (x) against activation patching (y), one point per cell both score
+    and one colour per site, each labelled with its Pearson r and Spearman rho
+    (`tracing.agreement`); the diagonal marks agreement. Returns a Figure."""
+    from matplotlib.figure import Figure
+
+    from .tracing import agreement
+
+    stats = agreement(atp, trace)
+    fig = Figure(figsize=(6.4, 5.2), layout="constrained")
+    ax = fig.subplots()
+    lo = hi = 0.0
+    for i, name in enumerate(n for n in atp.sites if n in trace.sites):
+        x, y = atp.scores[name].flatten(), trace.scores[name].flatten()
+        ok = ~(x.isnan() | y.isnan())
+        x, y = x[ok].numpy(), y[ok].numpy()
+        a = stats[name]
+        ax.scatter(x, y, s=14, alpha=0.75, color=_SITE_COLOURS[i % len(_SITE_COLOURS)], edgecolors="none",
+                   label=f"{name} (r {a.pearson:.2f}, ρ {a.spearman:.2f})")
+        if len(x):
+            lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
+    pad = 0.05 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", linewidth=0.8, linestyle="--", label="agreement (y = x)")
+    ax.axhline(0, color="0.85", linewidth=0.6, zorder=0)
+    ax.axvline(0, color="0.85", linewidth=0.6, zorder=0)
+    ax.set_xlabel("attribution patching (first-order estimate)", fontsize=9)
+    ax.set_ylabel("activation patching (causal trace)", fontsize=9)
+    al = stats["all"]
+    ax.set_title(_literal(title or "each cell: estimated vs measured fraction of the logit difference restored")
+                 + f"\nall {al.cells} cells: r {al.pearson:.2f}, ρ {al.spearman:.2f}, "
+                 f"top-10 recall in AtP's top 20: {al.recall:.0%}", fontsize=9)
+    ax.legend(fontsize=7, loc="best", frameon=False)
+    if path is not None:
+        _save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- effective attention

@@ -34,7 +34,7 @@ def test_demo_writes_pictures_numbers_and_report(demo):
 
     out, data, _ = demo
     pngs = {p.name for p in out.glob("*.png")}
-    assert pngs == {"trace.png", "attribution.png"}
+    assert pngs == {"trace.png", "attribution.png", "atp.png", "atp_scatter.png"}
     assert (out / "report.html").stat().st_size > 1_000_000  # plotly.js is embedded: works offline
     assert data["logit_diff"]["clean"] > 0 > data["logit_diff"]["corrupt"]
     for name in pngs:
@@ -121,6 +121,11 @@ _BEFORE_WORK = {
     "bad corruption": (["demo", "--corrupt", "pair"], "invalid choice: 'pair'"),
     "bad dtype": (["trace", "--prompt", "k1", "--corrupt-positions", "1", "--dtype", "fp8"], "invalid choice: 'fp8'"),
     "bad answers": (["attention", "--attribution", "--answers", "v1"], "expected two tokens A,B; got 'v1'"),
+    "verify without atp": (["trace", "--prompt", "k1", "--corrupt-positions", "1", "--verify", "3"],
+                           "--verify goes with --method atp"),
+    "bad verify": (["trace", "--prompt", "k1", "--corrupt-positions", "1", "--method", "atp", "--verify", "-1"],
+                   "expected an integer >= 0"),
+    "bad method": (["trace", "--prompt", "k1", "--corrupt-positions", "1", "--method", "fast"], "invalid choice: 'fast'"),
 }
 
 
@@ -349,3 +354,35 @@ def test_trace_and_attention_commands(tmp_path):
     assert {p.name for p in (tmp_path / "a").iterdir()} == {"attention_layer0.png", "attribution.png", "report.html"}
     html = (tmp_path / "a" / "report.html").read_text()
     assert 'id="attention"' in html and 'id="attribution"' in html
+
+
+def test_trace_method_atp_verifies_its_top_cells(capsys, tmp_path):
+    """`trace --method atp --verify 3`: trace.json holds the estimates and, for the top 3 cells by
+    |estimate|, the activation-patching scores, which equal causal_trace's for those cells."""
+    import json
+
+    import gdn_intervene as gi
+    from gdn_intervene import tracing
+    from gdn_intervene.toy import load_toy
+
+    clean, corrupt = "k12 v11 k2 v2 k3 v12 k13 v3 <sep> k3", "k12 v11 k2 v2 k9 v12 k13 v3 <sep> k3"
+    rc, err = run(["trace", "--prompt", clean, "--corrupt", corrupt, "--method", "atp", "--verify", "3", "--no-progress",
+                   "--out", str(tmp_path)], capsys)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "trace.json").read_text())
+    assert data["method"] == "attribution patching" and len(data["verified"]) == 3
+    model, tok = load_toy()
+    gi.patch(model)
+    ids = [tok(x, return_tensors="pt").input_ids for x in (clean, corrupt)]
+    full = tracing.causal_trace(model, *ids)
+    for v in data["verified"]:
+        assert abs(v["activation_patching"] - full.score(tracing.Cell(v["site"], v["layer"], v["position"]))) <= 1e-5
+        assert v["estimate"] == data["scores"][v["site"]][data["layers"].index(v["layer"])][v["position"]] or \
+            abs(v["estimate"] - data["scores"][v["site"]][data["layers"].index(v["layer"])][v["position"]]) <= 1e-6
+
+
+def test_demo_compares_attribution_patching_with_the_trace(demo):
+    """The demo's line on attribution patching states `tracing.agreement` of the two results."""
+    _, _, stdout = demo
+    line = next(x for x in stdout.splitlines() if x.startswith("attribution patching of the same"))
+    assert "against the trace" in line and "atp_scatter.png" in line

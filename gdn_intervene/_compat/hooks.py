@@ -25,10 +25,18 @@ def rebind_forwards(module, old_forward=None) -> None:
     - accelerate's `add_hook_to_module` (device_map dispatch, CPU/disk offload) keeps the bound
       method it wrapped in `module._old_forward`; left alone, the old class's forward would keep
       running and no site would fire.
+    - kernels' `kernelize` (0.18) binds the class's own forward on the instance where it maps
+      no kernel (its fallback); left alone, that old forward would shadow the new class's. It is
+      dropped (the new class's forward then runs), as kernels 0.19 drops it itself.
     - nnsight 0.8 wraps a module once, keeping the (unbound) forward it runs in
       `module.__dict__["__nnsight__"].body`. `old_forward` defaults to any base class's forward
       (the HF class after `patch`); bodies nnsight did not take from a class are left alone.
     """
+    bound = module.__dict__.get("forward")
+    if isinstance(bound, types.MethodType) and bound.__self__ is module and bound.__func__ is not type(module).forward:
+        if bound.__func__ is old_forward or (old_forward is None and any(
+                vars(c).get("forward") is bound.__func__ for c in type(module).__mro__[1:])):
+            del module.__dict__["forward"]
     if "_old_forward" in module.__dict__:
         module._old_forward = type(module).forward.__get__(module)
     state = module.__dict__.get("__nnsight__")
@@ -41,6 +49,7 @@ def rebind_forwards(module, old_forward=None) -> None:
     if inherited:
         state.body = state.original = type(module).forward
         state.sourced, state.compiled = False, None  # `.source` rebuilds from the new body
+
 
 NNSIGHT_STATE = "__nnsight__"  # nnsight 0.8: per-module state; its controller sits in `forward`
 

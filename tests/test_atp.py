@@ -1,0 +1,192 @@
+"""Attribution patching (`tracing.attribution_patching`): each cell's score is the directional
+derivative of the metric along `source - base` at that one cell, computed independently (a
+float64 scalar eps mixed into the site value, autograd through the whole model; for the state
+a `state_at` split), for every family in the registry; batches of pairs, both directions,
+`verify=K` against `causal_trace`.
+
+HF's torch kernels compute in float32 whatever the model's dtype, so the model-level check of
+the state (the adjoint scan in float64 against the kernel from the split) holds to the
+kernel's precision; the scan itself is checked to 1e-9 against a float64 recurrence of the
+layer's own inputs.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from conftest import ids_for
+
+import gdn_intervene as gi
+from gdn_intervene import ops, tracing
+from gdn_intervene.sites import TRACE_SITES, site
+from models import MODELS, build
+
+NAMES = list(MODELS)
+T = 12
+FIRST = 4  # the first corrupted position
+
+
+def _f64(name: str):
+    """The family's tiny model in float64, patched; MoE experts on the eager path (torch's
+    grouped matmul takes no float64 on the CPU)."""
+    model = build(name, dtype=torch.float64)
+    try:
+        model.set_experts_implementation("eager")
+    except (AttributeError, ValueError):
+        pass  # no experts, or a release without the switch
+    return gi.patch(model)
+
+
+def _pair_ids(seed: int = 0, B: int = 1):
+    clean = ids_for(T, B=B, seed=seed)
+    corrupt = clean.clone()
+    corrupt[:, FIRST] = (clean[:, FIRST] + 7) % 90 + 3
+    corrupt[:, FIRST + 3] = (clean[:, FIRST + 3] + 11) % 90 + 3
+    return clean, corrupt
+
+
+def _answers(model, clean, corrupt):
+    """Two fixed answer tokens (the random models' argmax may coincide)."""
+    return torch.tensor([5] * clean.shape[0]), torch.tensor([7] * clean.shape[0])
+
+
+def _directional(model, base_ids, source_ids, answers, cell, source_value):
+    """d metric / d eps at eps = 0 with the cell's value x + eps (source - x), through the whole
+    model in float64 (state cells: the prefill split after the position, first firing only)."""
+    eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    fired = []
+
+    def mix(x):
+        fired.append(1)
+        if len(fired) > 1:
+            return None
+        y = x.clone()
+        if site(cell.site).has_time:
+            y[:, cell.position] = x[:, cell.position] + eps * (source_value[:, cell.position] - x[:, cell.position])
+        else:
+            y = x + eps * (source_value - x)
+        return y
+
+    split = gi.state_at(model, [cell.position], [cell.layer]) if not site(cell.site).has_time else contextlib.nullcontext()
+    with torch.enable_grad(), split, gi.intervene(model, {(cell.layer, cell.site): mix}):
+        last = model(input_ids=base_ids, use_cache=False).logits[0, -1]
+        metric = last[answers[0]] - last[answers[1]]
+    (grad,) = torch.autograd.grad(metric, eps)
+    return float(grad)
+
+
+def _source_value(model, ids, cell):
+    split = gi.state_at(model, [cell.position], [cell.layer]) if not site(cell.site).has_time else contextlib.nullcontext()
+    with torch.no_grad(), split, gi.capture(model, sites=[cell.site], layers=[cell.layer]) as cache:
+        model(input_ids=ids, use_cache=False)
+    return cache[cell.layer, cell.site][0]
+
+
+@pytest.mark.parametrize("patch", [tracing.CLEAN_INTO_CORRUPT, tracing.CORRUPT_INTO_CLEAN])
+@pytest.mark.parametrize("name", NAMES)
+def test_each_score_is_the_directional_derivative(name, patch):
+    model = _f64(name)
+    clean, corrupt = _pair_ids()
+    answers = _answers(model, clean, corrupt)
+    res = tracing.attribution_patching(model, clean, corrupt, answers=answers, patch=patch)
+    assert res.method == "attribution patching"
+    base, source = (corrupt, clean) if patch == tracing.CLEAN_INTO_CORRUPT else (clean, corrupt)
+    sign = 1.0 if patch == tracing.CLEAN_INTO_CORRUPT else -1.0
+    span = res.clean_diff - res.corrupt_diff
+    layer = res.layers[-1]
+    checked = 0
+    for n in TRACE_SITES:
+        for p in (FIRST, FIRST + 3, T - 1 if site(n).has_time else T - 2):
+            cell = tracing.Cell(n, layer, p)
+            want = sign * _directional(model, base, source, (5, 7), cell, _source_value(model, source, cell)) / span
+            got = res.score(cell)
+            # token sites: autograd through the same kernels; the state: the float64 scan against
+            # HF's float32 chunk kernel after the split (see the module doc)
+            tol = 1e-6 if site(n).has_time else 5e-5
+            assert abs(got - want) <= tol * max(abs(want), 1e-3), (cell, got, want)
+            checked += want != 0
+    assert checked >= 10  # not vacuous
+    assert torch.isnan(res.scores["state"][:, -1]).all()
+    assert not res.scores["state"][:, :FIRST].any()  # states before the first corrupted token are equal
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_state_scan_is_exact_on_the_layers_own_inputs(name):
+    """The adjoint scan against a float64 recurrence of the layer's captured inputs, with the
+    gradient at `recurrence` from the model: d/d eps of sum_t delta_t . o_t(eps), o from the
+    state after p mixed toward the source run's (1e-9)."""
+    model = _f64(name)
+    clean, corrupt = _pair_ids()
+    layer = list(gi.gdn_layers(model))[0]
+    base, grads = tracing._values_and_grads(model, corrupt, (*tracing._RUN_SITES, "recurrence"), (layer,),
+                                            torch.tensor([5]), torch.tensor([7]))
+    with torch.no_grad(), gi.capture(model, sites=tracing._RUN_SITES, layers=[layer]) as cache:
+        model(input_ids=clean, use_cache=False)
+    run_b = ops.DeltaRuleRun(*(base[layer, s] for s in tracing._RUN_SITES))
+    run_s = ops.DeltaRuleRun(*(cache[layer, s][0] for s in tracing._RUN_SITES))
+    delta = grads[layer, "recurrence"]
+    scores = ops.state_patching_scores(run_b, run_s, delta, dtype=torch.float64, chunk=5)  # chunks cross T
+    for p in (FIRST, FIRST + 2, T - 2):
+        pre = [ops.DeltaRuleRun(*(x[:, : p + 1] for x in r)) for r in (run_b, run_s)]
+        (_, Sb), (_, Ss) = (ops.naive_gated_delta_rule(r.q, r.k, r.v, g=r.g, beta=r.beta) for r in pre)
+        eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        rest = ops.DeltaRuleRun(*(x[:, p + 1 :] for x in run_b))
+        o, _ = ops.naive_gated_delta_rule(rest.q, rest.k, rest.v, g=rest.g, beta=rest.beta, initial_state=Sb + eps * (Ss - Sb))
+        (want,) = torch.autograd.grad((o * delta[:, p + 1 :]).sum(), eps)
+        assert abs(float(scores[:, :, p].sum()) - float(want)) <= 1e-9 * max(abs(float(want)), 1e-6)
+    assert not scores[..., -1].any()
+
+
+def test_a_batch_of_pairs_equals_each_pair_alone():
+    name = next(iter(MODELS))
+    model = gi.patch(build(name))
+    clean, corrupt = _pair_ids(B=3)
+    answers = (torch.tensor([5, 9, 11]), torch.tensor([7, 7, 3]))
+    batch = tracing.attribution_patching(model, clean, corrupt, answers=answers)
+    assert isinstance(batch, list) and len(batch) == 3
+    for r, res in enumerate(batch):
+        one = tracing.attribution_patching(model, clean[r : r + 1], corrupt[r : r + 1], answers=(answers[0][r], answers[1][r]))
+        for n in res.sites:
+            torch.testing.assert_close(res.scores[n], one.scores[n], rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
+def test_verify_reruns_activation_patching_on_the_top_cells():
+    """verify=K: the K cells of largest |estimate|, each with causal_trace's score for it."""
+    name = next(iter(MODELS))
+    model = gi.patch(build(name))
+    clean, corrupt = _pair_ids()
+    answers = (5, 7)
+    res = tracing.attribution_patching(model, clean, corrupt, answers=answers, verify=6)
+    full = tracing.causal_trace(model, clean, corrupt, answers=answers)
+    assert list(res.verified) == res.top(6) and len(res.verified) == 6
+    for cell, v in res.verified.items():
+        assert abs(v - full.score(cell)) <= 1e-5, cell
+    assert [c["estimate"] for c in res.to_json()["verified"]] == [res.score(c) for c in res.top(6)]
+
+
+def test_figures_take_an_attribution_patching_result(tmp_path):
+    from gdn_intervene import plot
+
+    model = gi.patch(build(next(iter(MODELS))))
+    clean, corrupt = _pair_ids()
+    res = tracing.attribution_patching(model, clean, corrupt, answers=(5, 7))
+    plot.trace_figure(res, path=tmp_path / "atp.png")
+    assert (tmp_path / "atp.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(patch="sideways"), "patch must be"),
+        (dict(verify=-1), "verify must be an int"),
+        (dict(layers=[1]), "layers must be GDN layer indices"),
+        (dict(sites=["nope"]), "unknown site"),
+        (dict(answers=(5, 5)), "same answer"),
+    ],
+)
+def test_bad_arguments_are_named(kw, message):
+    model = gi.patch(build(next(iter(MODELS))))
+    clean, corrupt = _pair_ids()
+    kw = {"answers": (5, 7), **kw}
+    with pytest.raises(ValueError, match=message):
+        tracing.attribution_patching(model, clean, corrupt, **kw)
