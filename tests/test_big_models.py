@@ -118,3 +118,44 @@ def test_gradient_checkpointing_and_train_mode_keep_parity(name):
         grads.append([p.grad for p in m.parameters()])
     for gp, gr in zip(*grads):
         assert (gp is None and gr is None) or torch.equal(gp, gr)
+
+
+def _real_layer(name: str):
+    """One GDN / KDA layer with the dimensions of the HF config class's defaults (Qwen3.5:
+    hidden 4096, 16 key / 32 value heads of 128; Qwen3-Next: hidden 2048, same heads; Kimi
+    Linear: hidden 2304, 32 heads of 128), as HF builds it inside its model."""
+    import transformers as tr
+
+    from gdn_intervene.families import FAMILIES
+
+    cfg = {"qwen3_5": "Qwen3_5TextConfig", "qwen3_next": "Qwen3NextConfig", "kimi_linear": "KimiLinearConfig"}[name]
+    config = getattr(tr, cfg)()
+    module_path, cls_name = next(c for f in FAMILIES for c in f.classes if c[0].split(".")[-2] == name)
+    cls = getattr(__import__(module_path, fromlist=[cls_name]), cls_name)
+    layer_idx = config.layer_types.index("linear_attention") if hasattr(config, "layer_types") else 0
+    torch.manual_seed(0)
+    layer = cls(config, layer_idx=layer_idx)
+    for p in layer.parameters():  # HF's init leaves some at 0 or 1: random weights of a plausible scale
+        with torch.no_grad():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.uniform_(-0.5, 0.5)
+    return layer, config.hidden_size
+
+
+@pytest.mark.parametrize("name", present("qwen3_5", "kimi_linear") or present("qwen3_next"))
+def test_real_size_layer_is_bitwise(name):
+    """At real dimensions (T = 200: three 64-token chunks and a partial one), the patched layer's
+    output, final state and gradients (input and every parameter) equal HF's bit for bit."""
+    ref, D = _real_layer(name)
+    patched = copy.deepcopy(ref)
+    gi.patch(torch.nn.Sequential(patched))
+    x = torch.randn(1, 200, D, generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for layer in (patched, ref):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.pow(2).mean().backward()
+        outs.append(y.detach())
+        grads.append([xi.grad] + [p.grad for p in layer.parameters()])
+    assert isinstance(patched, GDNMixin) and not isinstance(ref, GDNMixin)
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
