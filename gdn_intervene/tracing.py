@@ -351,22 +351,28 @@ def attribution_patching(
     if bad:
         raise ValueError(f"layers must be GDN layer indices from {list(mods)}; got {list(layers)}")
     B, T = clean_ids.shape
-    with torch.no_grad():
-        last = {k: model(input_ids=x, use_cache=False).logits[:, -1].float() for k, x in (("clean", clean_ids), ("corrupt", corrupt_ids))}
-    a, b = _answer_pair(answers, last, B)
-    same = (a == b).nonzero().flatten().tolist()
-    if same:
-        raise SameAnswerError(int(a[same[0]]))
-    rows = torch.arange(B)
-    d = {k: v[rows, a] - v[rows, b] for k, v in last.items()}  # [B]
     base_ids, source_ids = (corrupt_ids, clean_ids) if patch == CLEAN_INTO_CORRUPT else (clean_ids, corrupt_ids)
     timed = tuple(n for n in names if site(n).has_time)
     states = len(timed) < len(names)
     run_sites = tuple(dict.fromkeys((*timed, *((*_RUN_SITES, "recurrence") if states else ()))))
-    base, grads = _values_and_grads(model, base_ids, run_sites, layers, a, b)
+    # two forwards and one backward: the source run first (no graph), then the base run, whose
+    # logits settle the answers before its backward
     with torch.no_grad(), capture(model, sites=run_sites, layers=layers) as cache:
-        model(input_ids=source_ids, use_cache=False)
-    source = {key: cache[key][0] for key in base}
+        source_last = model(input_ids=source_ids, use_cache=False).logits[:, -1].float()
+    source = {key: cache[key][0] for key in ((L, n) for L in layers for n in run_sites)}
+    last = {}
+
+    def pick(base_last):
+        last.update(zip(("corrupt", "clean") if patch == CLEAN_INTO_CORRUPT else ("clean", "corrupt"), (base_last, source_last)))
+        a, b = _answer_pair(answers, last, B)
+        same = (a == b).nonzero().flatten().tolist()
+        if same:
+            raise SameAnswerError(int(a[same[0]]))
+        return a, b
+
+    base, grads, (a, b) = _values_and_grads(model, base_ids, run_sites, layers, pick)
+    rows = torch.arange(B)
+    d = {k: v[rows, a] - v[rows, b] for k, v in last.items()}  # [B]
     sign = 1.0 if patch == CLEAN_INTO_CORRUPT else -1.0
     scale = sign / (d["clean"] - d["corrupt"]).double()  # [B]
     scores = {n: torch.full((B, len(layers), T), float("nan"), dtype=torch.float64) for n in names}
@@ -405,11 +411,12 @@ def _answer_pair(answers, last: dict, B: int) -> tuple[torch.Tensor, torch.Tenso
     return tuple(torch.as_tensor(x, dtype=torch.long).expand(B).clone() for x in answers)
 
 
-def _values_and_grads(model, ids, names, layers, a, b) -> tuple[dict, dict]:
-    """The base run: {(layer, site): value} of one forward with autograd, and {(layer, site):
+def _values_and_grads(model, ids, names, layers, pick) -> tuple[dict, dict, tuple]:
+    """The base run: {(layer, site): value} of one forward with autograd, {(layer, site):
     d sum_b (logit[b, a_b] - logit[b, b_b]) / d value} from one backward (zeros where a value
-    does not reach the metric). The embedding output is made to require grad, so frozen
-    parameters (pyvene freezes them) do not cut the graph."""
+    does not reach the metric), and the answers (a [B], b [B]) = pick(last logits [B, vocab]).
+    The embedding output is made to require grad, so frozen parameters (pyvene freezes them) do
+    not cut the graph."""
     from .patching import as_module
 
     emb = as_module(model).get_input_embeddings()
@@ -417,6 +424,7 @@ def _values_and_grads(model, ids, names, layers, a, b) -> tuple[dict, dict]:
     try:
         with torch.enable_grad(), capture(model, sites=names, layers=layers, detach=False, clone=False) as cache:
             logits = model(input_ids=ids, use_cache=False).logits[:, -1].float()
+            a, b = pick(logits.detach())
             rows = torch.arange(ids.shape[0])
             metric = (logits[rows, a] - logits[rows, b]).sum()
             keys = [(L, n) for L in layers for n in names]
@@ -427,6 +435,7 @@ def _values_and_grads(model, ids, names, layers, a, b) -> tuple[dict, dict]:
     return (
         {key: v.detach() for key, v in zip(keys, values)},
         {key: torch.zeros_like(v) if g is None else g for key, v, g in zip(keys, values, grads)},
+        (a, b),
     )
 
 

@@ -118,8 +118,8 @@ def test_the_state_scan_is_exact_on_the_layers_own_inputs(name):
     model = _f64(name)
     clean, corrupt = _pair_ids()
     layer = list(gi.gdn_layers(model))[0]
-    base, grads = tracing._values_and_grads(model, corrupt, (*tracing._RUN_SITES, "recurrence"), (layer,),
-                                            torch.tensor([5]), torch.tensor([7]))
+    base, grads, _ = tracing._values_and_grads(model, corrupt, (*tracing._RUN_SITES, "recurrence"), (layer,),
+                                               lambda last: (torch.tensor([5]), torch.tensor([7])))
     with torch.no_grad(), gi.capture(model, sites=tracing._RUN_SITES, layers=[layer]) as cache:
         model(input_ids=clean, use_cache=False)
     run_b = ops.DeltaRuleRun(*(base[layer, s] for s in tracing._RUN_SITES))
