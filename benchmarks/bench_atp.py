@@ -174,7 +174,6 @@ def sizes(kinds, Ts, dtypes, reps: int) -> list[dict]:
                            causal_trace_s_extrapolated=trace_est, causal_trace_over_atp=trace_est / atp_time)
                 rows.append(row)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-            del model
     return rows
 
 

@@ -120,7 +120,7 @@ def _kernels(module) -> dict:
     for name in (*module._gdn_family.kernels, *_CONV):
         key = name.removeprefix("torch_")
         if on_instance and key in module.__dict__:  # 4.57-5.14: bound in __init__ (None: torch path)
-            out[key] = module.__dict__[key]
+            out[name] = module.__dict__[key]  # listed under the module-level name, as on every release
         elif name in ns:
             obj = ns[name]
             out[name] = funcs.get(getattr(obj, "kernel_layer_name", None), obj)
