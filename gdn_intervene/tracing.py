@@ -455,7 +455,7 @@ def _verify(model, res: TraceResult, clean_ids, corrupt_ids, patch: str, k: int,
             for cell, v in zip(batch, d.tolist()):
                 frac = (v - d_base) / (res.clean_diff - res.corrupt_diff)
                 out[cell] = frac if patch == CLEAN_INTO_CORRUPT else -frac
-    return out
+    return {c: out[c] for c in cells}  # largest |estimate| first
 
 
 class Agreement(NamedTuple):

@@ -102,8 +102,9 @@ def test_each_score_is_the_directional_derivative(name, patch):
             got = res.score(cell)
             # token sites: autograd through the same kernels; the state: the float64 scan against
             # HF's float32 chunk kernel after the split (see the module doc)
+            # (HF's float32 kernels: an absolute floor of 1e-6 of the logit-difference span)
             tol = 1e-6 if site(n).has_time else 5e-5
-            assert abs(got - want) <= tol * max(abs(want), 1e-3), (cell, got, want)
+            assert abs(got - want) <= tol * abs(want) + 1e-6, (cell, got, want)
             checked += want != 0
     assert checked >= 10  # not vacuous
     assert torch.isnan(res.scores["state"][:, -1]).all()
