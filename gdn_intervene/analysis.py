@@ -32,6 +32,7 @@ from torch import nn
 
 from . import _compat, ops
 from ._positions import as_positions, check_positions
+from .capturing import _dispatched
 from .capturing import capture as _capture_sites
 from .edit import state_at
 from .patching import as_module, select_layers, site_module
@@ -190,7 +191,7 @@ def capture(
     `inputs_embeds`, `cache=`, `use_cache=True`); a cache is deep-copied first (`_private_caches`),
     so the caller's is left as it was.
     """
-    model = as_module(model)
+    model = as_module(_dispatched(model))  # a lazy nnsight model: its real weights first
     model_kwargs = _private_caches(model_kwargs)
     mods = _select(model, layers)
     initial = {}
@@ -618,7 +619,7 @@ def attribution_for(
         Attribution(contributions [B, L, H, R, T], state_term [B, L, H, R], bias_term [B, L, R],
         value [B, L, R], direction [B, R, D], layers, heads, positions, path_scale [B, L, R]).
     """
-    model = as_module(model)
+    model = as_module(_dispatched(model))  # a lazy nnsight model: its real weights first
     src = input_ids if input_ids is not None else model_kwargs.get("inputs_embeds")
     if src is None:
         raise ValueError("attribution_for needs input_ids or inputs_embeds")

@@ -151,6 +151,7 @@ def self_check(model) -> list[str]:
     import torch
 
     from . import selfcheck as sc
+    from .capturing import _dispatched
     from .patching import as_module, gdn_layers
 
     classes = list(dict.fromkeys(type(m) for m in gdn_layers(model).values()))
@@ -159,7 +160,7 @@ def self_check(model) -> list[str]:
     for c in classes:  # forget an earlier result (or patch(selfcheck=False)): check now
         sc._DONE.discard(c)
         sc._FAILED.pop(c, None)
-    module = as_module(model)
+    module = as_module(_dispatched(model))  # a lazy nnsight model checks its real weights
     p = next(module.parameters(), None)
     emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
     ids = torch.tensor([_IDS]) % getattr(emb, "num_embeddings", 1 << 30)
@@ -193,7 +194,9 @@ def _load(model):
         return gi.patch(load_toy(dtype=torch.float32)[0]), "bundled MQAR toy"
     if isinstance(model, str):
         return gi.from_pretrained(model, dtype=torch.float32).eval(), model
-    return gi.patch(model), "a model in memory"
+    from .capturing import _dispatched
+
+    return gi.patch(_dispatched(model)), "a model in memory"  # a lazy nnsight model: real weights, real devices
 
 
 def report(model=None) -> str:

@@ -16,8 +16,9 @@ nnsight builds a model on the meta device and, at the first trace (or `dispatch=
 loads the real weights into NEW modules. A patch applied to the meta model alone would be
 lost there, so `PatchedTransformersModel` runs both builds inside `gdn_intervene.patch_on_load()`:
 every module tree nnsight ever sees is patched, and the envoy tree (sites included) is the same
-before and after dispatch. `gdn_intervene.capture`, `intervene` and `state_at` dispatch a lazy
-model before they hook it (hooks on the meta placeholders would never run).
+before and after dispatch. `gdn_intervene.capture`, `intervene` and `state_at`, the analysis
+and tracing tools and the doctor dispatch a lazy model before they hook or run it (hooks on the
+meta placeholders would never run).
 
 An in-memory model that names no checkpoint (`config._name_or_path` empty) and comes without
 `tokenizer=` loads without one: token-id inputs work, text raises a one-line error.

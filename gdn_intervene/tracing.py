@@ -19,9 +19,9 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .capturing import capture  # the core's; tracing never imports analysis
+from .capturing import _dispatched, capture  # the core's; tracing never imports analysis
 from .edit import intervene, state_at
-from .patching import gdn_layers
+from .patching import as_module, gdn_layers
 from .sites import TRACE_SITES, site
 
 __all__ = ["TRACE_SITES", "Cell", "Best", "TraceResult", "SameAnswerError", "causal_trace", "attribution_patching", "Agreement", "agreement"]
@@ -186,6 +186,10 @@ def causal_trace(
         site(n)  # unknown names raise, listing the sites
     layers = tuple(gdn_layers(model))
     T = clean_ids.shape[1]
+    _check_answers(model, answers, 1)
+    if tokens is not None and len(tokens) != T:
+        raise ValueError(f"tokens must label the T = {T} positions; got {len(tokens)} labels")
+    model = _dispatched(model)  # a lazy nnsight model's real weights, before its first plain call
     with torch.no_grad():
         if answers is None:
             answers = tuple(int(model(input_ids=x, use_cache=False).logits[0, -1].argmax()) for x in (clean_ids, corrupt_ids))
@@ -305,6 +309,7 @@ def attribution_patching(
     patch: str = CLEAN_INTO_CORRUPT,
     verify: int = 0,
     batch_size: int = 256,
+    attention_mask: torch.Tensor | None = None,
 ):
     """Attribution patching (AtP): every cell `causal_trace` would patch, ranked from one clean
     forward, one corrupted forward and one backward, the recurrent state after every position
@@ -331,8 +336,23 @@ def attribution_patching(
 
     clean_ids, corrupt_ids: [B, T] prompt pairs of equal length (B >= 1). answers: (clean,
     corrupt) token ids, ints or [B] tensors; default each run's argmax at the last position.
+    tokens: position labels for the figures: T strings (B = 1), or B lists (a batch), each of T
+    labels or of its pair's own length (default the token ids).
+    attention_mask: [B, T], 1 for tokens and 0 for left padding, shared by both prompts of a
+    pair (pairs of different lengths in one batch); each row's result covers that pair's own
+    tokens, positions from 0, as if it were traced alone (`verify` runs on the unpadded pair).
     Returns one `TraceResult` for B = 1, else a list of B.
     """
+    if torch.is_inference_mode_enabled():
+        # AtP takes a backward, which inference_mode rules out: leave it for this call, with
+        # copies of the inputs (autograd cannot save inference tensors)
+        copy = lambda x: x.clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
+        with torch.inference_mode(False):
+            return attribution_patching(
+                model, copy(clean_ids), copy(corrupt_ids), sites=sites, layers=layers,
+                answers=None if answers is None else tuple(copy(x) for x in answers), tokens=tokens, patch=patch,
+                verify=verify, batch_size=batch_size, attention_mask=copy(attention_mask),
+            )
     if clean_ids.dim() != 2 or clean_ids.shape != corrupt_ids.shape:
         raise ValueError(
             f"attribution patching needs clean and corrupted prompts of equal token length, as [B, T]; "
@@ -350,7 +370,14 @@ def attribution_patching(
     bad = [L for L in layers if L not in mods]
     if bad:
         raise ValueError(f"layers must be GDN layer indices from {list(mods)}; got {list(layers)}")
+    _check_answers(model, answers, clean_ids.shape[0])
+    starts = _left_padding(attention_mask, clean_ids.shape)  # [B]: each row's first token
+    labels = _token_labels(tokens, clean_ids.shape, starts)
+    if clean_ids.shape[0] == 1 and starts[0]:
+        # HF masks padding only in batches (B > 1): a single padded pair runs as itself
+        clean_ids, corrupt_ids, attention_mask, starts = clean_ids[:, starts[0]:], corrupt_ids[:, starts[0]:], None, [0]
     B, T = clean_ids.shape
+    model = _dispatched(model)  # a lazy nnsight model's real weights, before its first plain call
     base_ids, source_ids = (corrupt_ids, clean_ids) if patch == CLEAN_INTO_CORRUPT else (clean_ids, corrupt_ids)
     timed = tuple(n for n in names if site(n).has_time)
     states = len(timed) < len(names)
@@ -358,7 +385,7 @@ def attribution_patching(
     # two forwards and one backward: the source run first (no graph), then the base run, whose
     # logits settle the answers before its backward
     with torch.no_grad(), capture(model, sites=run_sites, layers=layers) as cache:
-        source_last = model(input_ids=source_ids, use_cache=False).logits[:, -1].float()
+        source_last = model(input_ids=source_ids, attention_mask=attention_mask, use_cache=False).logits[:, -1].float()
     source = {key: cache[key][0] for key in ((L, n) for L in layers for n in run_sites)}
     last = {}
 
@@ -370,7 +397,7 @@ def attribution_patching(
             raise SameAnswerError(int(a[same[0]]))
         return a, b
 
-    base, grads, (a, b) = _values_and_grads(model, base_ids, run_sites, layers, pick)
+    base, grads, (a, b) = _values_and_grads(model, base_ids, run_sites, layers, pick, attention_mask)
     rows = torch.arange(B)
     d = {k: v[rows, a] - v[rows, b] for k, v in last.items()}  # [B]
     sign = 1.0 if patch == CLEAN_INTO_CORRUPT else -1.0
@@ -391,17 +418,76 @@ def attribution_patching(
                     scores[n][:, i, : T - 1] = st[:, : T - 1] * scale[:, None]
     results = []
     for r in range(B):
-        differ = (clean_ids[r] != corrupt_ids[r]).nonzero().flatten()
+        own = slice(starts[r], T)  # the pair's own tokens
+        clean_r, corrupt_r = clean_ids[r : r + 1, own], corrupt_ids[r : r + 1, own]
+        differ = (clean_r[0] != corrupt_r[0]).nonzero().flatten()
         res = TraceResult(
-            names, layers, tokens if tokens is not None and B == 1 else [str(int(t)) for t in clean_ids[r]],
+            names, layers, labels[r] if labels else [str(int(t)) for t in clean_r[0]],
             (int(a[r]), int(b[r])), float(d["clean"][r]), float(d["corrupt"][r]),
-            scores={n: s[r].float() for n, s in scores.items()}, corrupted_positions=tuple(differ.tolist()),
+            scores={n: s[r, :, own].float() for n, s in scores.items()}, corrupted_positions=tuple(differ.tolist()),
             method="attribution patching",
         )
         if verify:
-            res.verified = _verify(model, res, clean_ids[r : r + 1], corrupt_ids[r : r + 1], patch, verify, batch_size)
+            res.verified = _verify(model, res, clean_r, corrupt_r, patch, verify, batch_size)
         results.append(res)
     return results[0] if B == 1 else results
+
+
+def _left_padding(mask, shape: torch.Size) -> list[int]:
+    """Each row's first token ([B] ints) under a left-padding `mask` [B, T] (None: no padding);
+    any other mask raises, naming what was expected and what came."""
+    B, T = shape
+    if mask is None:
+        return [0] * B
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, T):
+        got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask must be [B, T] = {[B, T]} like the prompts (1 = token, 0 = left padding); got {got}")
+    m = mask.detach().to("cpu", torch.long)
+    if not ((m == 0) | (m == 1)).all():
+        raise ValueError(f"attention_mask must hold 0 and 1 only; got values {sorted(set(m.unique().tolist()))}")
+    n = m.sum(1)
+    bad = [r for r in range(B) if n[r] == 0 or not m[r, T - int(n[r]):].all()]
+    if bad:
+        raise ValueError(f"attention_mask row {bad[0]} is not left padding (0s, then 1s through the last position, at least "
+                         f"one token): {m[bad[0]].tolist()}; the metric reads each row's last position")
+    return [T - int(k) for k in n]
+
+
+def _token_labels(tokens, shape: torch.Size, starts: list[int]) -> list[list[str]] | None:
+    """Each pair's position labels, its own tokens only; `tokens`: None, T labels (B = 1), or B
+    lists, each of T labels or of its pair's own length. Raises on any other count."""
+    if tokens is None:
+        return None
+    B, T = shape
+    rows = [tokens] if B == 1 and not (len(tokens) and isinstance(tokens[0], (list, tuple))) else list(tokens)
+    if len(rows) != B:
+        raise ValueError(f"tokens must hold one list of labels per pair, [B] = [{B}] lists; got {len(rows)}")
+    out = []
+    for r, (row, start) in enumerate(zip(rows, starts)):
+        row = [str(x) for x in row]
+        row = row[start:] if len(row) == T else row
+        if len(row) != T - start:
+            where = "tokens" if B == 1 else f"tokens[{r}]"
+            raise ValueError(f"{where} must label the pair's {T - start} tokens (or all T = {T} positions); got {len(row)} labels")
+        out.append(row)
+    return out
+
+
+def _check_answers(model, answers, B: int) -> None:
+    """Raise unless `answers` is None or (clean, corrupt) token ids in the model's vocabulary,
+    each one id or [B] ids; before any forward runs."""
+    if answers is None:
+        return
+    if not isinstance(answers, (tuple, list)) or len(answers) != 2:
+        raise ValueError(f"answers must be (clean answer, corrupt answer) token ids; got {answers!r}")
+    head = as_module(model).get_output_embeddings()
+    V = None if head is None else head.weight.shape[0]
+    for which, x in zip(("clean", "corrupt"), answers):
+        t = torch.as_tensor(x)
+        if t.is_floating_point() or t.is_complex() or t.dim() > 1 or t.numel() not in (1, B):
+            raise ValueError(f"answers: the {which} answer must be one token id or [B] = [{B}] of them; got {x!r}")
+        if V is not None and ((t < 0) | (t >= V)).any():
+            raise ValueError(f"answers: the {which} answer {t.tolist()} is not a token id in [0, {V})")
 
 
 def _answer_pair(answers, last: dict, B: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,19 +497,17 @@ def _answer_pair(answers, last: dict, B: int) -> tuple[torch.Tensor, torch.Tenso
     return tuple(torch.as_tensor(x, dtype=torch.long).expand(B).clone() for x in answers)
 
 
-def _values_and_grads(model, ids, names, layers, pick) -> tuple[dict, dict, tuple]:
+def _values_and_grads(model, ids, names, layers, pick, attention_mask=None) -> tuple[dict, dict, tuple]:
     """The base run: {(layer, site): value} of one forward with autograd, {(layer, site):
     d sum_b (logit[b, a_b] - logit[b, b_b]) / d value} from one backward (zeros where a value
     does not reach the metric), and the answers (a [B], b [B]) = pick(last logits [B, vocab]).
     The embedding output is made to require grad, so frozen parameters (pyvene freezes them) do
     not cut the graph."""
-    from .patching import as_module
-
     emb = as_module(model).get_input_embeddings()
     handle = emb.register_forward_hook(lambda m, args, out: out if out.requires_grad else out.detach().requires_grad_())
     try:
         with torch.enable_grad(), capture(model, sites=names, layers=layers, detach=False, clone=False) as cache:
-            logits = model(input_ids=ids, use_cache=False).logits[:, -1].float()
+            logits = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits[:, -1].float()
             a, b = pick(logits.detach())
             rows = torch.arange(ids.shape[0])
             metric = (logits[rows, a] - logits[rows, b]).sum()

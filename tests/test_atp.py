@@ -112,6 +112,24 @@ def test_each_score_is_the_directional_derivative(name, patch):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_every_site_of_the_registry_scores_its_directional_derivative(name):
+    """Beyond the trace sites: every registry site with a time axis (pre-conv projections, the
+    conv, beta and decay before and after their nonlinearity, the gate, the norm)."""
+    model = _f64(name)
+    clean, corrupt = _pair_ids()
+    every = tuple(s.name for s in gi.SITES if s.has_time)
+    res = tracing.attribution_patching(model, clean, corrupt, answers=(5, 7), sites=every)
+    span = res.clean_diff - res.corrupt_diff
+    checked = 0
+    for n in every:
+        cell = tracing.Cell(n, res.layers[0], FIRST + 3)
+        want = _directional(model, corrupt, clean, (5, 7), cell, _source_value(model, clean, cell)) / span
+        assert abs(res.score(cell) - want) <= 1e-6 * abs(want) + 1e-6, (cell, res.score(cell), want)
+        checked += want != 0
+    assert checked >= len(every) - 2  # not vacuous
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_the_state_scan_is_exact_on_the_layers_own_inputs(name):
     """The adjoint scan against a float64 recurrence of the layer's captured inputs, with the
     gradient at `recurrence` from the model: d/d eps of sum_t delta_t . o_t(eps), o from the
@@ -151,6 +169,41 @@ def test_a_batch_of_pairs_equals_each_pair_alone():
             torch.testing.assert_close(res.scores[n], one.scores[n], rtol=1e-4, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_left_padded_batch_equals_each_pair_alone(name):
+    """Pairs of 12, 9 and 7 tokens, left-padded into one batch (pad tokens differ from row to
+    row, so a leak would show): each row's result is the pair's own, traced alone."""
+    model = _f64(name)
+    lengths = (T, T - 3, T - 5)
+    clean, corrupt = _pair_ids(B=3)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        mask[r, T - n :] = 1
+    pads = torch.tensor([[0], [50], [81]]).expand(3, T)
+    clean_p, corrupt_p = (torch.where(mask.bool(), x, pads) for x in (clean, corrupt))
+    labels = [[f"t{p}" for p in range(n)] for n in lengths]
+    batch = tracing.attribution_patching(model, clean_p, corrupt_p, answers=(5, 7), attention_mask=mask, verify=3,
+                                         tokens=[labels[0], ["pad"] * 3 + labels[1], labels[2]])  # T labels or its own
+    assert [res.tokens for res in batch] == labels
+    batch = tracing.attribution_patching(model, clean_p, corrupt_p, answers=(5, 7), attention_mask=mask, verify=3)
+    for r, (res, n) in enumerate(zip(batch, lengths)):
+        alone = tracing.attribution_patching(model, clean[r : r + 1, T - n :], corrupt[r : r + 1, T - n :], answers=(5, 7), verify=3)
+        assert res.tokens == alone.tokens and len(res.tokens) == n
+        assert res.corrupted_positions == alone.corrupted_positions
+        assert res.clean_diff == pytest.approx(alone.clean_diff, rel=1e-6)
+        for s in res.sites:
+            assert res.scores[s].shape == (len(res.layers), n)
+            torch.testing.assert_close(res.scores[s], alone.scores[s], rtol=1e-4, atol=1e-6, equal_nan=True)
+        assert list(res.verified) == list(alone.verified)
+        assert list(res.verified.values()) == pytest.approx(list(alone.verified.values()), rel=1e-4, abs=1e-6)
+    assert any(batch[2].scores[s].abs().nan_to_num().sum() > 0 for s in batch[2].sites)  # not vacuous
+    # one padded pair runs as itself (HF masks padding only in batches)
+    one = tracing.attribution_patching(model, clean_p[2:], corrupt_p[2:], answers=(5, 7), attention_mask=mask[2:])
+    alone = tracing.attribution_patching(model, clean[2:, T - 7 :], corrupt[2:, T - 7 :], answers=(5, 7))
+    for s in one.sites:
+        torch.testing.assert_close(one.scores[s], alone.scores[s], rtol=0, atol=0, equal_nan=True)
+
+
 def test_verify_reruns_activation_patching_on_the_top_cells():
     """verify=K: the K cells of largest |estimate|, each with causal_trace's score for it."""
     name = next(iter(MODELS))
@@ -183,6 +236,15 @@ def test_figures_take_an_attribution_patching_result(tmp_path):
         (dict(layers=[1]), "layers must be GDN layer indices"),
         (dict(sites=["nope"]), "unknown site"),
         (dict(answers=(5, 5)), "same answer"),
+        (dict(attention_mask=torch.ones(1, T - 1)), r"attention_mask must be \[B, T\] = \[1, 12\]"),
+        (dict(attention_mask=torch.tensor([[1] * (T - 1) + [0]])), "row 0 is not left padding"),
+        (dict(attention_mask=torch.tensor([[0, 1] * (T // 2)])), "row 0 is not left padding"),
+        (dict(attention_mask=torch.zeros(1, T)), "row 0 is not left padding"),
+        (dict(attention_mask=torch.full((1, T), 2)), "0 and 1 only"),
+        (dict(tokens=["a"] * (T - 1)), r"tokens must label the pair's 12 tokens \(or all T = 12 positions\); got 11"),
+        (dict(tokens=[["a"] * T] * 2), r"tokens must hold one list of labels per pair, \[B\] = \[1\] lists; got 2"),
+        (dict(answers=(5, 10**6)), r"the corrupt answer 1000000 is not a token id in \[0, "),
+        (dict(answers=(torch.tensor([5, 6]), 7)), r"the clean answer must be one token id or \[B\] = \[1\] of them"),
     ],
 )
 def test_bad_arguments_are_named(kw, message):

@@ -64,3 +64,23 @@ def test_the_self_check_runs_under_inference_mode_and_state_at(monkeypatch):
         assert not selfcheck._FAILED
     finally:
         selfcheck.reset()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_attribution_patching_under_inference_mode(name):
+    """AtP takes a backward: under inference_mode it leaves the mode for the call and gives the
+    numbers it gives outside (inputs made inside the block included)."""
+    from gdn_intervene import tracing
+
+    model = gi.patch(build(name))
+    clean = ids_for(10, B=1)
+    corrupt = clean.clone()
+    corrupt[0, 3] = (clean[0, 3] + 5) % 90 + 3
+    want = tracing.attribution_patching(model, clean, corrupt, answers=(5, 7), verify=2)
+    with torch.inference_mode():
+        clean_i, corrupt_i = clean.clone(), corrupt.clone()
+        got = tracing.attribution_patching(model, clean_i, corrupt_i, answers=(torch.tensor(5), torch.tensor(7)), verify=2)
+    assert torch.is_inference(clean_i)
+    for s in want.sites:
+        torch.testing.assert_close(got.scores[s], want.scores[s], rtol=0, atol=0, equal_nan=True)
+    assert got.verified == want.verified and want.scores["state"].nan_to_num().abs().sum() > 0

@@ -94,3 +94,35 @@ def test_load_of_an_in_memory_model_without_a_tokenizer(patched):
     with pytest.raises(ValueError, match="loaded without a tokenizer.*pass token ids, or load\\(model, tokenizer="):
         with lm.trace("w3 w4"):
             pass
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_analysis_and_tracing_on_a_lazy_model_equal_the_eager_model(name, tmp_path):
+    """Tools that run the model themselves (capture for M, attribution, causal tracing,
+    attribution patching) load a lazy model's weights before their first forward."""
+    from gdn_intervene import analysis as an
+    from gdn_intervene import tracing
+
+    x = ids_for(9, 1)
+    clean, corrupt = x, x.clone()
+    corrupt[0, 3] = (x[0, 3] + 5) % 90 + 3
+    runs = {
+        "effective attention": lambda m: torch.stack([a.matrix for a in an.effective_attention_for(m, x).values()]),
+        "attribution": lambda m: an.attribution_for(m, x, positions=[8], direction=(5, 7)).contributions,
+        "causal trace": lambda m: tracing.causal_trace(m, clean, corrupt, answers=(5, 7)).scores["state"],
+        "attribution patching": lambda m: tracing.attribution_patching(m, clean, corrupt, answers=(5, 7)).scores["state"],
+    }
+    for what, run in runs.items():
+        lm, eager = _lazy(name, tmp_path / what.replace(" ", "_"))
+        got, want = run(lm), run(eager)
+        assert not got.is_meta and got.abs().nan_to_num().sum() > 0, what
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=what)
+
+
+def test_doctor_on_a_lazy_model_checks_its_real_weights(tmp_path):
+    from gdn_intervene import doctor
+
+    lm, _ = _lazy(ANY_GDN, tmp_path)
+    out = doctor.report(lm)
+    assert lm.dispatched and "meta" not in out
+    assert ": passed" in out, out

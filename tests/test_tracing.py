@@ -83,6 +83,15 @@ def test_bad_input(pair):
         causal_trace(model, ids_for(5, B=1), ids_for(6, B=1))
     with pytest.raises(ValueError, match="unknown site 'bta'; sites are"):
         causal_trace(model, ids_for(5, B=1), ids_for(5, B=1, seed=1), sites=("bta",))
+    with pytest.raises(ValueError, match=r"tokens must label the T = 5 positions; got 4 labels"):
+        causal_trace(model, ids_for(5, B=1), ids_for(5, B=1, seed=1), tokens=list("abcd"))
+    V = model.get_output_embeddings().weight.shape[0]
+    for answers, message in (((5, V), rf"the corrupt answer {V} is not a token id in \[0, {V}\)"),
+                             ((-1, 7), r"the clean answer -1 is not a token id"),
+                             ((5.0, 7), "the clean answer must be one token id"),
+                             ((5,), r"answers must be \(clean answer, corrupt answer\)")):
+        with pytest.raises(ValueError, match=message):
+            causal_trace(model, ids_for(5, B=1), ids_for(5, B=1, seed=1), answers=answers)
 
 
 def test_cells_are_named():
