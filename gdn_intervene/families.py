@@ -95,20 +95,23 @@ def cut_qkv(m: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _project_separate(m: nn.Module, x: torch.Tensor) -> Projected:
+    # HF's call order: q, k, v here, b and a after the conv (`_gates_separate`), g after the
+    # recurrence (`_z_separate`). Autograd sums the input gradient in reverse call order, so
+    # another order changes its last bits; projecting g up front held it through the kernel.
     B, T, _ = x.shape
-    # HF's call order (q, k, v, b, a, g): autograd sums the input gradient in reverse call
-    # order, so another order changes the gradient's last bits.
     q, k, v = (m.q_proj(x), m.k_proj(x), m.v_proj(x))
-    b, a, z = m.b_proj(x), m.a_proj(x), m.g_proj(x)
-    return Projected(
-        q.view(B, T, -1, m.head_k_dim),
-        k.view(B, T, -1, m.head_k_dim),
-        v.view(B, T, -1, m.head_v_dim),
-        z.view(B, T, -1, m.head_v_dim),
-        b,
-        a,
-        None,
-    )
+    return Projected(q.view(B, T, -1, m.head_k_dim), k.view(B, T, -1, m.head_k_dim), v.view(B, T, -1, m.head_v_dim),
+                     None, None, None, None)
+
+
+def _gates_separate(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """OLMo-Hybrid: (b [B, T, HV], a [B, T, HV])."""
+    return m.b_proj(x), m.a_proj(x)
+
+
+def _z_separate(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    B, T, _ = x.shape
+    return m.g_proj(x).view(B, T, -1, m.head_v_dim)
 
 
 def _project_kda(m: nn.Module, x: torch.Tensor) -> Projected:
@@ -282,6 +285,8 @@ FAMILIES: tuple[Family, ...] = (
         ((_M + "olmo_hybrid.modeling_olmo_hybrid", "OlmoHybridGatedDeltaNet"),),
         ("q_proj", "k_proj", "v_proj", "b_proj", "a_proj", "g_proj"),
         _project_separate,
+        late_gates=_gates_separate,
+        late_z=_z_separate,
         hf_names={"norm": "o_norm", "out_proj": "o_proj"},
         neg_eigval_attr="allow_neg_eigval",
         conv_trims_always=True,

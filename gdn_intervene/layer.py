@@ -164,14 +164,15 @@ class GDNMixin:
         k = self.k(k.reshape(B, T, -1, head_k_dim))
         v = self.v(v.reshape(B, T, -1, head_v_dim))
 
-        if fam.late_gates is not None:  # KDA: projected after the conv, in HF's order
+        if fam.late_gates is not None:  # KDA, OLMo-Hybrid: projected after the conv, in HF's order
             b, a = fam.late_gates(self, x)
         beta = _sigmoid(self.beta_logit(b))
         beta = self.beta(beta * 2.0 if self._gdn_beta_x2 else beta)
         g = self.decay(fam.decay(self, self.decay_logit(a), x.dtype))  # GDN [B, T, HV], KDA [B, T, HV, K]
+        del a, b  # HF's forward drops the gate inputs here (KDA's a is [B, T, HV, K]: held, it raised the peak)
 
         o = self.recurrence(self._delta_rule(q, k, v, g, beta, step, chunk_kw, recurrent_kw))
-        if fam.late_z is not None:  # KDA: projected after the recurrence, in HF's order
+        if fam.late_z is not None:  # KDA, OLMo-Hybrid: projected after the recurrence, in HF's order
             z = fam.late_z(self, x)
         o = self._hf_site("norm", getattr(self, self._gdn_norm)(o, self.gate(z)), o)
         out = getattr(self, self._gdn_out)(o.reshape(B, T, -1))

@@ -105,3 +105,19 @@ def run(model, **kw):
     if "cache" in kw:
         kw[cache_kw(model)] = kw.pop("cache")
     return model(**kw)
+
+
+def allocator_peak_bytes(call) -> int:
+    """Peak of the torch CPU allocator's live bytes during call(), above those live before it
+    (torch.profiler memory events in time order: deterministic, unlike process RSS)."""
+    import torch.profiler as tp
+
+    with tp.profile(activities=[tp.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = call()
+        del out
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import allocator_peak_bytes
 from transformers.models.kimi_linear.modeling_kimi_linear import (
     chunk_kimi_delta_attention,
     recurrent_kimi_delta_attention,
@@ -267,20 +268,6 @@ def test_scan_T1000_rows_fp32_and_full_fp64(init):
     assert rel(apply(new.matrix, x.v) + (new.state_term if init else 0), on) <= 1e-10
 
 
-def _kineto_peak_bytes(call):
-    """Peak of the torch CPU allocator's live bytes during call() (profiler memory events)."""
-    import torch.profiler as tp
-
-    with tp.profile(activities=[tp.ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_rows_only_memory_grows_linearly_in_T():
     """One row: the scan's peak is O(T (C + K)) (inputs, per-block temporaries, the row), so
     doubling T at most doubles it; the solve path's [T, T] system quadruples."""
@@ -288,7 +275,7 @@ def test_rows_only_memory_grows_linearly_in_T():
     for T in (512, 1024):
         x = make(T, (1, 1, 8), seed=32)
         for name, f in (("scan", effective_attention), ("solve", effective_attention_solve)):
-            peaks[name, T] = _kineto_peak_bytes(lambda: f(x.q, x.k, beta=x.beta, g=x.g, rows=[T - 1]))
+            peaks[name, T] = allocator_peak_bytes(lambda: f(x.q, x.k, beta=x.beta, g=x.g, rows=[T - 1]))
     print(f"\npeak bytes, one row: {peaks}")
     assert peaks["solve", 1024] >= 1024 * 1024 * 4  # the measurement sees the solve path's [T, T] system
     assert peaks["solve", 1024] >= 3.5 * peaks["solve", 512]
