@@ -120,7 +120,8 @@ def _agree(model, name, pairs) -> list[dict]:
 # ------------------------------------------------------------------ real sizes
 
 
-def _real(kind: str, dtype):
+def real_model(kind: str, dtype):
+    """A random-weight model with the GDN / KDA dimensions of the HF config class's defaults (module docstring)."""
     import transformers as tr
 
     torch.manual_seed(0)
@@ -147,7 +148,7 @@ def sizes(kinds, Ts, dtypes, reps: int) -> list[dict]:
     for kind in kinds:
         for dname in dtypes:
             dtype = getattr(torch, dname)
-            model = gi.patch(_real(kind, dtype))
+            model = gi.patch(real_model(kind, dtype))
             for T in Ts:
                 g = torch.Generator().manual_seed(T)
                 clean = torch.randint(3, 32000, (1, T), generator=g)
