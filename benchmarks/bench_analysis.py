@@ -39,9 +39,12 @@ import time
 import torch
 import transformers as tr
 
-import gdn_intervene as gi
-from gdn_intervene import analysis as an
-from gdn_intervene import ops
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_overhead import cpu_peak_bytes, cuda_peak_bytes  # noqa: E402
+
+import gdn_intervene as gi  # noqa: E402
+from gdn_intervene import analysis as an  # noqa: E402
+from gdn_intervene import ops  # noqa: E402
 
 
 def build_model(dtype=torch.float32):
@@ -78,25 +81,7 @@ def median_time(fn, repeats: int, warmup: int = 2) -> dict:
 
 def peak_bytes(fn, device: str) -> int:
     """Peak bytes allocated by torch during fn() above what was live before it."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        torch.cuda.synchronize()
-        del out
-        return torch.cuda.max_memory_allocated() - base
-    import torch.profiler as tp
-
-    with tp.profile(activities=[tp.ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-        del out
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return (cuda_peak_bytes if device == "cuda" else cpu_peak_bytes)(fn)
 
 
 def random_inputs(T: int, H: int, device: str, seed: int = 0) -> dict:

@@ -121,3 +121,16 @@ def allocator_peak_bytes(call) -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return peak
+
+
+def trace_pair(model, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """(clean [1, T], corrupted [1, T] (token 2 changed), (clean answer, corrupt answer)): each
+    run's argmax, made to differ where the tiny random model gives both the same."""
+    clean = ids_for(T, B=1, seed=seed)
+    bad = clean.clone()
+    bad[0, 2] = (bad[0, 2] + 7) % 90 + 3
+    with torch.no_grad():
+        answers = (int(model(clean).logits[0, -1].argmax()), int(model(bad).logits[0, -1].argmax()))
+    if answers[0] == answers[1]:
+        answers = (answers[0], (answers[0] + 1) % models.VOCAB)
+    return clean, bad, answers

@@ -7,6 +7,7 @@ arguments/results of one layer's kernel call. Comparisons are bitwise (CPU torch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
@@ -517,7 +518,7 @@ def test_grad_in_one_and_two_invokes_is_exact(wrapped, name, sname, invokes):
     lm, _ = wrapped(name)
     clean, corrupt = ids(1, seed=1), ids(1, seed=2)
     split = [3] if sname == "state" else None  # without a split the final state reaches nothing
-    ctx = gi.state_at(lm, split, layers=[L]) if split else _nullcontext()
+    ctx = gi.state_at(lm, split, layers=[L]) if split else contextlib.nullcontext()
     with ctx:
         with lm.trace() as tracer:
             if invokes == 2:
@@ -532,14 +533,6 @@ def test_grad_in_one_and_two_invokes_is_exact(wrapped, name, sname, invokes):
         expected = _hook_grad(lm._module, sname, x, slice(invokes - 1, invokes))
     lm._module.zero_grad(set_to_none=True)
     assert torch.equal(grad, expected) and bool(expected.abs().sum() > 0)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("name", FAMILIES)

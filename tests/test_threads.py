@@ -6,12 +6,13 @@ Thread tests run the threads in lock step (a barrier around every forward), so b
 open, and forwards of both threads run, at the same time."""
 
 import _thread
+import contextlib
 import queue
 import threading
 
 import pytest
 import torch
-from conftest import ids_for
+from conftest import ids_for, trace_pair
 
 import gdn_intervene as gi
 from gdn_intervene.sites import SITE_NAMES
@@ -132,16 +133,7 @@ def test_concurrent_interventions_each_get_their_own_result(pair):
 
 def test_concurrent_causal_traces_equal_single_threaded(pair):
     model, _ = pair(ANY_GDN)
-    prompts = []
-    for seed in (3, 4):
-        clean = ids_for(8, B=1, seed=seed)
-        bad = clean.clone()
-        bad[0, 2] = (bad[0, 2] + 7) % 90 + 3
-        with torch.no_grad():
-            answers = (int(model(clean).logits[0, -1].argmax()), int(model(bad).logits[0, -1].argmax()))
-        if answers[0] == answers[1]:
-            answers = (answers[0], (answers[0] + 1) % 96)
-        prompts.append((clean, bad, answers))
+    prompts = [trace_pair(model, 8, seed) for seed in (3, 4)]
 
     def job(clean, bad, answers):
         def run(barrier=None):
@@ -247,17 +239,9 @@ def test_capture_without_detach_gives_the_gradient_at_the_site(pair, name, site_
     L = list(gi.gdn_layers(model))[0]
     x = ids_for(T, 2)
     split = gi.state_at(model, [3], layers=[L]) if site_name == "state" else None  # else the state reaches nothing
-    with split or _nothing():
+    with split or contextlib.nullcontext():
         with gi.capture(model, sites=[site_name], layers=[L], detach=False, clone=clone) as cache:
             loss = model(input_ids=x, use_cache=False).logits.float().pow(2).mean()
         grad = torch.autograd.grad(loss, cache[L, site_name][0])[0]
         expected = _eps_grad(model, L, site_name, x)
     assert torch.equal(grad, expected) and bool(expected.abs().sum() > 0)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -3,7 +3,7 @@ trace figures say what the score means, mark what was corrupted and keep NaN cel
 
 import pytest
 import torch
-from conftest import ids_for
+from conftest import ids_for, trace_pair
 
 import gdn_intervene as gi
 from gdn_intervene import plot
@@ -52,13 +52,7 @@ def _one_cell(model, clean, bad, layer, name, p, answers):
 @pytest.mark.parametrize("name", present("qwen3_5", "olmo_hybrid") or [ANY_GDN])
 def test_batched_sweep_matches_one_forward_per_cell(pair, name):
     model, _ = pair(name)
-    clean = ids_for(10, B=1, seed=3)
-    bad = clean.clone()
-    bad[0, 2] = (bad[0, 2] + 7) % 90 + 3
-    with torch.no_grad():
-        answers = (int(model(clean).logits[0, -1].argmax()), int(model(bad).logits[0, -1].argmax()))
-    if answers[0] == answers[1]:
-        answers = (answers[0], (answers[0] + 1) % 96)
+    clean, bad, answers = trace_pair(model, 10, seed=3)
     result = causal_trace(model, clean, bad, sites=("beta", "recurrence", "state", "out_proj"), answers=answers, batch_size=7)
     layers = list(gi.gdn_layers(model))
     assert result.layers == tuple(layers)
