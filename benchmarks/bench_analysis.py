@@ -50,11 +50,19 @@ from gdn_intervene import ops  # noqa: E402
 def build_model(dtype=torch.float32):
     torch.manual_seed(0)
     cfg = tr.Qwen3_5TextConfig(
-        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
         layer_types=["linear_attention", "full_attention"],
-        linear_num_key_heads=4, linear_num_value_heads=4, linear_key_head_dim=128,
-        linear_value_head_dim=128, linear_conv_kernel_dim=4,
+        linear_num_key_heads=4,
+        linear_num_value_heads=4,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
     )
     return gi.patch(tr.Qwen3_5ForCausalLM(cfg).to(dtype).eval())
 
@@ -76,7 +84,12 @@ def median_time(fn, repeats: int, warmup: int = 2) -> dict:
         fn()
     runs = [timed(fn) for _ in range(repeats)]
     wall, cpu = [r[0] for r in runs], [r[1] for r in runs]
-    return {"median_s": statistics.median(wall), "min_s": min(wall), "cpu_median_s": statistics.median(cpu), "runs": repeats}
+    return {
+        "median_s": statistics.median(wall),
+        "min_s": min(wall),
+        "cpu_median_s": statistics.median(cpu),
+        "runs": repeats,
+    }
 
 
 def peak_bytes(fn, device: str) -> int:
@@ -87,7 +100,12 @@ def peak_bytes(fn, device: str) -> int:
 def random_inputs(T: int, H: int, device: str, seed: int = 0) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    x = dict(q=r(1, T, H, 128), k=r(1, T, H, 128), beta=torch.sigmoid(r(1, T, H)), g=-0.1 * torch.nn.functional.softplus(r(1, T, H)))
+    x = dict(
+        q=r(1, T, H, 128),
+        k=r(1, T, H, 128),
+        beta=torch.sigmoid(r(1, T, H)),
+        g=-0.1 * torch.nn.functional.softplus(r(1, T, H)),
+    )
     return {k: v.to(device) for k, v in x.items()}
 
 
@@ -95,8 +113,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def compare(name: str, x: dict, rows, repeats: int, res: dict, *, old: bool = True, old_repeats: int | None = None,
-            cap=None, device: str = "cpu", memory: bool = False) -> None:
+def compare(
+    name: str,
+    x: dict,
+    rows,
+    repeats: int,
+    res: dict,
+    *,
+    old: bool = True,
+    old_repeats: int | None = None,
+    cap=None,
+    device: str = "cpu",
+    memory: bool = False,
+) -> None:
     """Time new (and old) on the same inputs; record ratio, agreement and reconstruction error."""
     kw = dict(beta=x["beta"], g=x["g"], rows=rows)
     new_fn = lambda: ops.effective_attention(x["q"], x["k"], **kw)  # noqa: E731
@@ -114,8 +143,12 @@ def compare(name: str, x: dict, rows, repeats: int, res: dict, *, old: bool = Tr
             runs_old.append(timed(old_fn))
 
     def summary(runs):
-        return {"median_s": statistics.median(r[0] for r in runs), "min_s": min(r[0] for r in runs),
-                "cpu_median_s": statistics.median(r[1] for r in runs), "runs": len(runs)}
+        return {
+            "median_s": statistics.median(r[0] for r in runs),
+            "min_s": min(r[0] for r in runs),
+            "cpu_median_s": statistics.median(r[1] for r in runs),
+            "runs": len(runs),
+        }
 
     entry["new"] = summary(runs_new)
     new = new_fn()
@@ -181,10 +214,14 @@ def main() -> None:
         del x
 
     x1024 = ids(1024)
-    res["effective_attention_for_T1024_end_to_end"] = median_time(lambda: an.effective_attention_for(model, x1024), args.repeats, warmup=1)
+    res["effective_attention_for_T1024_end_to_end"] = median_time(
+        lambda: an.effective_attention_for(model, x1024), args.repeats, warmup=1
+    )
     x4096 = ids(4096)
     res["attribution_for_T4096_one_position_end_to_end"] = median_time(
-        lambda: an.attribution_for(model, x4096, positions=[4095], direction=(5, 7)), max(1, args.repeats // 2), warmup=1
+        lambda: an.attribution_for(model, x4096, positions=[4095], direction=(5, 7)),
+        max(1, args.repeats // 2),
+        warmup=1,
     )
     att = an.attribution_for(model, x4096, positions=[4095], direction=(5, 7))
     res["attribution_for_T4096_one_position_end_to_end"]["sum_rel_error"] = rel(att.total(), att.value)

@@ -41,7 +41,6 @@ import gdn_intervene as gi  # noqa: E402
 from gdn_intervene import tracing  # noqa: E402
 from gdn_intervene.sites import TRACE_SITES  # noqa: E402
 
-
 # ------------------------------------------------------------------ agreement
 
 
@@ -67,17 +66,44 @@ def _tiny(kind: str):
 
     torch.manual_seed(0)
     special = dict(vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    layout = dict(num_hidden_layers=4, layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"])
+    layout = dict(
+        num_hidden_layers=4, layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"]
+    )
     if kind == "qwen3_5":
-        cfg = tr.Qwen3_5TextConfig(**special, **layout, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
-                                   linear_key_head_dim=32, linear_value_head_dim=32)
+        cfg = tr.Qwen3_5TextConfig(
+            **special,
+            **layout,
+            hidden_size=128,
+            intermediate_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=32,
+            linear_value_head_dim=32,
+        )
         return tr.Qwen3_5ForCausalLM(cfg).eval()
-    cfg = tr.KimiLinearConfig(**special, **layout, hidden_size=128, intermediate_size=256,
-                              mlp_layer_types=["dense"] * 4, num_local_experts=4, num_experts_per_tok=2,
-                              moe_intermediate_size=64, n_group=1, topk_group=1, num_attention_heads=4, num_key_value_heads=4,
-                              kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
-                              linear_num_heads=4, linear_head_dim=32)
+    cfg = tr.KimiLinearConfig(
+        **special,
+        **layout,
+        hidden_size=128,
+        intermediate_size=256,
+        mlp_layer_types=["dense"] * 4,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        n_group=1,
+        topk_group=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=32,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        linear_num_heads=4,
+        linear_head_dim=32,
+    )
     return tr.KimiLinearForCausalLM(cfg).eval()
 
 
@@ -86,8 +112,12 @@ def agreement_table(pairs_per_set: int) -> list[dict]:
 
     toy, _ = load_toy()
     gi.patch(toy)
-    sets = {f"MQAR toy, {kind} corrupted": [(c, x, None) for c, x, _ in (mqar.demo_prompts(s, kind) for s in range(pairs_per_set))]
-            for kind in ("key", "value", "query")}
+    sets = {
+        f"MQAR toy, {kind} corrupted": [
+            (c, x, None) for c, x, _ in (mqar.demo_prompts(s, kind) for s in range(pairs_per_set))
+        ]
+        for kind in ("key", "value", "query")
+    }
     rows = []
     for name, pairs in sets.items():
         rows += _agree(toy, name, pairs)
@@ -109,11 +139,24 @@ def _agree(model, name, pairs) -> list[dict]:
             per.setdefault(site, []).append(a)
     rows = []
     for site, stats in per.items():
-        mean = lambda xs: float(torch.tensor([x for x in xs if x == x]).mean()) if any(x == x for x in xs) else float("nan")
-        rows.append(dict(set=name, site=site, pairs=len(stats), pearson=mean([s.pearson for s in stats]),
-                         spearman=mean([s.spearman for s in stats]), recall=mean([s.recall for s in stats])))
-        print(f"{name:<34} {site:<11} pairs {len(stats)}  pearson {rows[-1]['pearson']:6.2f}  spearman "
-              f"{rows[-1]['spearman']:6.2f}  top-10 recall in top 20 {rows[-1]['recall']:5.0%}", flush=True)
+        mean = lambda xs: (
+            float(torch.tensor([x for x in xs if x == x]).mean()) if any(x == x for x in xs) else float("nan")
+        )
+        rows.append(
+            dict(
+                set=name,
+                site=site,
+                pairs=len(stats),
+                pearson=mean([s.pearson for s in stats]),
+                spearman=mean([s.spearman for s in stats]),
+                recall=mean([s.recall for s in stats]),
+            )
+        )
+        print(
+            f"{name:<34} {site:<11} pairs {len(stats)}  pearson {rows[-1]['pearson']:6.2f}  spearman "
+            f"{rows[-1]['spearman']:6.2f}  top-10 recall in top 20 {rows[-1]['recall']:5.0%}",
+            flush=True,
+        )
     return rows
 
 
@@ -125,8 +168,14 @@ def real_model(kind: str, dtype):
     import transformers as tr
 
     torch.manual_seed(0)
-    common = dict(vocab_size=32000, num_hidden_layers=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                  layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"])
+    common = dict(
+        vocab_size=32000,
+        num_hidden_layers=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    )
     if kind == "qwen3_5":
         model = tr.Qwen3_5ForCausalLM(tr.Qwen3_5TextConfig(**common))
     elif kind == "qwen3_next":
@@ -168,11 +217,21 @@ def sizes(kinds, Ts, dtypes, reps: int) -> list[dict]:
                 with torch.no_grad():
                     per_batch = _time(lambda: tracing._restored(model, corrupt, sample, source, T, answers), reps)
                 trace_est = per_batch / batch * cells
-                row = dict(model=kind, dtype=dname, T=T, layers=len(layers), cells=cells,
-                           fwd_bwd_s=unpatched, atp_s=atp_time, atp_over_fwd_bwd=atp_time / unpatched,
-                           peak_fwd_bwd_MiB=base_peak / 2**20, peak_atp_MiB=atp_peak / 2**20,
-                           atp_peak_over_fwd_bwd=atp_peak / base_peak,
-                           causal_trace_s_extrapolated=trace_est, causal_trace_over_atp=trace_est / atp_time)
+                row = dict(
+                    model=kind,
+                    dtype=dname,
+                    T=T,
+                    layers=len(layers),
+                    cells=cells,
+                    fwd_bwd_s=unpatched,
+                    atp_s=atp_time,
+                    atp_over_fwd_bwd=atp_time / unpatched,
+                    peak_fwd_bwd_MiB=base_peak / 2**20,
+                    peak_atp_MiB=atp_peak / 2**20,
+                    atp_peak_over_fwd_bwd=atp_peak / base_peak,
+                    causal_trace_s_extrapolated=trace_est,
+                    causal_trace_over_atp=trace_est / atp_time,
+                )
                 rows.append(row)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return rows
@@ -210,11 +269,18 @@ def main(argv=None) -> int:
         p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/atp-<what>.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = agreement_table(args.pairs) if args.what == "agreement" else sizes(args.models, args.T, args.dtypes, args.reps)
+    rows = (
+        agreement_table(args.pairs) if args.what == "agreement" else sizes(args.models, args.T, args.dtypes, args.reps)
+    )
     out = Path(args.out or Path(__file__).parent / "results" / f"atp-{args.what}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": environment(torch.device("cpu"), torch.float32, torch.get_num_threads()),
-                               "rows": rows}, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+    out.write_text(
+        json.dumps(
+            {"environment": environment(torch.device("cpu"), torch.float32, torch.get_num_threads()), "rows": rows},
+            indent=1,
+            default=lambda x: None if isinstance(x, float) and math.isnan(x) else x,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -45,8 +45,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -147,8 +147,17 @@ def kimi_linear_model(n_layers: int, dtype, device):
 def describe(model) -> dict:
     c = model.config
     out = {"class": type(model).__name__, "params": sum(p.numel() for p in model.parameters())}
-    for k in ("hidden_size", "num_hidden_layers", "linear_num_key_heads", "linear_num_value_heads",
-              "linear_key_head_dim", "linear_value_head_dim", "linear_num_heads", "linear_head_dim", "vocab_size"):
+    for k in (
+        "hidden_size",
+        "num_hidden_layers",
+        "linear_num_key_heads",
+        "linear_num_value_heads",
+        "linear_key_head_dim",
+        "linear_value_head_dim",
+        "linear_num_heads",
+        "linear_head_dim",
+        "vocab_size",
+    ):
         if hasattr(c, k):
             out[k] = getattr(c, k)
     out["gdn_layers"] = sum(t == "linear_attention" for t in c.layer_types)
@@ -177,8 +186,9 @@ class Bench:
         self.sync()
         return time.perf_counter() - w0, time.process_time() - c0
 
-    def interleave(self, variants: dict[str, tuple[Callable, Callable]], warmup: int | None = None,
-                   reps: int | None = None) -> dict:
+    def interleave(
+        self, variants: dict[str, tuple[Callable, Callable]], warmup: int | None = None, reps: int | None = None
+    ) -> dict:
         """variants: name -> (untimed setup, timed call). Round r runs every variant once, in
         an order rotated by r (A B, B A, ...), so none always runs first or last. At least
         `reps` rounds after `warmup`; cheap cases get more, up to `budget_s` of timed calls
@@ -191,7 +201,7 @@ class Bench:
         r = 0
         while r < warmup + reps:
             last = 0.0
-            for n in names[r % len(names):] + names[: r % len(names)]:
+            for n in names[r % len(names) :] + names[: r % len(names)]:
                 wall, cpu = self.timed(*variants[n])
                 last += wall
                 if r >= warmup:
@@ -286,8 +296,17 @@ def case_decode(bench: Bench, models, prefill: int, name: str = "decode") -> lis
         del seen
         times = bench.interleave(variants)
     r, med = bench.summary(times, "patched", "unpatched")
-    return [_row(name, {"prefill": prefill, "model": describe(ref)}, r, med, equal, GOALS[name],
-                 note="logits, recurrent and conv states of every GDN layer compared")]
+    return [
+        _row(
+            name,
+            {"prefill": prefill, "model": describe(ref)},
+            r,
+            med,
+            equal,
+            GOALS[name],
+            note="logits, recurrent and conv states of every GDN layer compared",
+        )
+    ]
 
 
 def case_nnsight(bench: Bench, models, Ts) -> list[dict]:
@@ -338,7 +357,11 @@ def case_nnsight(bench: Bench, models, Ts) -> list[dict]:
             )
             del s_src, s_pat, l_src, l_pat, l_nat
             times = bench.interleave(
-                {"source_unpatched": (nothing, source_trace), "sites_patched": (nothing, site_trace), "native": (nothing, native)}
+                {
+                    "source_unpatched": (nothing, source_trace),
+                    "sites_patched": (nothing, site_trace),
+                    "native": (nothing, native),
+                }
             )
         params = {"T": T, "model": describe(model), "saved_per_gdn_layer": 2}
         for case, num, den, goal, note in (
@@ -359,8 +382,11 @@ def cpu_peak_bytes(call: Callable[[], object]) -> int:
     with tp.profile(activities=[tp.ProfilerActivity.CPU], profile_memory=True) as prof:
         out = call()
         del out
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    ]
     live = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):
         live += e.nbytes()
@@ -383,31 +409,58 @@ def case_memory(bench: Bench, pairs: dict, Ts, dtype, passes: int) -> list[dict]
     rows = []
     for name, models in pairs.items():
         for T in Ts:
-            calls = {key: prefill_call(name, m, T, bench.device, dtype) for key, m in zip(("unpatched", "patched"), models)}
+            calls = {
+                key: prefill_call(name, m, T, bench.device, dtype) for key, m in zip(("unpatched", "patched"), models)
+            }
             peaks = {"unpatched": [], "patched": []}
             with torch.no_grad():
                 for _ in range(passes):  # a second pass shows that the measure is stable
                     for key, call in calls.items():
                         peaks[key].append(peak_of(call))
             u, p = peaks["unpatched"][-1], peaks["patched"][-1]
-            r = {"median": round(p / u, 4), "q1": round(p / u, 4), "q3": round(p / u, 4), "n": passes,
-                 "clock": "allocator peak, bytes"}
+            r = {
+                "median": round(p / u, 4),
+                "q1": round(p / u, 4),
+                "q3": round(p / u, 4),
+                "n": passes,
+                "clock": "allocator peak, bytes",
+            }
             mib = {"unpatched": round(u / 2**20, 1), "patched": round(p / 2**20, 1)}
-            rows.append(_row("memory", {"of": name, "T": T}, r, {"peak_MiB": mib}, None, GOALS["memory"],
-                             note="peak above the bytes live before the call",
-                             extra={"peak_bytes_all_passes": peaks}))
+            rows.append(
+                _row(
+                    "memory",
+                    {"of": name, "T": T},
+                    r,
+                    {"peak_MiB": mib},
+                    None,
+                    GOALS["memory"],
+                    note="peak above the bytes live before the call",
+                    extra={"peak_bytes_all_passes": peaks},
+                )
+            )
     return rows
 
 
 def _row(case, params, r, med_ms, equal, goal, note="", extra=None) -> dict:
-    row = {"case": case, **params, "ratio": r, "median_ms": med_ms, "bitwise_equal": equal, "goal": goal,
-           "met": None if goal is None else r["median"] <= goal, "note": note}
+    row = {
+        "case": case,
+        **params,
+        "ratio": r,
+        "median_ms": med_ms,
+        "bitwise_equal": equal,
+        "goal": goal,
+        "met": None if goal is None else r["median"] <= goal,
+        "note": note,
+    }
     row.update(extra or {})
     tag = "" if goal is None else ("  ok" if row["met"] else f"  MISSED (goal <= {goal})")
     label = " ".join(f"{k}={v}" for k, v in params.items() if k in ("T", "of", "prefill"))
     shown = med_ms.get(r.get("clock"), med_ms)
-    print(f"{case:18s} {label:22s} ratio {r['median']:.4f} [{r['q1']:.3f}, {r['q3']:.3f}] n={r['n']} "
-          f"{r.get('clock', '')}  {shown}  equal={equal}{tag}", flush=True)
+    print(
+        f"{case:18s} {label:22s} ratio {r['median']:.4f} [{r['q1']:.3f}, {r['q3']:.3f}] n={r['n']} "
+        f"{r.get('clock', '')}  {shown}  equal={equal}{tag}",
+        flush=True,
+    )
     return row
 
 
@@ -425,15 +478,26 @@ def environment(device: torch.device, dtype, threads: int) -> dict:
                     dev_name = line.split(":", 1)[1].strip()
                     break
     versions = {}
-    for pkg in ("torch", "transformers", "nnsight", "gdn_intervene", "flash-linear-attention", "fla-core", "causal-conv1d", "triton"):
+    for pkg in (
+        "torch",
+        "transformers",
+        "nnsight",
+        "gdn_intervene",
+        "flash-linear-attention",
+        "fla-core",
+        "causal-conv1d",
+        "triton",
+    ):
         with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg] = md.version(pkg)
     versions.setdefault("gdn_intervene", gi.__version__)  # also when run from a checkout on PYTHONPATH
     from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
-    kernels = {n: f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__name__)}"
-               for n in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn")
-               for f in [vars(hf)[n]]}
+    kernels = {
+        n: f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__name__)}"
+        for n in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn")
+        for f in [vars(hf)[n]]
+    }
     return {
         "device": dev_name,
         "device_type": device.type,
@@ -454,12 +518,19 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32 on cpu, bf16 on cuda")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on cpu (default 1)")
-    ap.add_argument("--quick", action="store_true",
-                    help="fewer rounds (T=4096: 1 warm-up + 3), nnsight at T=128 only, one memory pass")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer rounds (T=4096: 1 warm-up + 3), nnsight at T=128 only, one memory pass",
+    )
     ap.add_argument("--reps", type=int, help="timed rounds per case (default 9, quick 7)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--budget", type=float, help="seconds of timed calls per row beyond the minimum rounds: cheap "
-                    "cases run more rounds (default 30, quick 10)")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        help="seconds of timed calls per row beyond the minimum rounds: cheap "
+        "cases run more rounds (default 30, quick 10)",
+    )
     ap.add_argument("--cases", default="prefill_layer,prefill_model,decode,nnsight,memory,kda_prefill,kda_decode")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead-<device>.json)")
     args = ap.parse_args(argv)
@@ -507,11 +578,24 @@ def main(argv=None) -> int:
 
     result = {
         "environment": env,
-        "settings": {"quick": args.quick, "warmup": args.warmup, "min_reps": reps, "budget_s": budget, "batch": 1, "clock": bench.clock,
-                     "order": "interleaved, rotated per round (A B, B A, ...); ratio = median of per-round ratios",
-                     "layer": layer and {"class": type(layer[0]).__name__, "hidden_size": 2048, "linear_num_key_heads": 16,
-                                         "linear_num_value_heads": 32, "head_dim": 128},
-                     "small_model": small and describe(small[0])},
+        "settings": {
+            "quick": args.quick,
+            "warmup": args.warmup,
+            "min_reps": reps,
+            "budget_s": budget,
+            "batch": 1,
+            "clock": bench.clock,
+            "order": "interleaved, rotated per round (A B, B A, ...); ratio = median of per-round ratios",
+            "layer": layer
+            and {
+                "class": type(layer[0]).__name__,
+                "hidden_size": 2048,
+                "linear_num_key_heads": 16,
+                "linear_num_value_heads": 32,
+                "head_dim": 128,
+            },
+            "small_model": small and describe(small[0]),
+        },
         "wall_s": round(wall, 1),
         "rows": rows,
         "all_bitwise_equal": all(r["bitwise_equal"] is not False for r in rows),
@@ -520,7 +604,9 @@ def main(argv=None) -> int:
     out = Path(args.out or Path(__file__).parent / "results" / f"overhead-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"wall {wall:.0f} s; all bitwise equal: {result['all_bitwise_equal']}; goals met: {result['goals_met']}; wrote {out}")
+    print(
+        f"wall {wall:.0f} s; all bitwise equal: {result['all_bitwise_equal']}; goals met: {result['goals_met']}; wrote {out}"
+    )
     return 0
 
 

@@ -41,13 +41,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_analysis  # noqa: E402
 from bench_atp import real_model  # noqa: E402
 from bench_overhead import (  # noqa: E402
-    VOCAB, Bench, _row, case_decode, case_memory, case_prefill, cpu_peak_bytes, describe, environment, nothing, twins,
+    VOCAB,
+    Bench,
+    _row,
+    case_decode,
+    case_memory,
+    case_prefill,
+    cpu_peak_bytes,
+    describe,
+    environment,
+    nothing,
+    twins,
 )
 
 import gdn_intervene as gi  # noqa: E402
 from gdn_intervene import analysis as an  # noqa: E402
 
-NAMES = {"qwen3_5": "prefill_model", "qwen3_next": "prefill_model", "kimi_linear": "kda_prefill"}  # bench_overhead's goals
+NAMES = {
+    "qwen3_5": "prefill_model",
+    "qwen3_next": "prefill_model",
+    "kimi_linear": "kda_prefill",
+}  # bench_overhead's goals
 
 
 def case_capture_all(bench: Bench, model, Ts, schedule) -> list[dict]:
@@ -75,9 +89,18 @@ def case_capture_all(bench: Bench, model, Ts, schedule) -> list[dict]:
             times = bench.interleave({"plain": (nothing, plain), "capture_all": (nothing, captured)}, *schedule(T))
         r, med = bench.summary(times, "capture_all", "plain")
         mib = {k: round(v / 2**20, 1) for k, v in peaks.items()}
-        rows.append(_row("capture_all", {"T": T}, r, med, equal, None,
-                         note="every site of every GDN layer, cloned and detached / the same forward without capture",
-                         extra={"peak_MiB": mib, "captured_MiB": round(held / 2**20, 1), "values_captured": fired}))
+        rows.append(
+            _row(
+                "capture_all",
+                {"T": T},
+                r,
+                med,
+                equal,
+                None,
+                note="every site of every GDN layer, cloned and detached / the same forward without capture",
+                extra={"peak_MiB": mib, "captured_MiB": round(held / 2**20, 1), "values_captured": fired},
+            )
+        )
     return rows
 
 
@@ -92,7 +115,9 @@ def case_effective_attention(model, Ts: list[int], repeats: int, old_up_to: int 
         x = dict(q=cap.q, k=cap.k, beta=cap.beta, g=cap.g)
         old = T <= old_up_to
         bench_analysis.compare(f"one_row_T{T}", x, [T - 1], repeats, res, old=old, old_repeats=1, cap=cap, memory=True)
-        bench_analysis.compare(f"full_M_T{T}", x, None, max(1, repeats // 2), res, old=old, old_repeats=1, cap=cap, memory=True)
+        bench_analysis.compare(
+            f"full_M_T{T}", x, None, max(1, repeats // 2), res, old=old, old_repeats=1, cap=cap, memory=True
+        )
         del cap, x
     return [dict(case=name, layer=layer, **entry) for name, entry in res.items()]
 
@@ -140,8 +165,17 @@ def main(argv=None) -> int:
     for kind in args.models:
         for d in args.dtypes:
             rows += run(kind, getattr(torch, d), sorted(args.T), args.reps, cases)
-            out.write_text(json.dumps({"environment": environment(torch.device("cpu"), ",".join(args.dtypes), args.threads),
-                                       "wall_s": round(time.perf_counter() - t0, 1), "rows": rows}, indent=1, default=str))
+            out.write_text(
+                json.dumps(
+                    {
+                        "environment": environment(torch.device("cpu"), ",".join(args.dtypes), args.threads),
+                        "wall_s": round(time.perf_counter() - t0, 1),
+                        "rows": rows,
+                    },
+                    indent=1,
+                    default=str,
+                )
+            )
             print(f"wrote {out}", flush=True)
     return 0
 

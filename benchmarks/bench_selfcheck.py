@@ -44,14 +44,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     base = qwen3_5_model(4, torch.float32, torch.device("cpu"))
     model = gi.patch(copy.deepcopy(base))
-    layer = gi.gdn_layers(model)[0]
-    hf = selfcheck._compat.undecorated(type(layer).__mro__[2].forward)
-    from gdn_intervene.layer import GDNMixin
-
+    layer = gi.gdn_layer(model, 0)
     x = torch.randn(1, 1024, base.config.hidden_size)
     for _ in range(3):  # warm-up
-        selfcheck._run(layer, GDNMixin.forward, hf, x)
-    check = sorted(cpu_ms(lambda: selfcheck._run(layer, GDNMixin.forward, hf, x)) for _ in range(args.reps))
+        layer.self_check(x)
+    check = sorted(cpu_ms(lambda: layer.self_check(x)) for _ in range(args.reps))
     rows = {"check_ms_median": statistics.median(check), "check_ms_min": check[0], "first_call": []}
     for T in [int(t) for t in args.T.split(",")]:
         ids = torch.randint(3, VOCAB, (1, T))
@@ -59,8 +56,13 @@ def main(argv=None) -> int:
             model(ids)  # warm
             fwd = statistics.median(cpu_ms(lambda: model(ids)) for _ in range(max(3, args.reps // 3)))
         rows["first_call"].append({"T": T, "forward_ms": fwd, "check_over_forward": rows["check_ms_median"] / fwd})
-    rows["env"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                   "threads": args.threads, "tokens": selfcheck.TOKENS, "model": "qwen3_5_model(4): D 512, 3 GDN layers"}
+    rows["env"] = {
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "threads": args.threads,
+        "tokens": selfcheck.TOKENS,
+        "model": "qwen3_5_model(4): D 512, 3 GDN layers",
+    }
     text = json.dumps(rows, indent=2)
     print(text)
     if args.out:

@@ -21,8 +21,8 @@ import transformers
 
 import gdn_intervene as gi
 from gdn_intervene import state_at
-from gdn_intervene.toy.mqar import demo_prompts
 from gdn_intervene.toy import load_toy
+from gdn_intervene.toy.mqar import demo_prompts
 from gdn_intervene.tracing import TRACE_SITES, causal_trace
 
 
@@ -30,8 +30,14 @@ def naive(model, clean, bad, answers, d_clean, d_bad) -> dict:
     """scores[site] [L, T], one forward per cell."""
     layers, T = list(gi.gdn_layers(model)), clean.shape[1]
     saved = {}
-    with gi.intervene(model, {(L, s): (lambda x, key=(L, s): saved.setdefault(key, []).append(x.clone()))
-                              for L in layers for s in TRACE_SITES}):
+    with gi.intervene(
+        model,
+        {
+            (L, s): (lambda x, key=(L, s): saved.setdefault(key, []).append(x.clone()))
+            for L in layers
+            for s in TRACE_SITES
+        },
+    ):
         with state_at(model, list(range(T - 1))):
             model(clean, use_cache=False)
     scores = {}
@@ -49,6 +55,7 @@ def naive(model, clean, bad, answers, d_clean, d_bad) -> dict:
                     with gi.intervene(model, {(L, s): edit}), state_at(model, [p], [L]):
                         last = model(bad, use_cache=False).logits[0, -1]
                 else:
+
                     def edit(x, p=p, L=L, s=s):
                         x = x.clone()
                         x[:, p] = saved[(L, s)][0][:, p]
@@ -65,7 +72,9 @@ def naive(model, clean, bad, answers, d_clean, d_bad) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides (default: all cores)")
+    ap.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides (default: all cores)"
+    )
     ap.add_argument("--out", default="benchmarks/results/tracing-cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,12 +100,18 @@ def main() -> None:
     t_batched -= t_fixed  # baselines: computed once by both, excluded from both
     diff = max(float(torch.nan_to_num(batched.scores[s] - scores[s]).abs().max()) for s in TRACE_SITES)
     result = {
-        "device": platform.processor() or platform.machine(), "threads": args.threads,
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "tokens": clean.shape[1], "gdn_layers": len(gi.gdn_layers(model)), "sites": list(TRACE_SITES),
+        "device": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokens": clean.shape[1],
+        "gdn_layers": len(gi.gdn_layers(model)),
+        "sites": list(TRACE_SITES),
         "cells": sum(int((~torch.isnan(s)).sum()) for s in scores.values()),
-        "batched_s": round(t_batched, 3), "naive_s": round(t_naive, 3),
-        "speedup": round(t_naive / t_batched, 2), "max_score_difference": diff,
+        "batched_s": round(t_batched, 3),
+        "naive_s": round(t_naive, 3),
+        "speedup": round(t_naive / t_batched, 2),
+        "max_score_difference": diff,
     }
     print(json.dumps(result, indent=1))
     with open(args.out, "w") as f:

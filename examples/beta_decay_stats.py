@@ -1,7 +1,7 @@
 """Patch a GDN model and print per-layer, per-head statistics of beta and the decay.
 
-    python examples/beta_decay_stats.py                 # the bundled toy model (offline)
-    python examples/beta_decay_stats.py --model PATH    # any supported checkpoint
+python examples/beta_decay_stats.py                 # the bundled toy model (offline)
+python examples/beta_decay_stats.py --model PATH    # any supported checkpoint
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ def main(argv=None) -> None:
         ids = tok(args.prompt, return_tensors="pt").input_ids
 
     saved: dict[tuple[int, str], torch.Tensor] = {}
-    save = {(layer, s): (lambda x, key=(layer, s): saved.__setitem__(key, x.detach().float()))
-            for layer in gi.gdn_layers(model) for s in ("beta", "decay")}
+    save = {
+        (layer, s): (lambda x, key=(layer, s): saved.__setitem__(key, x.detach().float()))
+        for layer in gi.gdn_layers(model)
+        for s in ("beta", "decay")
+    }
     with torch.no_grad(), gi.intervene(model, save):
         model(ids)
 
@@ -49,8 +52,10 @@ def main(argv=None) -> None:
     for layer in gi.gdn_layers(model):
         beta, decay = saved[(layer, "beta")][0], saved[(layer, "decay")][0].exp()  # [T, HV]
         for h in range(beta.shape[-1]):
-            print(f"{layer:>5} {h:>4} {beta[:, h].mean():9.3f} {beta[:, h].max():8.3f} "
-                  f"{decay[:, h].mean():10.3f} {decay[:, h].min():9.3f}")
+            print(
+                f"{layer:>5} {h:>4} {beta[:, h].mean():9.3f} {beta[:, h].max():8.3f} "
+                f"{decay[:, h].mean():10.3f} {decay[:, h].min():9.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from nnsight_quickstart import DEFAULT_PROMPT, load_model
 
 from gdn_intervene import nnsight as gnn
-from nnsight_quickstart import DEFAULT_PROMPT, load_model
 
 
 def generate(lm, prompt: str, n: int, layer: int | None = None, heads=(), scale: float = 1.0):
@@ -26,7 +26,7 @@ def generate(lm, prompt: str, n: int, layer: int | None = None, heads=(), scale:
     logits = []
     # min_new_tokens: a loop over exactly n forwards must not be cut short by an early EOS.
     with lm.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False) as tracer:
-        for step in tracer.iter[:n]:  # the prefill, then each decode step
+        for _step in tracer.iter[:n]:  # the prefill, then each decode step
             if layer is not None:
                 beta = gnn.site(lm, layer, "beta").output  # [B, T, HV]; T = 1 when decoding
                 beta[:, :, list(heads)] *= scale

@@ -64,8 +64,13 @@ def plot(beta: dict, decay: dict, out: str) -> None:
     from matplotlib.figure import Figure
 
     layers = list(beta)
-    grids = [(title, torch.stack([values[layer].mean(0) for layer in layers]).numpy())  # [layers, HV]
-             for title, values in [("mean beta\n(write strength)", beta), ("mean decay = exp(g)\n(1 keeps the state, 0 forgets)", decay)]]
+    grids = [
+        (title, torch.stack([values[layer].mean(0) for layer in layers]).numpy())  # [layers, HV]
+        for title, values in [
+            ("mean beta\n(write strength)", beta),
+            ("mean decay = exp(g)\n(1 keeps the state, 0 forgets)", decay),
+        ]
+    ]
     top = max(1.0, max(float(g.max()) for _, g in grids))
     HV = grids[0][1].shape[1]
     fig = Figure(figsize=(max(7.5, 3 + 1.3 * HV), 2.6 + 0.45 * len(layers)), layout="constrained")
@@ -76,8 +81,13 @@ def plot(beta: dict, decay: dict, out: str) -> None:
         for (i, h), v in np.ndenumerate(grid):
             ax.text(h, i, f"{v:.3f}", ha="center", va="center", fontsize=8, color="white" if v < 0.6 * top else "black")
         ax.set_title(title, fontsize=10)
-        ax.set(xlabel="value head", ylabel="GDN layer", xticks=range(grid.shape[1]),
-               yticks=range(len(layers)), yticklabels=layers)
+        ax.set(
+            xlabel="value head",
+            ylabel="GDN layer",
+            xticks=range(grid.shape[1]),
+            yticks=range(len(layers)),
+            yticklabels=layers,
+        )
     fig.colorbar(im, ax=list(axes), shrink=0.9).set_label(f"mean over tokens (one scale, 0 to {top:g})")
     fig.savefig(out, dpi=160)
 

@@ -67,15 +67,32 @@ def plot(grid, layers, positions, tokens, corrupted, title, out):
     for i in range(len(layers)):
         for j in range(len(positions)):
             if abs(grid[i, j]) >= 0.05:
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if abs(grid[i, j]) > 0.6 else "black")
-    ax.set_xticks(range(len(positions)), [f"{p}:{tokens[p]}" for p in positions], rotation=60, ha="right",
-                  rotation_mode="anchor", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    f"{grid[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if abs(grid[i, j]) > 0.6 else "black",
+                )
+    ax.set_xticks(
+        range(len(positions)),
+        [f"{p}:{tokens[p]}" for p in positions],
+        rotation=60,
+        ha="right",
+        rotation_mode="anchor",
+        fontsize=8,
+    )
     for j, p in enumerate(positions):
         if p in corrupted:
             ax.get_xticklabels()[j].set_color("#d62728")
-    ax.set(yticks=range(len(layers)), yticklabels=[f"layer {L}" for L in layers], xlabel="position:token (red: corrupted)",
-           title=title)
+    ax.set(
+        yticks=range(len(layers)),
+        yticklabels=[f"layer {L}" for L in layers],
+        xlabel="position:token (red: corrupted)",
+        title=title,
+    )
     fig.colorbar(im, ax=ax).set_label("recovery: fraction of the clean answer's\nlogit gap restored", fontsize=8)
     fig.savefig(out, dpi=160)
 
@@ -95,7 +112,9 @@ def main():
     gp.register()
     model, tok, clean, corrupt = load(args)
     if clean.shape != corrupt.shape:
-        raise SystemExit(f"clean and corrupted prompts must have the same length: {clean.shape[1]} vs {corrupt.shape[1]}")
+        raise SystemExit(
+            f"clean and corrupted prompts must have the same length: {clean.shape[1]} vs {corrupt.shape[1]}"
+        )
     tokens = tok.convert_ids_to_tokens(clean[0].tolist())
     with torch.no_grad():
         lc, lx = model(input_ids=clean).logits[0, -1], model(input_ids=corrupt).logits[0, -1]
@@ -122,13 +141,21 @@ def main():
     replaced = ", ".join(f"{token_text(tok, clean[0, p])} -> {token_text(tok, corrupt[0, p])} at {p}" for p in differ)
     answer_text = token_text(tok, answer)
     what = f"{args.component} after each position (state_at)" if state else args.component
-    plot(grid, layers, positions, tokens, set(differ),
-         f"pyvene: {what} restored, clean -> corrupted ({replaced})\n"
-         f"recovery of logit({answer_text}), the clean answer", args.out)
+    plot(
+        grid,
+        layers,
+        positions,
+        tokens,
+        set(differ),
+        f"pyvene: {what} restored, clean -> corrupted ({replaced})\nrecovery of logit({answer_text}), the clean answer",
+        args.out,
+    )
     best = int(grid.argmax())
-    print(f"clean answer {answer_text} (token {answer}); corrupted: {replaced}; max recovery {grid.max():.3f} at "
-          f"layer {layers[best // len(positions)]}, position {positions[best % len(positions)]}"
-          f":{tokens[positions[best % len(positions)]]}; wrote {args.out}")
+    print(
+        f"clean answer {answer_text} (token {answer}); corrupted: {replaced}; max recovery {grid.max():.3f} at "
+        f"layer {layers[best // len(positions)]}, position {positions[best % len(positions)]}"
+        f":{tokens[positions[best % len(positions)]]}; wrote {args.out}"
+    )
 
 
 if __name__ == "__main__":

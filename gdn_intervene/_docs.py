@@ -47,7 +47,7 @@ TABLES = {"sites": site_table, "families": family_table}
 def render(text: str) -> str:
     for name, fn in TABLES.items():
         pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + fn() + "\n" + m.group(2), text)
+        text = pattern.sub(lambda m, fn=fn: m.group(1) + fn() + "\n" + m.group(2), text)
     return text
 
 

@@ -3,13 +3,13 @@ nothing of the package)."""
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
 __all__ = ["as_positions", "check_positions"]
 
-Positions = Union[int, Sequence[int], torch.Tensor]
+Positions = int | Sequence[int] | torch.Tensor
 
 
 def as_positions(
@@ -30,7 +30,12 @@ def as_positions(
     `increasing`: strictly increasing, no repeats (state positions)."""
     at = f"{where}: {name}" if where else name
     if isinstance(positions, torch.Tensor):
-        if positions.dim() > 1 or positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+        if (
+            positions.dim() > 1
+            or positions.dtype.is_floating_point
+            or positions.dtype.is_complex
+            or positions.dtype == torch.bool
+        ):
             raise ValueError(
                 f"{at} must be ints or a 1-D integer tensor; got a {positions.dtype} tensor of shape {list(positions.shape)}"
             )

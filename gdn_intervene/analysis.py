@@ -3,7 +3,7 @@
 One forward pass of a patched model, with plain forward hooks on the sites, yields every GDN
 layer's kernel inputs; `ops` turns them into exact views of the recurrence:
 
-    caps = capture(model, ids)                    # {layer: LayerCapture}
+    caps = layer_captures(model, ids)             # {layer: LayerCapture} (also `capture`, its older name)
     M = effective_attention_for(model, ids)       # {layer: LayerAttention}, M [B, HV, T, T]
     att = attribution_for(model, ids, positions=[-1], direction=(yes_id, no_id))
     att.contributions                             # [B, L, HV, R, T]: which source tokens each head read
@@ -24,22 +24,25 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import _compat, ops
 from ._positions import as_positions, check_positions
-from .capturing import _dispatched
-from .capturing import capture as _capture_sites
-from .edit import state_at
-from .patching import as_module, select_layers, site_module
+from .hooking import scope
+from .hooking.capture import capture as capture_sites
+from .hooking.edit import state_at
+from .hooking.locate import as_module, select_layers, site_module
+from .layer import GDNLayer
 
 __all__ = [
     "LayerCapture",
     "LayerAttention",
+    "layer_captures",
     "capture",
     "effective_attention_for",
     "state_at",
@@ -52,13 +55,11 @@ __all__ = [
 ]
 
 Tensor = torch.Tensor
-Layers = Union[int, Iterable[int], None]
+Layers = int | Iterable[int] | None
 
-# site -> LayerCapture field; `state` is kept separately (it may fire several times per call)
-_CAPTURED = {
-    "q": "q", "k": "k", "v": "v", "beta": "beta", "decay": "g", "recurrence": "o",
-    "gate": "z", "norm": "normed", "out_proj": "y",
-}
+# the sites a LayerCapture holds, one value each; `state` is kept separately (it may fire
+# several times per call)
+_CAPTURED = ("q", "k", "v", "beta", "decay", "recurrence", "gate", "norm", "out_proj")
 
 
 # --------------------------------------------------------------------------- capture
@@ -66,18 +67,20 @@ _CAPTURED = {
 
 @dataclass
 class LayerCapture:
-    """The kernel inputs and outputs of one GDN layer in one forward call (as the sites saw them).
+    """The kernel inputs and outputs of one GDN layer in one forward call, as its sites saw them
+    (fields named by site).
 
     q, k: [B, T, HK, K] (pre-L2-norm, pre-GQA).  v: [B, T, HV, V].
-    beta: [B, T, HV].  g: [B, T, HV] (per head) or [B, T, HV, K] (per channel), log decay,
-        g <= 0, decay = exp(g).
-    o: [B, T, HV, V], the `recurrence` output (kernel output, before the gated norm).
-    z: [B, T, HV, V], the `gate` site (output gate before its activation).
-    normed: [B, T, HV, V], the gated norm's output (`norm` site).  y: [B, T, D], the layer output
-        (`out_proj` site).
+    beta: [B, T, HV].  decay: g [B, T, HV] (per head) or [B, T, HV, K] (per channel), the log
+        decay, g <= 0, decay = exp(g).
+    recurrence: o [B, T, HV, V], the kernel output (before the gated norm).
+    gate: z [B, T, HV, V] (the output gate before its activation).  norm: [B, T, HV, V], the gated
+        norm's output.  out_proj: y [B, T, D], the layer output.
     states: every `state` firing of the call, in order, each [B, HV, K, V] (one without a
         split; with `state_at`, one per split position, then the final state).
+    firings: which state each of `states` is (`sites.StateFiring`: position, final).
     initial_state: S_0 [B, HV, K, V], the cache's recurrent state before the call, or None.
+    The older names `g`, `o`, `z`, `normed`, `y` read the same fields.
     """
 
     layer: int
@@ -85,13 +88,32 @@ class LayerCapture:
     k: Tensor
     v: Tensor
     beta: Tensor
-    g: Tensor
-    o: Tensor
-    z: Tensor
-    normed: Tensor
-    y: Tensor
+    decay: Tensor
+    recurrence: Tensor
+    gate: Tensor
+    norm: Tensor
+    out_proj: Tensor
     states: tuple
-    initial_state: Optional[Tensor]
+    initial_state: Tensor | None
+    firings: tuple = ()
+
+    g = property(lambda self: self.decay, doc="The log decay g (`decay`).")
+    o = property(lambda self: self.recurrence, doc="The kernel output o (`recurrence`).")
+    z = property(lambda self: self.gate, doc="The output gate z (`gate`).")
+    normed = property(lambda self: self.norm, doc="The gated norm's output (`norm`).")
+    y = property(lambda self: self.out_proj, doc="The layer output y (`out_proj`).")
+
+    def state_after(self, position: int) -> Tensor:
+        """The state [B, HV, K, V] after token `position` of the call, where one was recorded
+        (a `state_at` split there, or the final state)."""
+        for S, f in zip(self.states, self.firings):
+            if f.position == position:
+                return S
+        have = [f.position for f in self.firings]
+        raise KeyError(
+            f"layer {self.layer}: no state after position {position} was recorded (recorded: {have}); "
+            "split there with gdn_intervene.state_at"
+        )
 
     @property
     def final_state(self) -> Tensor:
@@ -104,8 +126,15 @@ class LayerCapture:
         """`ops.effective_attention` of this layer: M [B, H, R, T] and the initial-state term."""
         try:
             return ops.effective_attention(
-                self.q, self.k, beta=self.beta, g=self.g, heads=heads, rows=rows,
-                initial_state=self.initial_state, dtype=dtype, max_bytes=max_bytes,
+                self.q,
+                self.k,
+                beta=self.beta,
+                g=self.decay,
+                heads=heads,
+                rows=rows,
+                initial_state=self.initial_state,
+                dtype=dtype,
+                max_bytes=max_bytes,
             )
         except ValueError as e:
             raise ValueError(f"layer {self.layer}: {e}") from None
@@ -118,19 +147,27 @@ class LayerCapture:
 
     def reconstruction_error(self, ea: ops.EffectiveAttention, *, heads=None, rows=None) -> float:
         """||M v + C - o|| / ||o|| over the selected heads and rows (o: the `recurrence` site)."""
-        o = self.o if rows is None else self.o[:, _as_list(rows)]
+        o = self.recurrence if rows is None else self.recurrence[:, _as_list(rows)]
         o = (o if heads is None else o[:, :, _as_list(heads)]).to(ea.matrix.dtype)
         diff = (self.reconstruct(ea, heads=heads) - o).norm()
         return (diff / o.norm().clamp_min(torch.finfo(o.dtype).tiny)).item()
 
     def written_values(self, *, dtype: torch.dtype = torch.float32) -> Tensor:
         """u [B, T, HV, V]: what each token wrote into the state (`ops.written_values`)."""
-        return ops.written_values(self.k, self.v, beta=self.beta, g=self.g, initial_state=self.initial_state, dtype=dtype)
+        return ops.written_values(
+            self.k, self.v, beta=self.beta, g=self.decay, initial_state=self.initial_state, dtype=dtype
+        )
 
-    def state_decomposition(self, *, position: Optional[int] = None, dtype: torch.dtype = torch.float32):
+    def state_decomposition(self, *, position: int | None = None, dtype: torch.dtype = torch.float32):
         """The state after `position` (default T - 1) as per-token writes (`ops.state_decomposition`)."""
         return ops.state_decomposition(
-            self.k, self.v, beta=self.beta, g=self.g, initial_state=self.initial_state, position=position, dtype=dtype
+            self.k,
+            self.v,
+            beta=self.beta,
+            g=self.decay,
+            initial_state=self.initial_state,
+            position=position,
+            dtype=dtype,
         )
 
 
@@ -170,17 +207,12 @@ def _deepcopy_detached(obj):
     return copy.deepcopy(obj, memo)
 
 
-def _select(model: nn.Module, layers: Layers) -> dict:
-    """{layer: patched GDN module} for `layers` (None: all; an int; or an iterable of ints)."""
-    return select_layers(model, layers)
-
-
-def capture(
+def layer_captures(
     model: nn.Module,
-    input_ids: Optional[Tensor] = None,
+    input_ids: Tensor | None = None,
     *,
     layers: Layers = None,
-    attention_mask: Optional[Tensor] = None,
+    attention_mask: Tensor | None = None,
     **model_kwargs,
 ) -> dict:
     """Run `model` once (no grad) and return {layer: LayerCapture} for the chosen GDN layers.
@@ -191,46 +223,45 @@ def capture(
     `inputs_embeds`, `cache=`, `use_cache=True`); a cache is deep-copied first (`_private_caches`),
     so the caller's is left as it was.
     """
-    model = as_module(_dispatched(model))  # a lazy nnsight model: its real weights first
+    model = as_module(scope.dispatched(model))  # a lazy nnsight model: its real weights first
     model_kwargs = _private_caches(model_kwargs)
-    mods = _select(model, layers)
+    mods = select_layers(model, layers)
     initial = {}
 
     def pre(l, module, args, kwargs):
-        cache = _compat.cache_kwarg(kwargs)
-        S0 = None
-        if cache is not None and _compat.cache_gap(cache) is None:  # what the layer will read
-            T = (args[0] if args else kwargs["hidden_states"]).shape[1]
-            conv, fam = module._gdn_convention, module._gdn_family
-            S0 = _compat.cache_step(cache, l, T, fam.conv_asks_recording, conv, kwargs.get("cache_position")).initial_state
-        # the cache is updated in place after the kernel: keep a copy
-        initial[l] = None if S0 is None else S0.detach().clone()
+        T = (args[0] if args else kwargs["hidden_states"]).shape[1]
+        S0 = GDNLayer(module).initial_state(_compat.cache_kwarg(kwargs), T, kwargs.get("cache_position"))
+        initial[l] = None if S0 is None else S0.detach().clone()  # the cache is updated in place after the kernel
 
     handles = []
     try:
         for l, m in mods.items():
             handles.append(m.register_forward_pre_hook(lambda mod, a, kw, l=l: pre(l, mod, a, kw), with_kwargs=True))
-        with _capture_sites(model, sites=(*_CAPTURED, "state"), layers=list(mods)) as cache:
+        with capture_sites(model, sites=(*_CAPTURED, "state"), layers=list(mods)) as cache:
             with torch.no_grad():
                 model(input_ids=input_ids, attention_mask=attention_mask, **_compat.model_kwargs(model, model_kwargs))
     finally:
         for h in handles:
             h.remove()
+    return {l: _layer_capture(cache, l, initial.get(l)) for l in mods}
 
-    out = {}
-    for l in mods:
-        missing = [s for s in (*_CAPTURED, "state") if not cache[l, s]]
-        if missing:
-            raise RuntimeError(
-                f"layer {l}: sites {missing} did not fire; was the native forward used "
-                "(native_cached=True, or a cache without the linear-attention API)?"
-            )
-        twice = [s for s in _CAPTURED if len(cache[l, s]) > 1]
-        if twice:
-            raise RuntimeError(f"layer {l}: sites {twice} fired more than once in one capture (several forward calls?)")
-        fields = {f: cache[l, s][0] for s, f in _CAPTURED.items()}
-        out[l] = LayerCapture(l, states=tuple(cache[l, "state"]), initial_state=initial.get(l), **fields)
-    return out
+
+def _layer_capture(cache, l: int, initial_state) -> LayerCapture:
+    missing = [s for s in (*_CAPTURED, "state") if not cache[l, s]]
+    if missing:
+        raise RuntimeError(
+            f"layer {l}: sites {missing} did not fire; was the native forward used "
+            "(native_cached=True, or a cache without the linear-attention API)?"
+        )
+    twice = [s for s in _CAPTURED if len(cache[l, s]) > 1]
+    if twice:
+        raise RuntimeError(f"layer {l}: sites {twice} fired more than once in one capture (several forward calls?)")
+    fields = {s: cache[l, s][0] for s in _CAPTURED}
+    return LayerCapture(l, states=tuple(cache[l, "state"]), initial_state=initial_state,
+                        firings=tuple(cache.firings(l)), **fields)  # fmt: skip
+
+
+capture = layer_captures  # its older name (`gdn_intervene.capture` is the core's context manager)
 
 
 # --------------------------------------------------------------------------- effective attention
@@ -245,21 +276,21 @@ class LayerAttention(NamedTuple):
     """
 
     matrix: Tensor
-    state_term: Optional[Tensor]
-    error: Optional[float]
+    state_term: Tensor | None
+    error: float | None
 
 
 def effective_attention_for(
     model: nn.Module,
-    input_ids: Optional[Tensor] = None,
+    input_ids: Tensor | None = None,
     *,
     layers: Layers = None,
     heads=None,
     rows=None,
-    attention_mask: Optional[Tensor] = None,
+    attention_mask: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
-    max_bytes: Optional[float] = None,
-    check: Union[bool, float] = False,
+    max_bytes: float | None = None,
+    check: bool | float = False,
     **model_kwargs,
 ) -> dict:
     """Exact effective attention M of each chosen GDN layer for one run of `model`.
@@ -282,7 +313,7 @@ def effective_attention_for(
     Returns:
         {layer: LayerAttention(matrix [B, H, R, T], state_term [B, R, H, V] or None, error)}.
     """
-    caps = capture(model, input_ids, layers=layers, attention_mask=attention_mask, **model_kwargs)
+    caps = layer_captures(model, input_ids, layers=layers, attention_mask=attention_mask, **model_kwargs)
     out = {}
     for l, cap in caps.items():
         ea = cap.effective_attention(heads=heads, rows=rows, dtype=dtype, max_bytes=max_bytes)
@@ -290,7 +321,9 @@ def effective_attention_for(
         if check is not False:
             err = cap.reconstruction_error(ea, heads=heads, rows=rows)
             if not isinstance(check, bool) and not err <= check:
-                raise RuntimeError(f"layer {l}: M v + C reconstructs the recurrence output with relative error {err:.3g} > {check}")
+                raise RuntimeError(
+                    f"layer {l}: M v + C reconstructs the recurrence output with relative error {err:.3g} > {check}"
+                )
         out[l] = LayerAttention(ea.matrix, ea.state_term, err)
     return out
 
@@ -310,11 +343,11 @@ def _positions(positions) -> tuple:
 
 def states_at(
     model: nn.Module,
-    input_ids: Optional[Tensor],
+    input_ids: Tensor | None,
     positions,
     layers: Layers = None,
     *,
-    attention_mask: Optional[Tensor] = None,
+    attention_mask: Tensor | None = None,
     **model_kwargs,
 ) -> dict:
     """The recurrent state after each of `positions`: {layer: [B, P, HV, K, V]}.
@@ -330,30 +363,32 @@ def states_at(
     if ps[-1] >= T:
         raise ValueError(f"positions {list(ps)} out of range for a call of T={T} tokens (valid: 0..{T - 1})")
     with state_at(model, ps, layers) as mods:
-        caps = capture(model, input_ids, layers=list(mods), attention_mask=attention_mask, **model_kwargs)
-    return {l: torch.stack(cap.states[: len(ps)], dim=1) for l, cap in caps.items()}
+        caps = layer_captures(model, input_ids, layers=list(mods), attention_mask=attention_mask, **model_kwargs)
+    return {l: torch.stack([cap.state_after(p) for p in ps], dim=1) for l, cap in caps.items()}
 
 
 def written_values_for(
-    model: nn.Module, input_ids: Optional[Tensor], layer: int, *, dtype: torch.dtype = torch.float32, **kwargs
+    model: nn.Module, input_ids: Tensor | None, layer: int, *, dtype: torch.dtype = torch.float32, **kwargs
 ) -> Tensor:
     """u [B, T, HV, V] of GDN layer `layer` for one run: u_t = beta_t (v_t - exp(g_t) S_{t-1}^T k_t),
     the value token t actually wrote (S_t = exp(g_t) S_{t-1} + k_t u_t^T, k_t L2-normalised)."""
-    return capture(model, input_ids, layers=[layer], **kwargs)[layer].written_values(dtype=dtype)
+    return layer_captures(model, input_ids, layers=[layer], **kwargs)[layer].written_values(dtype=dtype)
 
 
 def state_decomposition_for(
     model: nn.Module,
-    input_ids: Optional[Tensor],
+    input_ids: Tensor | None,
     layer: int,
     *,
-    position: Optional[int] = None,
+    position: int | None = None,
     dtype: torch.dtype = torch.float32,
     **kwargs,
 ) -> ops.StateDecomposition:
     """The state of GDN layer `layer` after `position` (default the last token) as per-token
     writes: S_p = exp(G_p) S_0 + sum_j exp(G_p - G_j) k_j u_j^T (`ops.state_decomposition`)."""
-    return capture(model, input_ids, layers=[layer], **kwargs)[layer].state_decomposition(position=position, dtype=dtype)
+    return layer_captures(model, input_ids, layers=[layer], **kwargs)[layer].state_decomposition(
+        position=position, dtype=dtype
+    )
 
 
 def token_contributions(dec: ops.StateDecomposition) -> Tensor:
@@ -398,7 +433,7 @@ class Attribution(NamedTuple):
     layers: tuple
     heads: tuple
     positions: tuple
-    path_scale: Optional[Tensor] = None
+    path_scale: Tensor | None = None
 
     def total(self) -> Tensor:
         """sum of the parts, [B, L, R] (equals `value` when all heads are selected)."""
@@ -500,7 +535,9 @@ class _ReadOut:
             layer = type(self.decoder_layer).__name__
             raise RuntimeError(f"{layer} ran {len(self.residual)} times in one forward; expected once")
         shape = tuple(self.residual[0])
-        why = f"keeps its residual as {list(shape)} hidden states, not [B, T, D] = {[B, T, D]} (hyper-connection streams)"
+        why = (
+            f"keeps its residual as {list(shape)} hidden states, not [B, T, D] = {[B, T, D]} (hyper-connection streams)"
+        )
         mhc = bool(self.mhc) and len(shape) == 4 and shape[:2] == (B, T) and shape[3] == D
         if shape != (B, T, D) and not mhc:
             _refuse_read_out(self.decoder, why)
@@ -577,13 +614,13 @@ def _direction_for(model, direction, positions, final_in, final_norm, D: int, B:
 @torch.no_grad()
 def attribution_for(
     model: nn.Module,
-    input_ids: Optional[Tensor] = None,
+    input_ids: Tensor | None = None,
     *,
     positions=None,
     direction,
     layers: Layers = None,
     heads=None,
-    attention_mask: Optional[Tensor] = None,
+    attention_mask: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     **model_kwargs,
 ) -> Attribution:
@@ -619,7 +656,7 @@ def attribution_for(
         Attribution(contributions [B, L, H, R, T], state_term [B, L, H, R], bias_term [B, L, R],
         value [B, L, R], direction [B, R, D], layers, heads, positions, path_scale [B, L, R]).
     """
-    model = as_module(_dispatched(model))  # a lazy nnsight model: its real weights first
+    model = as_module(scope.dispatched(model))  # a lazy nnsight model: its real weights first
     src = input_ids if input_ids is not None else model_kwargs.get("inputs_embeds")
     if src is None:
         raise ValueError("attribution_for needs input_ids or inputs_embeds")
@@ -628,7 +665,7 @@ def attribution_for(
         positions = [T - 1]
     ps = tuple(as_positions(positions, "attribution_for", size=T, what=f"the call has T={T} tokens"))
     rows = list(ps)
-    mods = _select(model, layers)
+    mods = select_layers(model, layers)
     out_proj = site_module(model, next(iter(mods)), "out_proj")
     D = out_proj.weight.shape[0]
     _direction_for(model, direction, ps, None, None, D, B)  # validate before running the model
@@ -636,10 +673,10 @@ def attribution_for(
     final_in = final_norm = path = None
     if pair:
         with _ReadOut(model, mods, B, T, D) as read_out:
-            caps = capture(model, input_ids, layers=list(mods), attention_mask=attention_mask, **model_kwargs)
+            caps = layer_captures(model, input_ids, layers=list(mods), attention_mask=attention_mask, **model_kwargs)
         final_norm, final_in, path = read_out.scales()
     else:
-        caps = capture(model, input_ids, layers=list(mods), attention_mask=attention_mask, **model_kwargs)
+        caps = layer_captures(model, input_ids, layers=list(mods), attention_mask=attention_mask, **model_kwargs)
     d = _direction_for(model, direction, ps, final_in, final_norm, D, B)  # [B, R, D] float64
     # [B, L, R]: how the residual carries each layer's output to the final norm (1: added as is)
     path = d.new_ones(B, len(mods), len(rows)) if path is None else path[:, :, rows]
@@ -653,8 +690,8 @@ def attribution_for(
         head_list = list(range(HV)) if heads is None else _as_list(heads)
         norm = site_module(model, l, "norm")
         out_l = site_module(model, l, "out_proj")
-        o = cap.o[:, rows].to(torch.float64)  # [B, R, HV, V]
-        z = cap.z[:, rows]
+        o = cap.recurrence[:, rows].to(torch.float64)  # [B, R, HV, V]
+        z = cap.gate[:, rows]
         gain = _unit_gain(norm, z, width=V, like=z)  # gain(z) [B, R, HV, V]
         inv_rms = torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + _norm_eps(norm))  # frozen
         W = out_l.weight.to(torch.float64)  # [D, HV * V]
@@ -669,7 +706,7 @@ def attribution_for(
             states.append(torch.einsum("brhv,brhv->bhr", a, ea.state_term))
         bias = getattr(out_l, "bias", None)
         biases.append((d_l @ bias.to(torch.float64)).to(dtype) if bias is not None else a.new_zeros(B, len(rows)))
-        values.append(torch.einsum("brd,brd->br", d_l, cap.y[:, rows].to(torch.float64)).to(dtype))
+        values.append(torch.einsum("brd,brd->br", d_l, cap.out_proj[:, rows].to(torch.float64)).to(dtype))
     return Attribution(
         torch.stack(contributions, 1),
         torch.stack(states, 1),

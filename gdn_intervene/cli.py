@@ -9,16 +9,15 @@ stderr and exit status 2, checked before the model runs where the input allows.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from pathlib import Path
 
-from .sites import SITE_NAMES, TRACE_SITES  # the registry imports no torch: --help stays fast
+from .checkpoints import CheckpointError, check_name  # these import no torch: --help stays fast
+from .sites import SITE_NAMES, TRACE_SITES
+from .toy import CORRUPTIONS
+
 DTYPES = ("float32", "bfloat16", "float16")
-CORRUPTIONS = ("key", "value", "query")  # toy.mqar.CORRUPTIONS
-# owner/name or name: what the hub accepts as a model id
-_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
 
 
 class UsageError(Exception):
@@ -39,7 +38,9 @@ def _sites(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(f"no site names in {text!r}; sites are: {', '.join(SITE_NAMES)}")
     bad = [n for n in names if n not in SITE_NAMES]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown site(s) {', '.join(map(repr, bad))}; sites are: {', '.join(SITE_NAMES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown site(s) {', '.join(map(repr, bad))}; sites are: {', '.join(SITE_NAMES)}"
+        )
     return names
 
 
@@ -49,7 +50,9 @@ def _ints(text: str) -> list[int]:
         values = [int(s) for s in parts]
     except ValueError:
         bad = next(s for s in parts if not s.lstrip("-").isdigit())
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3,4; {bad!r} in {text!r} is not one") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 3,4; {bad!r} in {text!r} is not one"
+        ) from None
     if any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"positions and indices must be >= 0; got {text!r}")
     return values
@@ -74,8 +77,10 @@ def _tokens(text: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-_SAME_ANSWERS = ("expected two different tokens A,B; got {text!r}, the token {token!r} twice (logit(A) - logit(B) "
-                 "would be 0 everywhere)")
+_SAME_ANSWERS = (
+    "expected two different tokens A,B; got {text!r}, the token {token!r} twice (logit(A) - logit(B) "
+    "would be 0 everywhere)"
+)
 
 
 # ------------------------------------------------------------------ checks before any work
@@ -91,8 +96,10 @@ def _prompt_ids(tok, text: str, device, option: str = "--prompt"):
     """The token ids [1, T] of a prompt (special tokens added); refuse text that gives no token of
     its own (only what the tokenizer adds, such as <bos>)."""
     if not tok(text, add_special_tokens=False).input_ids:
-        raise UsageError(f"{option} {text!r} gives no token (only the tokenizer's own special tokens); expected text "
-                         "with at least one token")
+        raise UsageError(
+            f"{option} {text!r} gives no token (only the tokenizer's own special tokens); expected text "
+            "with at least one token"
+        )
     return tok(text, return_tensors="pt").input_ids.to(device)
 
 
@@ -106,8 +113,10 @@ def _attribution_args(tok, args, T: int):
         return position, None
     answers = tuple(_token_id(tok, t, option="--answers") for t in args.answers)
     if answers[0] == answers[1]:
-        raise UsageError(f"--answers {','.join(args.answers)}: both are the token {_labels(tok, answers[:1])[0]!r}; "
-                         "expected two different tokens A,B (logit(A) - logit(B) would be 0 everywhere)")
+        raise UsageError(
+            f"--answers {','.join(args.answers)}: both are the token {_labels(tok, answers[:1])[0]!r}; "
+            "expected two different tokens A,B (logit(A) - logit(B) would be 0 everywhere)"
+        )
     return position, answers
 
 
@@ -153,38 +162,12 @@ def _device(name: str):
 
 def _load(model: str | None, device, dtype: str):
     """(patched model in eval mode on `device`, tokenizer, name)."""
-    import torch
-
-    import gdn_intervene as gi
-
-    dt = getattr(torch, dtype)
-    if model is None:
-        from .toy import load_toy
-
-        m, tok = load_toy(dtype=dt)
-        return gi.patch(m).to(device), tok, "bundled MQAR toy"
-    p = Path(model).expanduser()
-    if not p.is_dir():
-        if p.exists():
-            raise UsageError(f"--model {model}: a file, not a checkpoint directory")
-        if not _HUB_ID.fullmatch(model) or "--" in model or ".." in model:
-            raise UsageError(f"--model {model!r} is neither a directory nor a hub id (owner/name)")
-    from transformers import AutoTokenizer
+    from .checkpoints import load
 
     try:
-        m = gi.from_pretrained(model, dtype=dt)
-    except OSError as e:  # not found locally or on the hub, offline, gated, no config.json, ...
-        raise UsageError(f"--model {model!r}: cannot load it ({_first_line(e)})") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--model {model!r}: cannot load its tokenizer ({_first_line(e)})") from None
-    return m.to(device).eval(), tok, model
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        return load(model, dtype=dtype, device=device)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
 
 
 def _token_id(tok, token: str | None, option: str = "--replacement") -> int:
@@ -196,8 +179,10 @@ def _token_id(tok, token: str | None, option: str = "--replacement") -> int:
         return unk
     i = tok.convert_tokens_to_ids(token)
     if i is None or (i == unk and token != tok.unk_token):
-        raise UsageError(f"{option} {token!r} is not a token of this tokenizer (it maps to the unknown token); "
-                         f"use a token from its vocabulary, e.g. {tok.convert_ids_to_tokens(min(5, len(tok) - 1))!r}")
+        raise UsageError(
+            f"{option} {token!r} is not a token of this tokenizer (it maps to the unknown token); "
+            f"use a token from its vocabulary, e.g. {tok.convert_ids_to_tokens(min(5, len(tok) - 1))!r}"
+        )
     return i
 
 
@@ -214,39 +199,35 @@ def _labels(tok, ids) -> list[str]:
     return tok.convert_ids_to_tokens([int(i) for i in ids])
 
 
-def _attribution(model, tok, ids, answers: tuple[int, int], position: int, out: Path):
+def _attribution(model, tok, ids, answers: tuple[int, int], position: int):
     """Direct logit-difference attribution of logit(a) - logit(b) at `position`: (Attribution,
-    PNG path, json record, printed lines)."""
-    from . import plot
+    json record, printed lines, what it attributes)."""
     from .analysis import attribution_for
 
     att = attribution_for(model, ids, positions=[position], direction=answers)
     a, b = _labels(tok, answers)
     what = f"logit({a}) - logit({b})"
     tokens = _labels(tok, ids[0])
-    path = out / "attribution.png"
-    plot.attribution_heatmap(att, tokens=tokens, what=what, path=path)
     per_source = att.contributions[0, :, :, 0].sum(1)  # [L, T], summed over heads
     record = {"of": what, "position": position, "layers": list(att.layers),
               "direct_effect": [round(float(v), 6) for v in att.value[0, :, 0]],
               "per_source": [[round(float(v), 6) for v in row] for row in per_source],
-              "peak": {str(L): int(per_source[i].argmax()) for i, L in enumerate(att.layers)}}
+              "peak": {str(L): int(per_source[i].argmax()) for i, L in enumerate(att.layers)}}  # fmt: skip
     lines = [f"attribution of {what} at {position}:{tokens[position]}: " + "; ".join(
         f"layer {L} direct effect {float(att.value[0, i, 0]):.2f}, peak at {int(per_source[i].argmax())}:"
-        f"{tokens[int(per_source[i].argmax())]}" for i, L in enumerate(att.layers))]
-    return att, path, record, lines, what
+        f"{tokens[int(per_source[i].argmax())]}" for i, L in enumerate(att.layers))]  # fmt: skip
+    return att, record, lines, what
 
 
 def _trace_and_write(model, tok, clean, bad, *, sites, out: Path, html: bool, progress: bool, record: dict,
                      command: str, attention_ids=None, attribution: bool = False, method: str = "patching",
-                     verify: int = 0, compare: bool = False) -> list[Path]:
+                     verify: int = 0, compare: bool = False) -> list[Path]:  # fmt: skip
     """Trace (activation patching, or `method="atp"` attribution patching with `verify` top cells
-    re-checked), write trace.json / trace.png (and report.html); `compare`: also attribution
-    patching beside the trace, atp.png and the estimated-vs-measured atp_scatter.png (the demo)."""
-    import json
-
-    from . import plot
-    from .tracing import SameAnswerError, attribution_patching, causal_trace
+    re-checked) and write its files (`outputs.write`); `compare`: also attribution patching of
+    the same cells beside the trace (the demo); `attribution`: also the direct logit attribution
+    of the clean run's answer against the corrupted run's, at the last position."""
+    from . import outputs
+    from .tracing import SameAnswerError, ZeroSpanError, agreement, attribution_patching, causal_trace
 
     tokens = _labels(tok, clean[0])
     try:
@@ -255,47 +236,39 @@ def _trace_and_write(model, tok, clean, bad, *, sites, out: Path, html: bool, pr
         else:
             result = causal_trace(model, clean, bad, sites=sites, tokens=tokens, progress=progress)
     except SameAnswerError as e:
-        raise UsageError(f"the clean and corrupted prompts have the same answer {_labels(tok, [e.answer])[0]!r}: the "
-                         f"corruption does not change the prediction, so nothing can be restored; "
-                         f"{_same_answer_hint(command)}") from None
+        raise UsageError(
+            f"the clean and corrupted prompts have the same answer {_labels(tok, [e.answer])[0]!r}: the "
+            f"corruption does not change the prediction, so nothing can be restored; "
+            f"{_same_answer_hint(command)}"
+        ) from None
+    except ZeroSpanError as e:
+        raise UsageError(f"{e}; {_same_answer_hint(command)}") from None
     answers = _labels(tok, result.answers)
     corrupted = _labels(tok, bad[0, list(result.corrupted_positions)])
     record = {**record, "corruption": {**record.get("corruption", {}), "positions": list(result.corrupted_positions),
                                        "tokens": corrupted},
-              "answer_tokens": {"clean": answers[0], "corrupt": answers[1]}}
-    marks = dict(zip(result.corrupted_positions, corrupted))
-    files, lines, att, what = [out / "trace.json"], [], None, ""
-    if attribution:  # the clean run's answer against the corrupted run's, at the last position
-        att, png, record["attribution"], lines, what = _attribution(model, tok, clean, result.answers, clean.shape[1] - 1, out)
-        files.append(png)
-    files[0].write_text(json.dumps({**record, **result.to_json()}, indent=1))
-    files.append(out / "trace.png")  # all sites on one scale (plot.trace_heatmap draws one site)
-    plot.trace_figure(result, answer_labels=answers, corrupt_tokens=marks, path=files[-1])
-    atp = None
-    if compare:  # attribution patching of the same cells, and how it compares
-        atp = attribution_patching(model, clean, bad, sites=sites, tokens=tokens, answers=result.answers)
-        files.append(out / "atp.png")
-        plot.trace_figure(atp, answer_labels=answers, corrupt_tokens=marks, path=files[-1])
-        files.append(out / "atp_scatter.png")
-        plot.atp_scatter(atp, result, path=files[-1])
-    if html:
-        attention = None
-        if attention_ids is not None:
-            from .analysis import effective_attention_for
+              "answer_tokens": {"clean": answers[0], "corrupt": answers[1]}}  # fmt: skip
+    att, what, lines = None, "", []
+    if attribution:
+        att, record["attribution"], lines, what = _attribution(model, tok, clean, result.answers, clean.shape[1] - 1)
+    atp = (
+        attribution_patching(model, clean, bad, sites=sites, tokens=tokens, answers=result.answers) if compare else None
+    )
+    attention = None
+    if html and attention_ids is not None:
+        from .analysis import effective_attention_for
 
-            attention = effective_attention_for(model, attention_ids, check=True)
-        from . import report
-
-        files.append(report.write_html(out / "report.html", trace=result, atp=atp, trace_answers=answers, attention=attention,
-                                       attribution=att, attribution_of=what, tokens=tokens,
-                                       title=f"gdn-intervene {command}: {record.get('model', '')}"))
+        attention = effective_attention_for(model, attention_ids, check=True)
+    files = outputs.write(out, result, atp=atp, attribution=att, attribution_of=what, attention=attention,
+                          answer_labels=answers, corrupt_tokens=dict(zip(result.corrupted_positions, corrupted)),
+                          record=record, html=html, title=f"gdn-intervene {command}: {record.get('model', '')}")  # fmt: skip
     print(result.summary(answers))
     if atp is not None:
-        from .tracing import agreement
-
         al = agreement(atp, result)["all"]
-        print(f"attribution patching of the same {al.cells} cells (atp.png): r {al.pearson:.2f}, rho {al.spearman:.2f} "
-              f"against the trace; top-10 recall in its top 20: {al.recall:.0%} (atp_scatter.png)")
+        print(
+            f"attribution patching of the same {al.cells} cells (atp.png): r {al.pearson:.2f}, rho {al.spearman:.2f} "
+            f"against the trace; top-10 recall in its top 20: {al.recall:.0%} (atp_scatter.png)"
+        )
     for line in lines:
         print(line)
     return files
@@ -304,25 +277,49 @@ def _trace_and_write(model, tok, clean, bad, *, sites, out: Path, html: bool, pr
 def cmd_demo(args) -> None:
     html = _html_wanted(args.html)
     out = _out_dir(args.out)
-    from .toy import load_toy, mqar
-
     import gdn_intervene as gi
+
+    from .toy import load_toy, mqar
 
     model, tok = load_toy()
     gi.patch(model)
     clean, bad, info = mqar.demo_prompts(args.seed, args.corrupt)
-    record = {"model": "bundled MQAR toy", "seed": args.seed, **info,
-              "corruption": {"kind": args.corrupt, "clean_prompt": " ".join(_labels(tok, clean[0])),
-                             "corrupt_prompt": " ".join(_labels(tok, bad[0]))}}
-    files = _trace_and_write(model, tok, clean, bad, sites=args.sites, out=out, html=html, progress=not args.no_progress,
-                             record=record, command="demo", attention_ids=clean, attribution=True, compare=True)
-    print(f"queried key at position {info['key_position']}, its value at {info['value_position']}; "
-          f"wrote {', '.join(map(str, files))}")
+    record = {
+        "model": "bundled MQAR toy",
+        "seed": args.seed,
+        **info,
+        "corruption": {
+            "kind": args.corrupt,
+            "clean_prompt": " ".join(_labels(tok, clean[0])),
+            "corrupt_prompt": " ".join(_labels(tok, bad[0])),
+        },
+    }
+    files = _trace_and_write(
+        model,
+        tok,
+        clean,
+        bad,
+        sites=args.sites,
+        out=out,
+        html=html,
+        progress=not args.no_progress,
+        record=record,
+        command="demo",
+        attention_ids=clean,
+        attribution=True,
+        compare=True,
+    )
+    print(
+        f"queried key at position {info['key_position']}, its value at {info['value_position']}; "
+        f"wrote {', '.join(map(str, files))}"
+    )
 
 
 def cmd_trace(args) -> None:
     if args.verify and args.method != "atp":
-        raise UsageError("--verify goes with --method atp (it re-checks attribution patching's top cells by activation patching)")
+        raise UsageError(
+            "--verify goes with --method atp (it re-checks attribution patching's top cells by activation patching)"
+        )
     _prompt_text(args.prompt)
     _prompt_text(args.corrupt, "--corrupt")
     html = _html_wanted(args.html)
@@ -334,32 +331,55 @@ def cmd_trace(args) -> None:
     if args.corrupt is not None:
         bad = _prompt_ids(tok, args.corrupt, device, "--corrupt")
         if bad.shape != clean.shape:
-            raise UsageError(f"the prompt has {T} tokens and --corrupt has {bad.shape[1]}; causal tracing needs equal "
-                             "token lengths (or use --corrupt-positions)")
+            raise UsageError(
+                f"the prompt has {T} tokens and --corrupt has {bad.shape[1]}; causal tracing needs equal "
+                "token lengths (or use --corrupt-positions)"
+            )
         corruption = {"kind": "prompt", "corrupt_prompt": args.corrupt}
     else:
         positions = args.corrupt_positions
         if any(p >= T for p in positions):
-            raise UsageError(f"--corrupt-positions {','.join(map(str, positions))}: the prompt has {T} tokens "
-                             f"(positions 0..{T - 1}, <bos> included where the tokenizer adds it)")
+            raise UsageError(
+                f"--corrupt-positions {','.join(map(str, positions))}: the prompt has {T} tokens "
+                f"(positions 0..{T - 1}, <bos> included where the tokenizer adds it)"
+            )
         rid = _token_id(tok, args.replacement)
         bad = clean.clone()
         bad[0, positions] = rid
         corruption = {"kind": "positions", "replacement": tok.convert_ids_to_tokens(rid)}
     if args.attention_report and not html:
         raise UsageError("--attention-report goes with --html")
-    record = {"model": name, "prompt": args.prompt, "dtype": args.dtype, "device": str(device), "corruption": corruption,
-              "method": args.method}
-    files = _trace_and_write(model, tok, clean, bad, sites=args.sites, out=out, html=html, progress=not args.no_progress,
-                             record=record, command="trace", attention_ids=clean if args.attention_report else None,
-                             method=args.method, verify=args.verify)
+    record = {
+        "model": name,
+        "prompt": args.prompt,
+        "dtype": args.dtype,
+        "device": str(device),
+        "corruption": corruption,
+        "method": args.method,
+    }
+    files = _trace_and_write(
+        model,
+        tok,
+        clean,
+        bad,
+        sites=args.sites,
+        out=out,
+        html=html,
+        progress=not args.no_progress,
+        record=record,
+        command="trace",
+        attention_ids=clean if args.attention_report else None,
+        method=args.method,
+        verify=args.verify,
+    )
     print(f"wrote {', '.join(map(str, files))}")
 
 
 def cmd_attention(args) -> None:
     _prompt_text(args.prompt)
-    if not args.attribution and (given := [o for o, v in (("--position", args.position), ("--answers", args.answers))
-                                           if v is not None]):
+    if not args.attribution and (
+        given := [o for o, v in (("--position", args.position), ("--answers", args.answers)) if v is not None]
+    ):
         raise UsageError(f"{' and '.join(given)} go{'es' if len(given) == 1 else ''} with --attribution")
     html = _html_wanted(args.html)
     out = _out_dir(args.out)
@@ -380,7 +400,9 @@ def cmd_attention(args) -> None:
         ids = _prompt_ids(tok, args.prompt, device)
     gdn = list(gi.gdn_layers(model))
     if args.layers is not None and (bad := [L for L in args.layers if L not in gdn]):
-        raise UsageError(f"--layers {','.join(map(str, bad))}: not GDN layers; the GDN layers are {', '.join(map(str, gdn))}")
+        raise UsageError(
+            f"--layers {','.join(map(str, bad))}: not GDN layers; the GDN layers are {', '.join(map(str, gdn))}"
+        )
     HV = next(iter(gi.gdn_layers(model).values())).gdn_heads[1]
     if args.heads is not None and (bad := [h for h in args.heads if h >= HV]):
         raise UsageError(f"--heads {','.join(map(str, bad))}: the layers have {HV} value heads (0..{HV - 1})")
@@ -392,8 +414,13 @@ def cmd_attention(args) -> None:
     heads = args.heads if args.heads is not None else list(range(HV))
     for layer, a in att.items():
         files.append(out / f"attention_layer{layer}.png")
-        plot.effective_attention_grid(a, head_labels=heads, tokens=tokens, path=files[-1],
-                                      title=f"{name}: GDN layer {layer}, exact effective attention M")
+        plot.effective_attention_grid(
+            a,
+            head_labels=heads,
+            tokens=tokens,
+            path=files[-1],
+            title=f"{name}: GDN layer {layer}, exact effective attention M",
+        )
         print(f"layer {layer}: heads {','.join(map(str, heads))}; |M v - o| / |o| = {a.error:.1e}")
     attribution, what = None, ""
     if args.attribution:
@@ -402,25 +429,35 @@ def cmd_attention(args) -> None:
 
             with torch.no_grad():
                 answers = tuple(int(i) for i in model(input_ids=ids).logits[0, position].topk(2).indices)
-        attribution, png, _, lines, what = _attribution(model, tok, ids, answers, position, out)
-        files.append(png)
+        from . import plot
+
+        attribution, _, lines, what = _attribution(model, tok, ids, answers, position)
+        files.append(out / "attribution.png")
+        plot.attribution_heatmap(attribution, tokens=_labels(tok, ids[0]), what=what, path=files[-1])
         print(*lines, sep="\n")
     if html:
         from . import report
 
         mats = {layer: (a.matrix[0], heads) for layer, a in att.items()}
-        files.append(report.write_html(out / "report.html", attention=mats, attribution=attribution, attribution_of=what,
-                                       tokens=_labels(tok, ids[0]), title=f"gdn-intervene attention: {name}"))
+        files.append(
+            report.write_html(
+                out / "report.html",
+                attention=mats,
+                attribution=attribution,
+                attribution_of=what,
+                tokens=_labels(tok, ids[0]),
+                title=f"gdn-intervene attention: {name}",
+            )
+        )
     print(f"wrote {', '.join(map(str, files))}")
 
 
 def cmd_doctor(args) -> None:
     if args.model is not None:  # the checks of _load, without loading
-        p = Path(args.model).expanduser()
-        if p.exists() and not p.is_dir():
-            raise UsageError(f"--model {args.model}: a file, not a checkpoint directory")
-        if not p.exists() and (not _HUB_ID.fullmatch(args.model) or "--" in args.model or ".." in args.model):
-            raise UsageError(f"--model {args.model!r} is neither a directory nor a hub id (owner/name)")
+        try:
+            check_name(args.model)
+        except CheckpointError as e:
+            raise UsageError(str(e)) from None
     from .doctor import report
 
     print(report(args.model), end="")
@@ -432,89 +469,177 @@ def cmd_doctor(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     sites = ", ".join(SITE_NAMES)
     default_sites = ",".join(TRACE_SITES)
-    ap = _Parser(prog="gdn-intervene", description="Interventions on Gated DeltaNet layers of HF hybrid models: causal "
-                 "tracing over the GDN sites and exact effective attention. Run `gdn-intervene demo` first.")
+    ap = _Parser(
+        prog="gdn-intervene",
+        description="Interventions on Gated DeltaNet layers of HF hybrid models: causal "
+        "tracing over the GDN sites and exact effective attention. Run `gdn-intervene demo` first.",
+    )
     sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,trace,attention,doctor}")
 
     def common_out(p, default, what):
-        p.add_argument("--out", default=default, metavar="DIR",
-                       help=f"output directory for {what}; created if missing, checked before the model runs "
-                       "(default: %(default)s)")
+        p.add_argument(
+            "--out",
+            default=default,
+            metavar="DIR",
+            help=f"output directory for {what}; created if missing, checked before the model runs "
+            "(default: %(default)s)",
+        )
 
     def site_arg(p):
-        p.add_argument("--sites", type=_sites, default=TRACE_SITES, metavar="S1,S2",
-                       help=f"comma-separated GDN sites to restore (default: {default_sites}); valid: {sites}")
+        p.add_argument(
+            "--sites",
+            type=_sites,
+            default=TRACE_SITES,
+            metavar="S1,S2",
+            help=f"comma-separated GDN sites to restore (default: {default_sites}); valid: {sites}",
+        )
 
     def model_args(p):
-        p.add_argument("--model", default=None, metavar="PATH_OR_ID",
-                       help="checkpoint directory or hub id (owner/name) (default: the bundled MQAR toy model)")
+        p.add_argument(
+            "--model",
+            default=None,
+            metavar="PATH_OR_ID",
+            help="checkpoint directory or hub id (owner/name) (default: the bundled MQAR toy model)",
+        )
         p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default: %(default)s)")
-        p.add_argument("--dtype", default="float32", choices=DTYPES,
-                       help="weights and compute dtype, also for the bundled model (default: %(default)s)")
+        p.add_argument(
+            "--dtype",
+            default="float32",
+            choices=DTYPES,
+            help="weights and compute dtype, also for the bundled model (default: %(default)s)",
+        )
 
-    d = sub.add_parser("demo", help="causal tracing of the bundled MQAR model (offline)",
-                       description="Causal tracing of the bundled MQAR model: restore each GDN site of the clean run "
-                       "at each (layer, position) of the corrupted run and measure the fraction of the clean-vs-corrupt "
-                       "logit difference that comes back.")
+    d = sub.add_parser(
+        "demo",
+        help="causal tracing of the bundled MQAR model (offline)",
+        description="Causal tracing of the bundled MQAR model: restore each GDN site of the clean run "
+        "at each (layer, position) of the corrupted run and measure the fraction of the clean-vs-corrupt "
+        "logit difference that comes back.",
+    )
     common_out(d, "gdn_demo", "trace.json, trace.png, atp.png, atp_scatter.png, attribution.png and report.html")
-    d.add_argument("--seed", type=int, default=0, help="which 8 key-value pairs and which queried key (default: %(default)s)")
-    d.add_argument("--corrupt", default="key", choices=CORRUPTIONS,
-                   help="what the corrupted prompt replaces: the queried pair's key in the context (key), its value "
-                   "(value), or the final query by another context key (query) (default: %(default)s)")
+    d.add_argument(
+        "--seed", type=int, default=0, help="which 8 key-value pairs and which queried key (default: %(default)s)"
+    )
+    d.add_argument(
+        "--corrupt",
+        default="key",
+        choices=CORRUPTIONS,
+        help="what the corrupted prompt replaces: the queried pair's key in the context (key), its value "
+        "(value), or the final query by another context key (query) (default: %(default)s)",
+    )
     site_arg(d)
-    d.add_argument("--html", action=argparse.BooleanOptionalAction, default=None,
-                   help="write the interactive report.html (default: yes when plotly is installed)")
+    d.add_argument(
+        "--html",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the interactive report.html (default: yes when plotly is installed)",
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    t = sub.add_parser("trace", help="causal tracing on any supported checkpoint",
-                       description="Causal tracing on any supported checkpoint: a clean prompt and either a corrupted "
-                       "prompt of the same token length or positions to overwrite.")
+    t = sub.add_parser(
+        "trace",
+        help="causal tracing on any supported checkpoint",
+        description="Causal tracing on any supported checkpoint: a clean prompt and either a corrupted "
+        "prompt of the same token length or positions to overwrite.",
+    )
     t.add_argument("--prompt", required=True, help="the clean prompt (text; the tokenizer's special tokens are added)")
     g = t.add_mutually_exclusive_group(required=True)
     g.add_argument("--corrupt", metavar="TEXT", help="the corrupted prompt (same token length as --prompt)")
-    g.add_argument("--corrupt-positions", type=_ints, metavar="P1,P2",
-                   help="comma-separated token positions of --prompt to overwrite with --replacement (0 = first token)")
-    t.add_argument("--replacement", default=None, metavar="TOKEN",
-                   help="vocabulary token written at --corrupt-positions (default: the tokenizer's unknown token)")
+    g.add_argument(
+        "--corrupt-positions",
+        type=_ints,
+        metavar="P1,P2",
+        help="comma-separated token positions of --prompt to overwrite with --replacement (0 = first token)",
+    )
+    t.add_argument(
+        "--replacement",
+        default=None,
+        metavar="TOKEN",
+        help="vocabulary token written at --corrupt-positions (default: the tokenizer's unknown token)",
+    )
     model_args(t)
     site_arg(t)
     common_out(t, "gdn_trace", "trace.json, trace.png (and report.html)")
-    t.add_argument("--method", default="patching", choices=("patching", "atp"),
-                   help="patching: activation patching, one forward per group of cells, exact (default, right for small "
-                   "models and short prompts); atp: attribution patching, every cell from two forwards and one backward, "
-                   "a first-order estimate that under-reads saturated effects: rank with it on big models and long "
-                   "prompts, then confirm the top cells with --verify (default: %(default)s)")
-    t.add_argument("--verify", type=_nonnegative, default=0, metavar="K",
-                   help="with --method atp: re-run activation patching on the K cells of largest |estimate| and report "
-                   "both (default: %(default)s)")
+    t.add_argument(
+        "--method",
+        default="patching",
+        choices=("patching", "atp"),
+        help="patching: activation patching, one forward per group of cells, exact (default, right for small "
+        "models and short prompts); atp: attribution patching, every cell from two forwards and one backward, "
+        "a first-order estimate that under-reads saturated effects: rank with it on big models and long "
+        "prompts, then confirm the top cells with --verify (default: %(default)s)",
+    )
+    t.add_argument(
+        "--verify",
+        type=_nonnegative,
+        default=0,
+        metavar="K",
+        help="with --method atp: re-run activation patching on the K cells of largest |estimate| and report "
+        "both (default: %(default)s)",
+    )
     t.add_argument("--html", action="store_true", help="also write the interactive report.html")
-    t.add_argument("--attention-report", action="store_true",
-                   help="with --html: add the effective attention of the clean prompt to the report")
+    t.add_argument(
+        "--attention-report",
+        action="store_true",
+        help="with --html: add the effective attention of the clean prompt to the report",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    a = sub.add_parser("attention", help="exact effective-attention heatmaps (o = M v)",
-                       description="Exact effective attention M of GDN layers (o = M v, o the delta-rule output): one "
-                       "PNG per layer with the chosen heads on one colour scale.")
-    a.add_argument("--prompt", default=None, help="text to run (default: the demo's clean MQAR prompt; required with --model)")
-    a.add_argument("--layers", type=_ints, default=None, metavar="L1,L2", help="comma-separated GDN layer indices (default: all GDN layers)")
-    a.add_argument("--heads", type=_ints, default=None, metavar="H1,H2", help="comma-separated value heads (default: all)")
+    a = sub.add_parser(
+        "attention",
+        help="exact effective-attention heatmaps (o = M v)",
+        description="Exact effective attention M of GDN layers (o = M v, o the delta-rule output): one "
+        "PNG per layer with the chosen heads on one colour scale.",
+    )
+    a.add_argument(
+        "--prompt", default=None, help="text to run (default: the demo's clean MQAR prompt; required with --model)"
+    )
+    a.add_argument(
+        "--layers",
+        type=_ints,
+        default=None,
+        metavar="L1,L2",
+        help="comma-separated GDN layer indices (default: all GDN layers)",
+    )
+    a.add_argument(
+        "--heads", type=_ints, default=None, metavar="H1,H2", help="comma-separated value heads (default: all)"
+    )
     model_args(a)
     common_out(a, "gdn_attention", "attention_layer<L>.png (and attribution.png, report.html)")
-    a.add_argument("--attribution", action="store_true",
-                   help="also attribute logit(A) - logit(B) at --position to (layer, head, source position): "
-                   "attribution.png, and a view in report.html")
-    a.add_argument("--position", type=int, default=None, help="query position for --attribution (default: the last token)")
-    a.add_argument("--answers", type=_tokens, default=None, metavar="A,B",
-                   help="the two tokens whose logit difference --attribution splits (default: the model's top two "
-                   "predictions at --position)")
-    a.add_argument("--html", action="store_true", help="also write the interactive report.html (head picker, token hover)")
+    a.add_argument(
+        "--attribution",
+        action="store_true",
+        help="also attribute logit(A) - logit(B) at --position to (layer, head, source position): "
+        "attribution.png, and a view in report.html",
+    )
+    a.add_argument(
+        "--position", type=int, default=None, help="query position for --attribution (default: the last token)"
+    )
+    a.add_argument(
+        "--answers",
+        type=_tokens,
+        default=None,
+        metavar="A,B",
+        help="the two tokens whose logit difference --attribution splits (default: the model's top two "
+        "predictions at --position)",
+    )
+    a.add_argument(
+        "--html", action="store_true", help="also write the interactive report.html (head picker, token hover)"
+    )
 
-    dr = sub.add_parser("doctor", help="versions, kernel routes and self-check, to paste into bug reports",
-                        description="Print the installed versions against the tested ranges, which implementation "
-                        "each GDN layer's kernels run (torch, fla, causal-conv1d or a hub kernel), and the first-call "
-                        "self-check result, for a model loaded on CPU.")
-    dr.add_argument("--model", default=None, metavar="PATH_OR_ID",
-                    help="checkpoint directory or hub id (owner/name) (default: the bundled MQAR toy model)")
+    dr = sub.add_parser(
+        "doctor",
+        help="versions, kernel routes and self-check, to paste into bug reports",
+        description="Print the installed versions against the tested ranges, which implementation "
+        "each GDN layer's kernels run (torch, fla, causal-conv1d or a hub kernel), and the first-call "
+        "self-check result, for a model loaded on CPU.",
+    )
+    dr.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="checkpoint directory or hub id (owner/name) (default: the bundled MQAR toy model)",
+    )
     return ap
 
 

@@ -18,8 +18,9 @@ A family is detected once, at patch time, from the module's class; the forward n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,17 @@ from torch import nn
 
 from .sites import Mixer
 
-__all__ = ["Family", "FAMILIES", "UNSUPPORTED", "Projected", "cut_qkv", "family_for", "family_of", "supported_class_names", "unserved"]
+__all__ = [
+    "Family",
+    "FAMILIES",
+    "UNSUPPORTED",
+    "Projected",
+    "cut_qkv",
+    "family_for",
+    "family_of",
+    "supported_class_names",
+    "unserved",
+]
 
 
 class Projected(NamedTuple):
@@ -84,7 +95,9 @@ def _project_fused_qkvz(m: nn.Module, x: torch.Tensor) -> Projected:
 def _project_split_qkv(m: nn.Module, x: torch.Tensor) -> Projected:
     B, T, _ = x.shape
     qkv = m.in_proj_qkv(x)
-    return Projected(None, None, None, m.in_proj_z(x).reshape(B, T, -1, m.head_v_dim), m.in_proj_b(x), m.in_proj_a(x), qkv)
+    return Projected(
+        None, None, None, m.in_proj_z(x).reshape(B, T, -1, m.head_v_dim), m.in_proj_b(x), m.in_proj_a(x), qkv
+    )
 
 
 def cut_qkv(m: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,8 +113,15 @@ def _project_separate(m: nn.Module, x: torch.Tensor) -> Projected:
     # another order changes its last bits; projecting g up front held it through the kernel.
     B, T, _ = x.shape
     q, k, v = (m.q_proj(x), m.k_proj(x), m.v_proj(x))
-    return Projected(q.view(B, T, -1, m.head_k_dim), k.view(B, T, -1, m.head_k_dim), v.view(B, T, -1, m.head_v_dim),
-                     None, None, None, None)
+    return Projected(
+        q.view(B, T, -1, m.head_k_dim),
+        k.view(B, T, -1, m.head_k_dim),
+        v.view(B, T, -1, m.head_v_dim),
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def _gates_separate(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +206,12 @@ def _dims_kda(m: nn.Module) -> tuple[int, int, int, int]:
     return m.qkv_dim, m.qkv_dim, m.head_dim, m.head_dim
 
 
-_GDN_CONFIG = {"HK": "linear_num_key_heads", "HV": "linear_num_value_heads", "K": "linear_key_head_dim", "V": "linear_value_head_dim"}
+_GDN_CONFIG = {
+    "HK": "linear_num_key_heads",
+    "HV": "linear_num_value_heads",
+    "K": "linear_key_head_dim",
+    "V": "linear_value_head_dim",
+}
 _KDA_CONFIG = {"HK": "linear_num_heads", "HV": "linear_num_heads", "K": "linear_head_dim", "V": "linear_head_dim"}
 GDN_KERNELS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
 KDA_KERNELS = ("chunk_kimi_delta_attention", "recurrent_kimi_delta_attention")
@@ -313,7 +338,16 @@ FAMILIES += (
             (_M + "kimi_linear.modeling_kimi_linear", "KimiLinearDeltaAttention"),
             (_M + "glm5_next.modeling_glm5_next", "Glm5NextTextLinearAttention"),
         ),
-        ("q_proj", "k_proj", "v_proj", "forget_gate.f_a_proj", "forget_gate.f_b_proj", "b_proj", "g_a_proj", "g_b_proj"),
+        (
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "forget_gate.f_a_proj",
+            "forget_gate.f_b_proj",
+            "b_proj",
+            "g_a_proj",
+            "g_b_proj",
+        ),
         _project_kda,
         late_gates=_gates_kda_lowrank,
         late_z=_z_kda_lowrank,

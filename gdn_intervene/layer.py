@@ -1,25 +1,30 @@
-"""The decomposed GDN forward: one mixin for every family.
+"""The decomposed GDN forward (one mixin for every family) and the public handle of a patched layer.
 
-`hookable_class(HFClass)` builds (once) `Hookable<HFClass>(GDNMixin, HFClass)`. Its forward
-is HF's, with every meaningful value passed through a named site (see `sites.SITES`). The
-kernels are HF's own module-level functions, so the numbers are HF's.
+`hookable_class(HFClass)` builds (once) `Hookable<HFClass>(GDNMixin, HFClass)`. Its forward is
+HF's, with every meaningful value passed through a named site (see `sites.SITES`); the kernels
+are HF's own module-level functions, so the numbers are HF's. `GDNLayer(module)` (or
+`gdn_intervene.gdn_layer(model, i)`) answers what every tool asks of a patched layer: its family,
+HF class, convention, kernels and their routes, and where its `state` site fires in this call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import types
 import warnings
-from typing import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
+from torch import nn
 
-from . import _compat, selfcheck
+from . import _compat, recurrence, replay, selfcheck
 from .families import Family, cut_qkv, family_for
+from .hooking import scope
 from .modules import CausalConv, SiteValueError, Tap, listened
-from ._positions import check_positions
-from .sites import TAP_SITES
+from .sites import TAP_SITES, Owner, StateFiring, site, state_firings
 
-__all__ = ["GDNMixin", "HubKernelWarning", "NativeFallbackWarning", "hookable_class", "is_patched", "check_positions"]
+__all__ = ["GDNLayer", "GDNMixin", "HubKernelWarning", "NativeFallbackWarning", "hookable_class", "is_patched"]
 
 
 class NativeFallbackWarning(UserWarning):
@@ -64,16 +69,20 @@ def _sigmoid(b: torch.Tensor) -> torch.Tensor:
     return _Sigmoid.apply(b) if torch.is_grad_enabled() and b.requires_grad else b.sigmoid()
 
 
+_FIRING = threading.local()  # .now: {layer module: the StateFiring its `state` site is firing}
+
+
 class GDNMixin:
     """Mixed in front of an HF GDN class. Attributes added per instance (removed by unpatch):
     one module per site in `TAP_SITES`, plus `native_cached`, `state_positions`,
-    `_gdn_beta_x2` and `_gdn_dims`."""
+    `_gdn_beta_x2` and `_gdn_dims`. What other modules need of it they ask `GDNLayer`."""
 
     _gdn_family: Family
     _gdn_hf_class: type
     _gdn_norm: str
     _gdn_convention: _compat.Convention  # how HF's forward of this class calls kernels and cache
     _gdn_out: str
+    _gdn_check: selfcheck.Check  # how the class proves itself against HF's forward
     _GDN_ATTRS = ("native_cached", "state_positions", "_gdn_beta_x2", "_gdn_dims")
 
     def __init__(self, *args, **kwargs):  # used when a model is built patched (patch_on_load)
@@ -84,37 +93,25 @@ class GDNMixin:
         clash = [s.name for s in TAP_SITES if s.name in self.__dict__ or s.name in self._modules]
         if clash:
             raise RuntimeError(f"{type(self).__name__} already has attributes {clash}; cannot add sites")
+        fam, conv = self._gdn_family, self._gdn_convention
         for s in TAP_SITES:
             if s.name == "conv":
                 module = CausalConv(
-                    s.name,
-                    self.layer_idx,
-                    self._gdn_family.parent,
-                    self._gdn_hf_class.__module__,
-                    self.activation,
-                    self.conv_kernel_size,
-                    self._gdn_family.conv_trims_always,
-                    self._gdn_convention.trim_with_cache,
-                    self._gdn_convention.conv_helper,
-                    self._gdn_convention.conv_keywords,
-                )
+                    s.name, self.layer_idx, fam.parent, self._gdn_hf_class.__module__, self.activation,
+                    self.conv_kernel_size, fam.conv_trims_always, conv.trim_with_cache, conv.conv_helper,
+                    conv.conv_keywords,
+                )  # fmt: skip
             else:
-                module = Tap(s.name, self.layer_idx, self._gdn_family.parent)
+                module = Tap(s.name, self.layer_idx, fam.parent)
             self.add_module(s.name, module)
             # Also in the instance dict: `self.beta` then skips nn.Module.__getattr__ on the hot
             # path. nn.Module.__setattr__ of another module under the name drops this entry.
             self.__dict__[s.name] = module
         self.native_cached = native_cached
-        self.state_positions: tuple[int, ...] | None = None
-        attr = self._gdn_family.neg_eigval_attr
+        self.state_positions: Sequence[int] | None = None
+        attr = fam.neg_eigval_attr
         self._gdn_beta_x2 = bool(attr and getattr(self, attr))
-        self._gdn_dims = self._gdn_family.dims(self)  # (key_dim, value_dim, head_k_dim, head_v_dim)
-
-    @property
-    def gdn_heads(self) -> tuple[int, int]:
-        """(HK, HV): key and value head counts, in any family."""
-        key_dim, value_dim, head_k_dim, head_v_dim = self._gdn_dims
-        return key_dim // head_k_dim, value_dim // head_v_dim
+        self._gdn_dims = fam.dims(self)  # (key_dim, value_dim, head_k_dim, head_v_dim)
 
     def _gdn_uninstall(self) -> None:
         for s in TAP_SITES:
@@ -123,12 +120,18 @@ class GDNMixin:
         for name in self._GDN_ATTRS:
             self.__dict__.pop(name, None)
 
+    @property
+    def gdn_heads(self) -> tuple[int, int]:
+        """(HK, HV): key and value head counts, in any family."""
+        key_dim, value_dim, head_k_dim, head_v_dim = self._gdn_dims
+        return key_dim // head_k_dim, value_dim // head_v_dim
+
     def __setattr__(self, name, value):
         # kernels' `kernelize` (transformers 5.25 on: at load, and again on train()/eval() when
         # the mode changes) binds a hub layer's forward to the instance, or, under accelerate's
         # hooks, to `_old_forward`; every site would go silent. Keep the decomposed forward, say so.
-        if name in ("forward", "_old_forward") and _replaces_forward(self, value):
-            _warn_hub_forward(self, value, "kept the decomposed forward instead")
+        if name in ("forward", "_old_forward") and replaces_forward(self, value):
+            warn_hub_forward(self, value, "kept the decomposed forward instead")
             return
         super().__setattr__(name, value)
 
@@ -141,7 +144,9 @@ class GDNMixin:
         """[B, T, D] -> [B, T, D], exactly as HF's forward, through the sites."""
         if cache is not None and (reason := self._native_reason(cache)) is not None:
             _warn_native(reason)
-            return super().forward(hidden_states, attention_mask=attention_mask, **{self._gdn_convention.cache_kw: cache}, **kwargs)
+            return super().forward(
+                hidden_states, attention_mask=attention_mask, **{self._gdn_convention.cache_kw: cache}, **kwargs
+            )
 
         x = _compat.hf_function(self._gdn_hf_class, "apply_mask_to_padding_states")(hidden_states, attention_mask)
         B, T, _ = x.shape
@@ -149,7 +154,9 @@ class GDNMixin:
         key_dim, value_dim, head_k_dim, head_v_dim = self._gdn_dims
         # read before the conv writes the cache, as HF does
         step = _compat.cache_step(cache, self.layer_idx, T, fam.conv_asks_recording, conv, kwargs.get("cache_position"))
-        conv_kw, chunk_kw, recurrent_kw = _compat.route_kwargs(conv, kwargs, fam.packed_kwarg, self._gdn_hf_class.__name__)
+        conv_kw, chunk_kw, recurrent_kw = _compat.route_kwargs(
+            conv, kwargs, fam.packed_kwarg, self._gdn_hf_class.__name__
+        )
 
         p = fam.project(self, x)
         qkv = self._pre_conv(p, B, T)
@@ -158,7 +165,7 @@ class GDNMixin:
         qkv = self.conv(
             qkv, self.conv1d.weight, self.conv1d.bias, cache=step.cache, conv_state=step.conv_state, decode=step.conv_decode,
             conv1d=self.conv1d, **conv_kw,
-        )
+        )  # fmt: skip
         q, k, v = (qkv.narrow(-1, s, n) for s, n in ((0, key_dim), (key_dim, key_dim), (2 * key_dim, value_dim)))
         q = self.q(q.reshape(B, T, -1, head_k_dim))
         k = self.k(k.reshape(B, T, -1, head_k_dim))
@@ -171,28 +178,70 @@ class GDNMixin:
         g = self.decay(fam.decay(self, self.decay_logit(a), x.dtype))  # GDN [B, T, HV], KDA [B, T, HV, K]
         del a, b  # HF's forward drops the gate inputs here (KDA's a is [B, T, HV, K]: held, it raised the peak)
 
-        o = self.recurrence(self._delta_rule(q, k, v, g, beta, step, chunk_kw, recurrent_kw))
+        if conv.gqa_in_layer:  # releases whose kernel expects q, k repeated to HV heads
+            q, k = _compat.repeat_heads(q, k, v.shape[2])
+        o = self.recurrence(recurrence.delta_rule(q, k, v, g, beta, self._gdn_call(step, chunk_kw, recurrent_kw)))
         if fam.late_z is not None:  # KDA, OLMo-Hybrid: projected after the recurrence, in HF's order
             z = fam.late_z(self, x)
-        o = self._hf_site("norm", getattr(self, self._gdn_norm)(o, self.gate(z)), o)
-        out = getattr(self, self._gdn_out)(o.reshape(B, T, -1))
-        return self._hf_site("out_proj", out, hidden_states, dtype=o.dtype)
+        gate = self.gate(z)
+        o = self._hf_site("norm", lambda m: m(o, gate), like=o)
+        return self._hf_site("out_proj", lambda m: m(o.reshape(B, T, -1)), like=hidden_states, dtype=o.dtype)
 
     def _native_reason(self, cache) -> str | None:
         if self.native_cached:
             return "native_cached=True was requested"
         return _compat.cache_gap(cache)
 
-    def _hf_site(self, name: str, out, like: torch.Tensor, dtype=None):
-        """HF-owned sites (norm, out_proj) are HF's modules: a hook may replace their output, so
-        check it as ours are checked (shape of `like`, dtype `dtype` or like's, device)."""
-        if not (
-            isinstance(out, torch.Tensor)
-            and out.shape == like.shape
-            and out.dtype == (dtype or like.dtype)
-            and out.device == like.device
-        ):
-            got = f"{list(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+    def _gdn_call(self, step, chunk_kwargs: dict, recurrent_kwargs: dict) -> recurrence.Call:
+        """How this call runs its kernels: HF's kernel objects, the split positions of this
+        thread's `state_at`, whether the final state is asked for (HF asks only with a cache; so
+        do we, unless a split or the `state` site needs it: asking does not change o). Under
+        activation checkpointing a recomputation runs as its forward ran (`replay`)."""
+        fam, conv = self._gdn_family, self._gdn_convention
+        chunk, recurrent = _compat.delta_rule_kernels(self, fam.kernels, conv, self._gdn_hf_class)
+        positions = tuple(self.state_positions or ())
+        heard = listened(self.state)
+        want = step.cache is not None or bool(positions) or heard
+        if positions or heard or replay.active():
+            positions, want = replay.decision((self, "plan"), (positions, want), ((), step.cache is not None))
+        return recurrence.Call(
+            chunk, recurrent, step, positions, want, chunk_kwargs, recurrent_kwargs, self._fire_state, fam.state_fp32,
+            conv.keeps_states, fam.packed_kwarg, self.layer_idx,
+        )  # fmt: skip
+
+    def _fire_state(self, S: torch.Tensor, firing: StateFiring) -> torch.Tensor:
+        """The `state` site on S [B, HV, K, V]; while its hooks run, `GDNLayer.firing` says which
+        state it is (`firing`)."""
+        if not listened(self.state):
+            return self.state(S)
+        now = _FIRING.__dict__.setdefault("now", {})
+        before = now.get(self)
+        now[self] = firing
+        try:
+            return self.state(S)
+        finally:
+            if before is None:
+                del now[self]
+            else:
+                now[self] = before
+
+    def _hf_site(self, name: str, call, like: torch.Tensor, dtype=None):
+        """An HF-owned site (norm, out_proj): `call(module)` is HF's module applied to its input. A
+        hook may replace its output: checked as ours are (shape of `like`, dtype `dtype` or
+        like's, device). Under checkpointing a recomputation replays the forward's output."""
+        module = getattr(self, self._gdn_norm if name == "norm" else self._gdn_out)
+        heard = listened(module)
+        if heard or replay.active():
+            out = replay.site_call(module, heard, lambda: call(module), lambda: call(module.forward))
+        else:
+            out = call(module)
+        if not (isinstance(out, torch.Tensor) and out.shape == like.shape and out.dtype == (dtype or like.dtype)
+                and out.device == like.device):  # fmt: skip
+            got = (
+                f"{list(out.shape)} {out.dtype} on {out.device}"
+                if isinstance(out, torch.Tensor)
+                else f"a {type(out).__name__}"
+            )
             raise SiteValueError(
                 f"site {self._gdn_family.parent}.{name} of layer {self.layer_idx}: expected a tensor {list(like.shape)} "
                 f"{dtype or like.dtype} on {like.device}, received {got}"
@@ -207,7 +256,7 @@ class GDNMixin:
         in the autograd graph)."""
         sites = (self.q_pre_conv, self.k_pre_conv, self.v_pre_conv)
         if p.qkv is not None:
-            if not any(map(listened, sites)):
+            if not any(map(listened, sites)) and not replay.active():
                 return p.qkv
             p = p._replace(**dict(zip("qkv", cut_qkv(self, p.qkv))))
         q, k, v = (site(x) for site, x in zip(sites, (p.q, p.k, p.v)))
@@ -215,102 +264,184 @@ class GDNMixin:
             return p.qkv
         return torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
 
-    def _delta_rule(self, q, k, v, g, beta, step, chunk_kwargs: dict, recurrent_kwargs: dict) -> torch.Tensor:
-        """Runs HF's kernels in HF's sequence (recurrent for a cached decode step; else chunked,
-        then, where the cache keeps N intermediate states, N single-token recurrent steps) with
-        the keyword arguments HF passes them (`_compat.route_kwargs`), fires the `state` site on
-        each state the call keeps (see `Fires.PER_SPLIT`) and writes them to the cache.
-
-        q, k [B, T, HK, K]; v [B, T, HV, V]; beta [B, T, HV]; g <= 0, [B, T, HV] (GDN) or
-        [B, T, HV, K] (KDA) -> o [B, T, HV, V].
-        """
-        fam, conv = self._gdn_family, self._gdn_convention
-        chunk, recurrent = _compat.delta_rule_kernels(self, fam.kernels, conv)
-        if conv.gqa_in_layer:  # releases whose kernel expects q, k repeated to HV heads
-            q, k = _compat.repeat_heads(q, k, v.shape[2])
-        # HF asks for the final state only with a cache; so do we, unless the `state` site needs
-        # it (asking does not change o).
-        want = step.cache is not None or bool(self.state_positions) or listened(self.state)
-        common = dict(output_final_state=want, use_qk_l2norm_in_kernel=True)
-        S0 = step.initial_state
-        if step.recurrent_decode:
-            o, S = recurrent(q, k, v, g=g, beta=beta, initial_state=S0, **common, **recurrent_kwargs)
-            S = written = self.state(S)
-        elif conv.keeps_states:
-            o, written = self._kept_delta_rule(q, k, v, g, beta, step, common, chunk_kwargs, recurrent_kwargs, chunk, recurrent)
-        else:
-            o, written = self._chunk(q, k, v, g, beta, S0, dict(common, **chunk_kwargs), chunk, fire_final=True, T_call=q.shape[1])
-        if step.cache is not None:
-            if fam.state_fp32 and not conv.keeps_states:  # 5.25 on: cast where HF casts (_kept_delta_rule)
-                written = written.to(torch.float32)
-            step.cache.update_recurrent_state(written, self.layer_idx)
-        return o
-
-    def _kept_delta_rule(self, q, k, v, g, beta, step, common, chunk_kwargs, recurrent_kwargs, chunk, recurrent):
-        """5.25 on: the chunk kernel on the first T - N positions (even none), then N recurrent
-        steps, each of whose states fires `state` and is kept (the cache gets the list, or the
-        chunk's final state where N = 0), exactly HF's op sequence (tensor_split, cat): other
-        ops would change the last bits of the parameter gradients.
-        -> (o [B, T, HV, V], the state or list of states to write)."""
-        fam, N = self._gdn_family, step.keep
-        split = q.shape[1] - N
-        (cq, sq), (ck, sk), (cv, sv), (cb, sb), (cg, sg) = (torch.tensor_split(x, [split], dim=1) for x in (q, k, v, beta, g))
-        o, S = self._chunk(
-            cq, ck, cv, cg, cb, step.initial_state, dict(common, **chunk_kwargs), chunk, fire_final=N == 0, T_call=q.shape[1]
-        )
-        if fam.state_fp32 and S is not None:
-            S = S.to(torch.float32)
-        outs, kept = [o], []
-        step_kwargs = dict(recurrent_kwargs)
-        if fam.packed_kwarg:
-            step_kwargs.pop("cu_seqlens", None)  # HF popped it into the chunk call
-        for i in range(N):
-            o_i, S = recurrent(
-                sq[:, i : i + 1], sk[:, i : i + 1], sv[:, i : i + 1], g=sg[:, i : i + 1], beta=sb[:, i : i + 1],
-                initial_state=S, output_final_state=True, use_qk_l2norm_in_kernel=True, **step_kwargs,
-            )
-            S = self.state(S)
-            outs.append(o_i)
-            kept.append(S.to(torch.float32) if fam.state_fp32 else S)
-        return torch.cat(outs, dim=1), (kept if kept else S)
-
-    def _chunk(self, q, k, v, g, beta, S, kwargs: dict, chunk, fire_final: bool, T_call: int):
-        """The chunk kernel over the first T of the call's `T_call` positions (HF runs the rest,
-        if any, step by step); with `state_positions`, segment by segment, split after each
-        listed position, each segment starting from the previous one's (possibly replaced)
-        final state. `state` fires after each listed position below T and, if `fire_final`, on
-        the final state. -> (o [B, T, HV, V], final state)."""
-        T = q.shape[1]
-        if not self.state_positions:
-            o, S = chunk(q, k, v, g=g, beta=beta, initial_state=S, **kwargs)
-            # S is None where nothing asked for it: a listener added by another thread after
-            # `want` was decided does not see this call (its hooks skip other threads anyway)
-            return o, (self.state(S) if fire_final and S is not None else S)
-        if kwargs.get("cu_seqlens") is not None or kwargs.get("cu_seq_lens_q") is not None:
-            raise ValueError(f"layer {self.layer_idx}: state_positions cannot split packed sequences (cu_seqlens)")
-        _split_bounds(self.state_positions, T_call, self.layer_idx)  # every position inside the call
-        listed = {p for p in self.state_positions if p < T}
-        bounds = [0] + [p + 1 for p in sorted(listed) if p + 1 < T] + [T]
-        outs = []
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            o, S = chunk(q[:, s:e], k[:, s:e], v[:, s:e], g=g[:, s:e], beta=beta[:, s:e], initial_state=S, **kwargs)
-            if e - 1 in listed or (e == T and fire_final):
-                S = self.state(S)
-            outs.append(o)
-        return torch.cat(outs, dim=1), S
-
     def __reduce_ex__(self, protocol):
         # The patched class is built at run time, so pickle (copy.deepcopy, torch.save) cannot
         # name it: name the HF class instead and rebuild the patched one from it.
         return (_rebuild, (self._gdn_hf_class,), *super().__reduce_ex__(protocol)[2:])
 
 
-def _replaces_forward(module, value) -> bool:
+# ------------------------------------------------------------------ the public handle
+
+
+class _ThreadPositions(Sequence):
+    """A layer's `state_positions` while `state_at` blocks are open on it: the positions of the
+    innermost block of the thread whose forward runs (`scope.acting_thread`), else those the
+    layer had before (`before`)."""
+
+    def __init__(self, before):
+        self.before = before
+        self.by_thread: dict[int, list[tuple[int, ...]]] = {}
+
+    def _now(self) -> tuple[int, ...]:
+        stack = self.by_thread.get(scope.acting_thread())
+        return stack[-1] if stack else tuple(self.before or ())
+
+    def __getitem__(self, i):
+        return self._now()[i]
+
+    def __len__(self) -> int:
+        return len(self._now())
+
+    def __iter__(self):
+        return iter(self._now())
+
+    def __eq__(self, other) -> bool:  # compares as the tuple it reads as (not hashable then)
+        return self._now() == other
+
+    def __repr__(self) -> str:
+        return f"_ThreadPositions({self._now()!r} in this thread)"
+
+
+class GDNLayer:
+    """The handle of one patched GDN layer: what every tool asks of it, instead of reading the
+    module's private attributes.
+
+        h = gi.gdn_layer(model, 0)
+        h.family.name, h.hf_class.__name__, h.heads   # "qwen3_5", "Qwen3_5GatedDeltaNet", (HK, HV)
+        h.site("beta")                                # the site's module
+        h.state_firings(12)                           # when `state` fires in a call of 12 tokens, now
+        h.firing                                      # inside a `state` hook: which state this is
+
+    `state_firings` and `firing` follow the one rule in `sites.state_firings`."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module):
+        if not is_patched(module):
+            raise ValueError(
+                f"{type(module).__name__} is not a patched GDN layer (gdn_intervene.patch the model first)"
+            )
+        self.module = module
+
+    def __repr__(self) -> str:
+        return f"GDNLayer({self.index}: {self.family.name}, {self.hf_class.__name__})"
+
+    @property
+    def index(self) -> int:
+        """The layer index HF gives the module (`layer_idx`)."""
+        return self.module.layer_idx
+
+    @property
+    def family(self) -> Family:
+        return self.module._gdn_family
+
+    @property
+    def hf_class(self) -> type:
+        """The HF class the patched class derives from."""
+        return self.module._gdn_hf_class
+
+    @property
+    def convention(self) -> _compat.Convention:
+        """How HF's forward of this class calls its kernels and cache (`_compat.Convention`)."""
+        return self.module._gdn_convention
+
+    @property
+    def parent(self) -> str:
+        """The decoder layer's attribute holding the module: `linear_attn`, or `self_attn` (KDA)."""
+        return self.module._gdn_family.parent
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """(HK, HV): key and value head counts."""
+        return self.module.gdn_heads
+
+    def site(self, name: str) -> nn.Module:
+        """The module of site `name` (HF-owned sites resolved per family: norm -> o_norm, ...)."""
+        s = site(name)
+        return getattr(self.module, self.family.hf_names[name] if s.owner is Owner.HF else name)
+
+    # --- the state: where it fires
+
+    @property
+    def state_positions(self) -> tuple[int, ...]:
+        """The positions this thread's forwards split the prefill at (`state_at`), () for none."""
+        return tuple(self.module.state_positions or ())
+
+    def state_firings(self, T: int, *, keep: int = 0, decode: bool = False) -> tuple[StateFiring, ...]:
+        """When `state` fires in a call of T tokens of this thread, now (`sites.state_firings`
+        with this layer's split positions; `keep`: intermediate states the cache keeps)."""
+        return state_firings(T, positions=self.state_positions, keep=keep, decode=decode)
+
+    @property
+    def firing(self) -> StateFiring | None:
+        """Inside a hook of the `state` site: which state fires (its position in the call, and
+        whether it is the call's final one); None elsewhere."""
+        return _FIRING.__dict__.get("now", {}).get(self.module)
+
+    @contextlib.contextmanager
+    def split_after(self, positions: tuple[int, ...]) -> Iterator[None]:
+        """Split this thread's prefills after `positions` (checked ints) for the block (what
+        `state_at` does per layer); restores the layer's setting on exit, also on error."""
+        m, me = self.module, threading.get_ident()
+        with scope.LOCK:
+            if not isinstance(m.state_positions, _ThreadPositions):
+                m.state_positions = _ThreadPositions(m.state_positions)
+            per = m.state_positions
+            per.by_thread.setdefault(me, []).append(positions)
+        try:
+            yield
+        finally:
+            with scope.LOCK:
+                per.by_thread[me].pop()
+                if not per.by_thread[me]:
+                    del per.by_thread[me]
+                if not per.by_thread and m.__dict__.get("state_positions") is per:
+                    m.state_positions = per.before
+
+    def initial_state(self, cache, T: int, cache_position=None) -> torch.Tensor | None:
+        """S_0 [B, HV, K, V]: the recurrent state a call of T tokens with `cache` starts from (a
+        cached continuation), as the layer decides it; None without one."""
+        if cache is None or _compat.cache_gap(cache) is not None:
+            return None
+        fam = self.family
+        return _compat.cache_step(
+            cache, self.index, T, fam.conv_asks_recording, self.convention, cache_position
+        ).initial_state
+
+    def self_check(self, hidden_states: torch.Tensor) -> None:
+        """Compare this layer's decomposed forward with HF's, bit for bit, on the first row and
+        `selfcheck.TOKENS` tokens of its input `hidden_states` [B, T, D], now; raises
+        `selfcheck.SelfCheckError` on a difference. Records nothing (`selfcheck.verify`)."""
+        selfcheck.verify(self.module, self.module._gdn_check, hidden_states)
+
+    # --- kernels
+
+    def kernels(self) -> dict:
+        """{name: the kernel object HF's forward of this layer calls under that name}: the
+        family's delta-rule kernels and the conv kernels."""
+        return _compat.kernel_objects(self.module, self.family.kernels, self.convention, self.hf_class)
+
+    def kernel_routes(self, device_type: str | None = None) -> dict[str, str]:
+        """{kernel name: what it runs for inputs on `device_type` (default the layer's
+        parameters' device)}: "torch", "fla", "causal-conv1d", "hub (repo)" or "unknown (...)"."""
+        if device_type is None:
+            p = next(self.module.parameters(), None)
+            device_type = p.device.type if p is not None else "cpu"
+        return {name: _compat.kernel_route(obj, device_type) for name, obj in self.kernels().items()}
+
+
+def is_patched(module) -> bool:
+    return isinstance(module, GDNMixin)
+
+
+def replaces_forward(module, value) -> bool:
     """Whether `value` is a forward bound to `module` other than its class's (a hub kernel's)."""
-    return isinstance(value, types.MethodType) and value.__self__ is module and value.__func__ is not type(module).forward
+    return (
+        isinstance(value, types.MethodType) and value.__self__ is module and value.__func__ is not type(module).forward
+    )
 
 
-def _warn_hub_forward(module, value, what: str, layers: str | None = None) -> None:
+def warn_hub_forward(module, value, what: str, layers: str | None = None) -> None:
     """One warning line: a whole-layer hub kernel replaced (or tried to replace) the forward of
     a patched GDN layer (`layers`: which ones, default `module`'s). Python's warning filter shows
     a line once per call site and text, so re-kernelizing 18 layers says it once."""
@@ -331,12 +462,10 @@ def _rebuild(hf_class: type):
     return cls.__new__(cls)
 
 
-def _split_bounds(positions: Sequence[int], T: int, layer_idx: int) -> list[int]:
-    """[0, p1+1, p2+1, ..., T]: segment bounds so that a state is taken after each position."""
-    ps = check_positions(positions, f"layer {layer_idx}: state")
-    if ps[-1] >= T:
-        raise ValueError(f"layer {layer_idx}: state positions must lie in [0, {T - 1}] for a call of T={T}, got {ps}")
-    return [0] + [p + 1 for p in ps if p + 1 < T] + [T]
+def _private_twin(twin) -> None:
+    """The self-check's twin runs without the caller's per-call settings (`state_at` splits)."""
+    if "state_positions" in twin.__dict__:
+        twin.__dict__["state_positions"] = None
 
 
 _CLASSES: dict[type, type] = {}
@@ -356,13 +485,16 @@ def hookable_class(cls: type) -> type:
     # HF's own kernel routing (5.25 on) around ours, so every kernel call reaches the kernel
     # object HF's forward would reach on that instance (a hub kernel after kernelize, fla, torch).
     route = _compat.kernel_router(hf)
-    forward = selfcheck.first_call(
-        _compat.deprecate_cache_params(GDNMixin.forward, hf),
-        ours=GDNMixin.forward,
-        hf=_compat.undecorated(cls.forward),
-        chunk_kernel=fam.kernels[0],
-        route=route,
+    check = selfcheck.Check(
+        GDNMixin.forward,
+        _compat.undecorated(cls.forward),
+        fam.kernels[0],
+        route,
+        hf,
+        fam.accelerate_children,
+        _private_twin,
     )
+    forward = selfcheck.first_call(_compat.deprecate_cache_params(GDNMixin.forward, hf), check)
     forward = route(_compat.force_accelerate_hooks(list(fam.accelerate_children))(forward))
     new = type(
         f"Hookable{cls.__name__}",
@@ -374,6 +506,7 @@ def hookable_class(cls: type) -> type:
             "_gdn_norm": fam.hf_names["norm"],
             "_gdn_out": fam.hf_names["out_proj"],
             "_gdn_convention": _compat.convention(hf, fam.kernels[0]),
+            "_gdn_check": check,
             "__module__": __name__,
             "__qualname__": f"Hookable{cls.__name__}",
             "__doc__": f"{cls.__name__} with a decomposed, hookable forward (gdn_intervene).",
@@ -381,7 +514,3 @@ def hookable_class(cls: type) -> type:
     )
     _CLASSES[cls] = new
     return new
-
-
-def is_patched(module) -> bool:
-    return isinstance(module, GDNMixin)

@@ -6,7 +6,9 @@ value must keep its shape, dtype and device and stay finite; anything else is a
 `SiteValueError` that names the site, never a broadcast.
 
 A site nobody listens to (no hooks, no instance `forward` wrapper of nnsight or accelerate, no
-global hooks) is skipped entirely: calling it costs one check, not an `nn.Module` call.
+global hooks) is skipped entirely: calling it costs one check, not an `nn.Module` call. Under
+activation checkpointing a recomputation replays what the forward's site produced and runs no
+hook (`gdn_intervene.replay`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from . import _compat
+from . import _compat, replay
 from .sites import site
 
 __all__ = ["SiteValueError", "Tap", "CausalConv", "listened", "own_storage", "value_layout_grad"]
@@ -76,8 +78,7 @@ class _SiteModule(nn.Module):
                 else f"a {type(out).__name__}"
             )
             raise SiteValueError(
-                f"{self._where()}: expected a tensor {list(like.shape)} {like.dtype} on {like.device}, "
-                f"received {got}"
+                f"{self._where()}: expected a tensor {list(like.shape)} {like.dtype} on {like.device}, received {got}"
             )
         bad = ~torch.isfinite(out.detach())
         if bool(bad.any()):
@@ -113,13 +114,20 @@ class Tap(_SiteModule):
         return x
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not listened(self):
+        heard = listened(self)
+        if not heard and not replay.active():
             return x
+        return replay.site_call(self, heard, lambda: self._heard(x), lambda: x)
+
+    def _heard(self, x: torch.Tensor) -> torch.Tensor:
+        """The site called as a module (hooks, nnsight, pyvene), its new value checked."""
         x = own_storage(x, self.saved_by_producer)
         version = _version(x)
         out = super().__call__(x)
         if out is not x or version is None or out._version != version:  # replaced, or edited in place
             self._expect(out, x)
+            if out is not x or version is not None:
+                replay.refuse_reentrant(self._where(), self.training)
         return value_layout_grad(out)
 
 
@@ -163,12 +171,18 @@ class CausalConv(_SiteModule):
         self.wrote_cache = False
         self._produced = None
 
-    def forward(self, qkv, weight, bias=None, *, cache=None, conv_state=None, decode=False, conv1d=None, **kwargs) -> torch.Tensor:
-        out = own_storage(self._conv(qkv, weight, bias, cache=cache, conv_state=conv_state, decode=decode, conv1d=conv1d, **kwargs))
+    def forward(
+        self, qkv, weight, bias=None, *, cache=None, conv_state=None, decode=False, conv1d=None, **kwargs
+    ) -> torch.Tensor:
+        out = own_storage(
+            self._conv(qkv, weight, bias, cache=cache, conv_state=conv_state, decode=decode, conv1d=conv1d, **kwargs)
+        )
         self._produced = (out, _version(out))  # lets __call__ tell a hook's edit from our output
         return out
 
-    def _conv(self, qkv, weight, bias=None, *, cache=None, conv_state=None, decode=False, conv1d=None, **kwargs) -> torch.Tensor:
+    def _conv(
+        self, qkv, weight, bias=None, *, cache=None, conv_state=None, decode=False, conv1d=None, **kwargs
+    ) -> torch.Tensor:
         T = qkv.shape[1]
         x = qkv.transpose(1, 2)
         if self.helper:  # HF's own helper, the kernel object HF calls (kernelize may replace it)
@@ -209,8 +223,17 @@ class CausalConv(_SiteModule):
             cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.kernel_size)
 
     def __call__(self, qkv, *args, cache=None, conv_state=None, decode=False, **kwargs) -> torch.Tensor:
-        if not listened(self):
+        heard = listened(self)
+        if not heard and not replay.active():
             return self._conv(qkv, *args, cache=cache, conv_state=conv_state, decode=decode, **kwargs)
+        kw = dict(kwargs, cache=cache, conv_state=conv_state, decode=decode)
+        return replay.site_call(
+            self, heard, lambda: self._heard(qkv, *args, **kw), lambda: self._conv(qkv, *args, **kw)
+        )
+
+    def _heard(self, qkv, *args, cache=None, conv_state=None, decode=False, **kwargs) -> torch.Tensor:
+        """The conv called as a module (hooks, nnsight, pyvene), its output checked and the cache
+        written where a hook skipped the conv (nnsight `.skip()`)."""
         self.wrote_cache = False
         self._produced = None
         try:
@@ -219,6 +242,7 @@ class CausalConv(_SiteModule):
             produced, self._produced = self._produced, None
         if produced is None or out is not produced[0] or produced[1] is None or out._version != produced[1]:
             self._expect(out, qkv)
+            replay.refuse_reentrant(self._where(), self.training)
         if cache is not None and not self.wrote_cache:  # skipped: keep the cache consistent
             self.write_cache(qkv, cache=cache, conv_state=conv_state, decode=decode)
         return value_layout_grad(out)

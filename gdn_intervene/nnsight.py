@@ -34,8 +34,9 @@ from nnsight import Envoy
 from nnsight.modeling.transformers import TransformersModel
 
 from . import _compat
-from .layer import GDNMixin
-from .patching import gdn_layers, patch, patch_on_load, site_module
+from .hooking.locate import gdn_layers, site_module
+from .layer import GDNLayer, is_patched
+from .patching import patch, patch_on_load
 from .sites import SITE_NAMES
 
 __all__ = ["PatchedTransformersModel", "load", "site", "layers"]
@@ -68,8 +69,8 @@ class _SiteEnvoy(Envoy):
 
     def _gdn_hint(self, name: str) -> str | None:
         module = self.__dict__.get("_module")
-        if isinstance(module, GDNMixin):
-            parent = module._gdn_family.parent  # linear_attn; self_attn in the KDA families
+        if is_patched(module):
+            parent = GDNLayer(module).parent  # linear_attn; self_attn in the KDA families
             return f"Layer {module.layer_idx}'s {parent} has no {name!r}; its sites are: {', '.join(SITE_NAMES)}"
         if name != "linear_attn" and name not in SITE_NAMES:
             return None
@@ -96,7 +97,7 @@ class PatchedTransformersModel(TransformersModel):
         super().__init__(*args, **kwargs)
 
     def _gdn_patch(self, module: torch.nn.Module) -> torch.nn.Module:
-        if not any(isinstance(m, GDNMixin) for m in module.modules()):  # keep a caller's patch options
+        if not any(is_patched(m) for m in module.modules()):  # keep a caller's patch options
             patch(module)  # ValueError if there is no GDN module
         for m in gdn_layers(module).values():  # wrapped by another envoy before the patch?
             _compat.rebind_forwards(m)
@@ -149,7 +150,7 @@ def _pipeline_class(task: str | None) -> type | None:
     return impl
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizerless(task: str | None) -> type | None:
     """The task's pipeline class, made to build without a tokenizer (HF's soft flag, None), whose
     text preprocessing says that it has none; None for a task that loads no tokenizer."""
@@ -165,7 +166,11 @@ def _tokenizerless(task: str | None) -> type | None:
             )
         return impl.preprocess(self, *args, **kwargs)
 
-    namespace = {"_load_tokenizer": None, "preprocess": preprocess, "__module__": impl.__module__}  # nnsight reads Chat there
+    namespace = {
+        "_load_tokenizer": None,
+        "preprocess": preprocess,
+        "__module__": impl.__module__,
+    }  # nnsight reads Chat there
     return type(f"Tokenizerless{impl.__name__}", (impl,), namespace)
 
 

@@ -47,14 +47,15 @@ Conventions, shared by every function here:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from ._positions import as_positions  # pure: imports nothing else of the package
 
 Tensor = torch.Tensor
-Index = Union[Sequence[int], Tensor]
+Index = Sequence[int] | Tensor
 
 DEFAULT_MAX_BYTES = 4 * 2**30  # effective_attention refuses to plan more than this by default
 DEFAULT_CHUNK = 64  # positions per block of the row scan and of the state scan
@@ -81,13 +82,13 @@ def _shape(x: Tensor) -> list:
 
 
 def _check_inputs(
-    q: Optional[Tensor],
+    q: Tensor | None,
     k: Tensor,
     beta: Tensor,
     g: Tensor,
-    v: Optional[Tensor] = None,
-    initial_state: Optional[Tensor] = None,
-) -> Tuple[int, int, int, int, int]:
+    v: Tensor | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[int, int, int, int, int]:
     """Validate shapes (g per head [B, T, HV] or per channel [B, T, HV, K]); return (B, T, HK, K, HV)."""
     if k.dim() != 4:
         raise ValueError(f"k must be [B, T, HK, K]; got shape {_shape(k)}")
@@ -117,7 +118,9 @@ def _check_inputs(
 def _index(name: str, idx: Index, size: int, what: str, device: torch.device) -> Tensor:
     """A non-empty 1-D long tensor of indices in [0, size); ValueError otherwise (the package's
     one validator, `_positions.as_positions`)."""
-    return torch.tensor(as_positions(idx, None, name=name, size=size, what=what, scalar=False), dtype=torch.long, device=device)
+    return torch.tensor(
+        as_positions(idx, None, name=name, size=size, what=what, scalar=False), dtype=torch.long, device=device
+    )
 
 
 def _gate_layout(g: Tensor, heads_idx: Tensor) -> Tensor:
@@ -158,7 +161,7 @@ def _normed_layout(x: Tensor, heads_idx: Tensor, r: int, scale: float = 1.0) -> 
     return out.index_select(1, idx)
 
 
-def _decay_dot(a: Tensor, b: Tensor, Ga: Tensor, Gb: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+def _decay_dot(a: Tensor, b: Tensor, Ga: Tensor, Gb: Tensor, keep: Tensor | None = None) -> Tensor:
     """Decayed products <a_i, b_j>_G = sum_d a[..., i, d] b[..., j, d] exp(Ga[..., i, d] - Gb[..., j, d]).
 
     a [..., I, K], b [..., J, K] in the compute dtype; Ga [..., I, Kg], Gb [..., J, Kg] float64
@@ -189,7 +192,9 @@ def _tril(n: int, m: int, device, offset: int = 0) -> Tensor:
     return torch.ones(n, m, dtype=torch.bool, device=device).tril(offset)
 
 
-def _delta_scan(kh: Tensor, v: Tensor, beta: Tensor, G: Tensor, S: Tensor, chunk: int = DEFAULT_CHUNK) -> Tuple[Tensor, Tensor]:
+def _delta_scan(
+    kh: Tensor, v: Tensor, beta: Tensor, G: Tensor, S: Tensor, chunk: int = DEFAULT_CHUNK
+) -> tuple[Tensor, Tensor]:
     """Chunked scan of the delta rule: (u [B, H, T, V] written values, final S [B, H, K, V]).
 
     kh [B, H, T, K] L2-normalised keys, v [B, H, T, V], beta [B, H, T], G [B, H, T, Kg] =
@@ -223,10 +228,10 @@ def naive_gated_delta_rule(
     *,
     g: Tensor,
     beta: Tensor,
-    initial_state: Optional[Tensor] = None,
+    initial_state: Tensor | None = None,
     l2norm: bool = True,
-    scale: Optional[float] = None,
-) -> Tuple[Tensor, Tensor]:
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
     """Token-by-token float64 reference of the gated delta rule (mirrors HF's recurrent kernels).
 
     Per-head g is HF's ``torch_recurrent_gated_delta_rule``; per-channel g is HF's
@@ -278,7 +283,7 @@ class EffectiveAttention(NamedTuple):
     """
 
     matrix: Tensor
-    state_term: Optional[Tensor]
+    state_term: Tensor | None
 
 
 class _Plan(NamedTuple):
@@ -289,7 +294,7 @@ class _Plan(NamedTuple):
     R: int
     n: int  # positions used: max(rows) + 1 (causality)
     heads: Tensor
-    rows: Optional[Tensor]
+    rows: Tensor | None
     qh: Tensor  # [B, H, R, K] normalised, scaled query rows
     kh: Tensor  # [B, H, n, K] normalised keys
     b: Tensor  # [B, H, n] beta
@@ -303,7 +308,11 @@ def _plan(q, k, beta, g, heads, rows, initial_state, dtype, max_bytes, need_fn) 
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype; got {dtype}")
     dev = k.device
-    heads_idx = torch.arange(HV, device=dev) if heads is None else _index("heads", heads, HV, f"there are {HV} value heads", dev)
+    heads_idx = (
+        torch.arange(HV, device=dev)
+        if heads is None
+        else _index("heads", heads, HV, f"there are {HV} value heads", dev)
+    )
     rows_idx = None if rows is None else _index("rows", rows, T, f"sequence length T={T}", dev)
     H = heads_idx.numel()
     R = T if rows_idx is None else rows_idx.numel()
@@ -338,11 +347,11 @@ def effective_attention(
     *,
     beta: Tensor,
     g: Tensor,
-    heads: Optional[Index] = None,
-    rows: Optional[Index] = None,
-    initial_state: Optional[Tensor] = None,
+    heads: Index | None = None,
+    rows: Index | None = None,
+    initial_state: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
-    max_bytes: Optional[float] = None,
+    max_bytes: float | None = None,
     chunk: int = DEFAULT_CHUNK,
 ) -> EffectiveAttention:
     """Exact per-head mixing matrix M of the gated delta rule: o = M v + C, by the adjoint row scan.
@@ -392,7 +401,7 @@ def effective_attention(
     return EffectiveAttention(M, C)
 
 
-def _row_scan(qh: Tensor, t: Tensor, kh: Tensor, b: Tensor, G: Tensor, chunk: int) -> Tuple[Tensor, Tensor]:
+def _row_scan(qh: Tensor, t: Tensor, kh: Tensor, b: Tensor, G: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
     """The adjoint scan for rows at positions t: (M rows [B, H, R, n], Z [B, H, R, K]).
 
     qh [B, H, R, K] normalised, scaled query rows; t [R] their positions (< n); kh [B, H, n, K];
@@ -446,7 +455,9 @@ def _row_scan(qh: Tensor, t: Tensor, kh: Tensor, b: Tensor, G: Tensor, chunk: in
     z = qh.new_zeros(Bz, H, R, K)  # per row: z at the position before the current block's end
     per_block = Bz * H * C * (3 * C + 3 * K) * (2 if Kg == 1 else K)  # elements of the group temporaries
     few_rows = R <= _FEW_ROWS
-    first_row = torch.searchsorted(ts, torch.arange(nc + 1, device=dev) * C).tolist()  # per block: first row with t >= s
+    first_row = torch.searchsorted(
+        ts, torch.arange(nc + 1, device=dev) * C
+    ).tolist()  # per block: first row with t >= s
     c1 = nc
     while c1 > 0:
         if first_row[c1 - 1] == R:  # no row reaches back into this block: x = 0 there, z stays 0
@@ -473,11 +484,15 @@ def _row_scan(qh: Tensor, t: Tensor, kh: Tensor, b: Tensor, G: Tensor, chunk: in
             rhs = qh.new_empty(Bz, H, R - a, C)
             if a_next > a:  # rows starting in this block: p_j for j <= t
                 causal = ts[a:a_next, None] >= torch.arange(s, e, device=dev)
-                rhs[:, :, : a_next - a] = _decay_dot(qs[:, :, a:a_next], kc[:, :, c], Gq[:, :, a:a_next], Gc[:, :, c], causal)
+                rhs[:, :, : a_next - a] = _decay_dot(
+                    qs[:, :, a:a_next], kc[:, :, c], Gq[:, :, a:a_next], Gc[:, :, c], causal
+                )
                 z[:, :, a:a_next] = (Gq[:, :, a:a_next] - G_before[:, :, c]).exp().to(dt) * qs[:, :, a:a_next]
             if a_next < R:  # rows past this block
                 if Kg == 1:
-                    rhs[:, :, a_next - a :] = (z[:, :, a_next:] @ kc[:, :, c].transpose(-1, -2)).mul_(to_end[:, :, i, None, :])
+                    rhs[:, :, a_next - a :] = (z[:, :, a_next:] @ kc[:, :, c].transpose(-1, -2)).mul_(
+                        to_end[:, :, i, None, :]
+                    )
                 else:
                     rhs[:, :, a_next - a :] = z[:, :, a_next:] @ k_end[:, :, i].transpose(-1, -2)
                 z[:, :, a_next:] *= carry[:, :, i]
@@ -505,11 +520,11 @@ def effective_attention_solve(
     *,
     beta: Tensor,
     g: Tensor,
-    heads: Optional[Index] = None,
-    rows: Optional[Index] = None,
-    initial_state: Optional[Tensor] = None,
+    heads: Index | None = None,
+    rows: Index | None = None,
+    initial_state: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
-    max_bytes: Optional[float] = None,
+    max_bytes: float | None = None,
 ) -> EffectiveAttention:
     """Reference path for :func:`effective_attention`: builds P and I + A over all n positions
     and solves X (I + A) = P in one batched triangular solve (``solve_triangular(..., left=False,
@@ -581,7 +596,7 @@ def written_values(
     *,
     beta: Tensor,
     g: Tensor,
-    initial_state: Optional[Tensor] = None,
+    initial_state: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """What each token wrote into the state: u_t = beta_t (v_t - (Λ_t S_{t-1})^T k_t), Λ_t = diag(exp(g_t)).
@@ -637,7 +652,7 @@ class StateDecomposition(NamedTuple):
     weights: Tensor
     keys: Tensor
     values: Tensor
-    initial: Optional[Tensor]
+    initial: Tensor | None
 
     def decayed_keys(self) -> Tensor:
         """exp(G_p - G_j) ⊙ k_j, [B, T', HV, K]: the key each write is read with at p."""
@@ -663,8 +678,8 @@ def state_decomposition(
     *,
     beta: Tensor,
     g: Tensor,
-    initial_state: Optional[Tensor] = None,
-    position: Optional[int] = None,
+    initial_state: Tensor | None = None,
+    position: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> StateDecomposition:
     """Decompose the recurrent state after ``position`` into per-token writes.
@@ -737,7 +752,13 @@ def _step(S: Tensor, kh, vh, bh, decay, t: int) -> Tensor:
 
 
 def state_patching_scores(
-    base: DeltaRuleRun, source: DeltaRuleRun, delta: Tensor, *, dtype: torch.dtype = torch.float32, chunk: int = DEFAULT_CHUNK
+    base: DeltaRuleRun,
+    source: DeltaRuleRun,
+    delta: Tensor,
+    *,
+    along: DeltaRuleRun | None = None,
+    dtype: torch.dtype = torch.float32,
+    chunk: int = DEFAULT_CHUNK,
 ) -> Tensor:
     """Attribution patching of the recurrent state: the first-order change of a metric when the
     base run's state after token p is replaced by the source run's, for every p at once.
@@ -756,10 +777,12 @@ def state_patching_scores(
     recomputes one chunk of states at a time (memory O((T / chunk + chunk) K V) per head).
 
     Args:
-        base: the run being patched (the metric's gradient is taken there).
+        base: the run being patched.
         source: the run the states come from; same shapes as `base`.
-        delta: d metric / d o_t in the base run, [B, T, HV, V] (the gradient at the `recurrence`
-            site).
+        delta: d metric / d o_t, [B, T, HV, V] (the gradient at the `recurrence` site) in the run
+            the gradient is taken at: `along`, default `base` (first order).
+        along: the run whose adjoint mu is taken (a point on the path from base to source, for
+            integrated gradients: average the scores over the path's points); default `base`.
         dtype: computation dtype (float64 for an exact check).
 
     Returns:
@@ -767,33 +790,49 @@ def state_patching_scores(
     """
     qh, kh, vh, bh, dec = _run_layout(base, dtype)
     _, ks, vs, bs, ds = _run_layout(source, dtype)
-    if ks.shape != kh.shape or vs.shape != vh.shape or ds.shape != dec.shape:
-        raise ValueError(f"source and base runs differ in shape: k {_shape(ks)} vs {_shape(kh)}, v {_shape(vs)} vs {_shape(vh)}")
+    qa, ka, _, ba, da = (qh, kh, vh, bh, dec) if along is None else _run_layout(along, dtype)
+    for name, (x, y) in {"source": (ks, kh), "along": (ka, kh)}.items():
+        if x.shape != y.shape or (name == "source" and (vs.shape != vh.shape or ds.shape != dec.shape)):
+            raise ValueError(f"the {name} and base runs differ in shape: k {_shape(x)} vs {_shape(y)}")
     B, HV, T, K = kh.shape
     dh = delta.transpose(1, 2).to(dtype)
     if tuple(dh.shape) != tuple(vh.shape):
         raise ValueError(f"delta must be [B, T, HV, V] = {[B, T, HV, vh.shape[-1]]}; got {_shape(delta)}")
-    zero = torch.zeros(B, HV, K, vh.shape[-1], dtype=dtype, device=kh.device)
+    runs = ((kh, vh, bh, dec), (ks, vs, bs, ds))
     starts = list(range(0, T, chunk))
-    checkpoints, Sb, Ss = [], zero, zero  # the states before each chunk
-    for c0 in starts:
-        checkpoints.append((Sb, Ss))
-        for t in range(c0, min(c0 + chunk, T)):
-            Sb, Ss = _step(Sb, kh, vh, bh, dec, t), _step(Ss, ks, vs, bs, ds, t)
+    checkpoints = _state_checkpoints(
+        runs, starts, chunk, T, torch.zeros(B, HV, K, vh.shape[-1], dtype=dtype, device=kh.device)
+    )
     scores = torch.zeros(B, HV, T, dtype=dtype, device=kh.device)
-    mu = zero
+    mu = torch.zeros_like(checkpoints[0][0])
     for c0, (Sb, Ss) in reversed(list(zip(starts, checkpoints))):
         diffs = []
         for t in range(c0, min(c0 + chunk, T)):
-            Sb, Ss = _step(Sb, kh, vh, bh, dec, t), _step(Ss, ks, vs, bs, ds, t)
+            Sb, Ss = _step(Sb, *runs[0], t), _step(Ss, *runs[1], t)
             diffs.append(Ss - Sb)
         for t in reversed(range(c0, c0 + len(diffs))):
             scores[:, :, t] = (mu * diffs[t - c0]).sum((-2, -1))
-            X = qh[:, :, t, :, None] * dh[:, :, t, None, :] + mu  # d metric / d S_t
-            k_t = kh[:, :, t]
-            X = X - bh[:, :, t, None, None] * k_t[..., None] * torch.einsum("bhk,bhkv->bhv", k_t, X)[:, :, None]
-            mu = dec[:, :, t, :, None] * X  # d metric / d S_{t-1}, through tokens t, t+1, ...
+            mu = _adjoint_step(mu, qa, ka, ba, da, dh, t)
     return scores
+
+
+def _state_checkpoints(runs, starts: list[int], chunk: int, T: int, zero: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The (base, source) states before each chunk of `chunk` positions, [B, HV, K, V] each."""
+    checkpoints, (Sb, Ss) = [], (zero, zero)
+    for c0 in starts:
+        checkpoints.append((Sb, Ss))
+        for t in range(c0, min(c0 + chunk, T)):
+            Sb, Ss = _step(Sb, *runs[0], t), _step(Ss, *runs[1], t)
+    return checkpoints
+
+
+def _adjoint_step(mu: Tensor, qh, kh, bh, dec, dh, t: int) -> Tensor:
+    """mu_{t-1} = A_t^T (q_t delta_t^T + mu_t), A_t^T X = diag(exp(g_t)) (X - beta_t k_t (k_t^T X)):
+    d metric / d S_{t-1} through tokens t, t+1, ... ([B, HV, K, V])."""
+    X = qh[:, :, t, :, None] * dh[:, :, t, None, :] + mu  # d metric / d S_t
+    k_t = kh[:, :, t]
+    X = X - bh[:, :, t, None, None] * k_t[..., None] * torch.einsum("bhk,bhkv->bhv", k_t, X)[:, :, None]
+    return dec[:, :, t, :, None] * X
 
 
 __all__ = [

@@ -1,40 +1,21 @@
 """Install and restore: swap each GDN module's class in place (weights shared, nothing
-copied), add the site modules, and undo it all exactly."""
+copied), add the site modules, and undo it all exactly. Finding layers and sites afterwards is
+`hooking.locate`'s."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 
-from . import _compat, selfcheck as _selfcheck
+from . import _compat
+from . import selfcheck as _selfcheck
 from .families import family_for, supported_class_names
-from .layer import GDNMixin, _replaces_forward, _warn_hub_forward, hookable_class
-from .sites import Owner, site
+from .hooking.locate import as_module
+from .layer import GDNMixin, hookable_class, replaces_forward, warn_hub_forward
 
-__all__ = [
-    "patch",
-    "unpatch",
-    "patched",
-    "patch_on_load",
-    "from_pretrained",
-    "as_module",
-    "gdn_layers",
-    "select_layers",
-    "site_module",
-]
-
-
-def as_module(model) -> nn.Module:
-    """The `nn.Module` behind `model`: the model itself, or the module an nnsight model (or any
-    wrapper that keeps it as `_module`, e.g. `gdn_intervene.nnsight.load(...)`) wraps."""
-    if isinstance(model, nn.Module):
-        return model
-    inner = getattr(model, "_module", None)
-    if isinstance(inner, nn.Module):
-        return inner
-    raise TypeError(f"expected a torch.nn.Module (or an nnsight model wrapping one); got {type(model).__name__}")
+__all__ = ["patch", "unpatch", "patched", "patch_on_load", "from_pretrained"]
 
 
 def _looks_gdn(m: nn.Module) -> bool:
@@ -105,7 +86,7 @@ def patch(
             hubs.append((m, hub))
     if hubs:
         where = "layers " + ", ".join(str(m.layer_idx) for m, _ in hubs)
-        _warn_hub_forward(*hubs[0], "patch restored HF's layer forward", layers=where)
+        warn_hub_forward(*hubs[0], "patch restored HF's layer forward", layers=where)
     if not selfcheck:
         for m in mods:
             _selfcheck.mark_checked(type(m))
@@ -116,7 +97,7 @@ def _hub_forward(m: nn.Module):
     """The whole-layer hub kernel forward kernels' `kernelize` bound to `m` (transformers 5.25
     loads with use_kernels on), on the instance or, under accelerate's hooks (device_map), in
     `_old_forward`; None if there is none."""
-    return next((f for f in map(m.__dict__.get, ("forward", "_old_forward")) if _replaces_forward(m, f)), None)
+    return next((f for f in map(m.__dict__.get, ("forward", "_old_forward")) if replaces_forward(m, f)), None)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -175,45 +156,3 @@ def from_pretrained(path: str, *, model_class=None, native_cached: bool | None =
     with patch_on_load():
         model = model_class.from_pretrained(path, **kwargs)
     return patch(model, native_cached=native_cached)  # raises the core error if there is no GDN
-
-
-def gdn_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """{layer_idx: patched GDN module}, in layer order (`model` may be an nnsight model)."""
-    model = as_module(model)
-    out = {m.layer_idx: m for m in model.modules() if isinstance(m, GDNMixin)}
-    if not out:
-        raise ValueError(f"{type(model).__name__} is not patched (call gdn_intervene.patch(model) first)")
-    return dict(sorted(out.items()))
-
-
-def select_layers(model: nn.Module, layers=None) -> dict[int, nn.Module]:
-    """{layer: patched GDN module} for `layers`: None (all), an int, or an iterable of ints."""
-    mods = gdn_layers(model)
-    if layers is None:
-        return mods
-    wanted = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else list(layers)
-    bad = [l for l in wanted if isinstance(l, bool) or not isinstance(l, int) or l not in mods]
-    if bad or not wanted:
-        raise ValueError(f"layers must be GDN layer indices from {list(mods)}; got {wanted!r}")
-    return {l: mods[l] for l in wanted}
-
-
-def site_module(model: nn.Module, layer: int, name: str) -> nn.Module:
-    """The module of site `name` in GDN layer `layer` (HF-owned sites resolved per family)."""
-    return _site_in(gdn_layers(model), layer, name)
-
-
-def _site_in(layers: dict[int, nn.Module], layer: int, name: str) -> nn.Module:
-    s = site(name)
-    if layer not in layers:
-        raise ValueError(f"layer {layer} is not a GDN layer; GDN layers are {list(layers)}")
-    m = layers[layer]
-    return getattr(m, m._gdn_family.hf_names[name]) if s.owner is Owner.HF else getattr(m, name)
-
-
-def __getattr__(name: str):  # `intervene` moved to gdn_intervene.edit
-    if name == "intervene":
-        from .edit import intervene
-
-        return intervene
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ whatever the session's backend. In a notebook, a returned Figure displays as usu
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -27,6 +27,7 @@ __all__ = [
     "trace_heatmap",
     "trace_figure",
     "atp_scatter",
+    "site_colour",
     "effective_attention_heatmap",
     "effective_attention_grid",
     "attribution_heatmap",
@@ -71,10 +72,10 @@ def _trace_panel(ax, result, name, *, norm, cmap, show_x: bool, annotate: bool, 
 
     score = result.scores[name].float().numpy()
     L, T = score.shape
-    ax.add_patch(Rectangle((-0.5, -0.5), T, L, facecolor=_NA_COLOUR, hatch="///", edgecolor="white",
-                           linewidth=0, zorder=0))
-    im = ax.imshow(np.ma.masked_invalid(score), aspect="auto", cmap=cmap, norm=norm,
-                   interpolation="nearest", zorder=1)
+    ax.add_patch(
+        Rectangle((-0.5, -0.5), T, L, facecolor=_NA_COLOUR, hatch="///", edgecolor="white", linewidth=0, zorder=0)
+    )
+    im = ax.imshow(np.ma.masked_invalid(score), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest", zorder=1)
     for p in result.corrupted_positions:
         ax.add_patch(Rectangle((p - 0.5, -0.5), 1, L, fill=False, edgecolor=_MARK, linewidth=1.6, zorder=3))
     if annotate:
@@ -82,8 +83,16 @@ def _trace_panel(ax, result, name, *, norm, cmap, show_x: bool, annotate: bool, 
             for p in range(T):
                 v = score[i, p]
                 if v == v and abs(v) >= 0.05:
-                    ax.text(p, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5, zorder=4,
-                            color="white" if abs(v) > 0.6 else "black")
+                    ax.text(
+                        p,
+                        i,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6.5,
+                        zorder=4,
+                        color="white" if abs(v) > 0.6 else "black",
+                    )
     ax.set_yticks(range(L), [f"layer {l}" for l in result.layers], fontsize=8)
     ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9, fontweight="bold")
     ax.set_xticks(range(T))
@@ -112,22 +121,32 @@ def _trace_figure(result, names, answer_labels, title, path, corrupt_tokens):
     axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
     norm, cmap = Normalize(-1, 1), "RdBu_r"  # one scale for every panel: 0 white, restored red
     for i, (ax, name) in enumerate(zip(axes, names)):
-        im = _trace_panel(ax, result, name, norm=norm, cmap=cmap, show_x=i == len(names) - 1, annotate=True,
-                           corrupt_tokens=corrupt_tokens)
+        im = _trace_panel(
+            ax,
+            result,
+            name,
+            norm=norm,
+            cmap=cmap,
+            show_x=i == len(names) - 1,
+            annotate=True,
+            corrupt_tokens=corrupt_tokens,
+        )
     cb = fig.colorbar(im, ax=list(axes), fraction=0.025, pad=0.01, extend="both")
     cb.set_label("fraction of the clean-vs-corrupt\nlogit difference restored", fontsize=8)
     axes[-1].set_xlabel("position:token of the clean prompt (red: corrupted, →the corrupted token)", fontsize=8)
     what = "first-order estimate of the " if getattr(result, "method", "") == "attribution patching" else ""
     fig.suptitle(f"{title}\n{_answers(result, answer_labels)}; colour = {what}{SCORE_LABEL}", fontsize=9)
-    handles = [Patch(facecolor=_NA_COLOUR, hatch="///", edgecolor="white", label="n/a (cannot reach the last logits)"),
-               Patch(fill=False, edgecolor=_MARK, linewidth=1.6, label="corrupted position")]
+    handles = [
+        Patch(facecolor=_NA_COLOUR, hatch="///", edgecolor="white", label="n/a (cannot reach the last logits)"),
+        Patch(fill=False, edgecolor=_MARK, linewidth=1.6, label="corrupted position"),
+    ]
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     if path is not None:
         _save(fig, path)
     return fig
 
 
-def trace_heatmap(result, site: str, *, answer_labels: Optional[Sequence[str]] = None, corrupt_tokens=None, path=None):
+def trace_heatmap(result, site: str, *, answer_labels: Sequence[str] | None = None, corrupt_tokens=None, path=None):
     """One site's causal-trace scores, GDN layers x positions (a `tracing.TraceResult`).
 
     Colour: the fraction of the clean-vs-corrupt logit difference restored (1 all, 0 none,
@@ -142,7 +161,7 @@ def trace_heatmap(result, site: str, *, answer_labels: Optional[Sequence[str]] =
     return _trace_figure(result, [site], answer_labels, title, path, corrupt_tokens)
 
 
-def trace_figure(result, *, answer_labels: Optional[Sequence[str]] = None, corrupt_tokens=None, path=None):
+def trace_figure(result, *, answer_labels: Sequence[str] | None = None, corrupt_tokens=None, path=None):
     """All traced sites of a `tracing.TraceResult`, one panel each, one shared colour scale
     (arguments as `trace_heatmap`)."""
     title = "causal trace: restore one GDN site of the clean run at (layer, position) in the corrupted run"
@@ -151,40 +170,65 @@ def trace_figure(result, *, answer_labels: Optional[Sequence[str]] = None, corru
     return _trace_figure(result, list(result.scores), answer_labels, title, path, corrupt_tokens)
 
 
-_SITE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+#: One colour per site (by its place in `sites.SITE_NAMES`), in the PNG and the HTML scatter alike.
+SITE_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+
+
+def site_colour(name: str) -> str:
+    from .sites import SITE_NAMES
+
+    return SITE_COLOURS[SITE_NAMES.index(name) % len(SITE_COLOURS)]
 
 
 def atp_scatter(atp, trace, *, title: str = "", path=None):
     """Attribution patching (x) against activation patching (y), one point per cell both score
-    and one colour per site, each labelled with its Pearson r and Spearman rho
-    (`tracing.agreement`); the diagonal marks agreement. Returns a Figure."""
+    (paired by site, layer and position) and one colour per site, each labelled with its Pearson
+    r and Spearman rho (`tracing.agreement`); the diagonal y = x marks agreement. Returns a Figure."""
     from matplotlib.figure import Figure
 
-    from .tracing import agreement
+    from .tracing.agreement import agreement, paired
 
-    stats = agreement(atp, trace)
+    pairs, stats = paired(atp, trace), agreement(atp, trace)
     fig = Figure(figsize=(6.4, 5.2), layout="constrained")
     ax = fig.subplots()
     lo = hi = 0.0
-    for i, name in enumerate(n for n in atp.sites if n in trace.sites):
-        x, y = atp.scores[name].flatten(), trace.scores[name].flatten()
-        ok = ~(x.isnan() | y.isnan())
-        x, y = x[ok].numpy(), y[ok].numpy()
+    for name, (_, x, y) in pairs.items():
+        x, y = x.numpy(), y.numpy()
         a = stats[name]
-        ax.scatter(x, y, s=14, alpha=0.75, color=_SITE_COLOURS[i % len(_SITE_COLOURS)], edgecolors="none",
-                   label=f"{name} (r {a.pearson:.2f}, ρ {a.spearman:.2f})")
-        if len(x):
-            lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
+        ax.scatter(x, y, s=14, alpha=0.75, color=site_colour(name), edgecolors="none",
+                   label=f"{name} (r {a.pearson:.2f}, ρ {a.spearman:.2f})")  # fmt: skip
+        lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
     pad = 0.05 * (hi - lo or 1.0)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", linewidth=0.8, linestyle="--", label="agreement (y = x)")
+    ax.plot(
+        [lo - pad, hi + pad],
+        [lo - pad, hi + pad],
+        color="0.6",
+        linewidth=0.8,
+        linestyle="--",
+        label="agreement (y = x)",
+    )
     ax.axhline(0, color="0.85", linewidth=0.6, zorder=0)
     ax.axvline(0, color="0.85", linewidth=0.6, zorder=0)
-    ax.set_xlabel("attribution patching (first-order estimate)", fontsize=9)
+    steps = getattr(atp, "steps", 1)
+    ax.set_xlabel(
+        "attribution patching (" + ("first-order estimate" if steps == 1 else f"{steps} steps") + ")", fontsize=9
+    )
     ax.set_ylabel("activation patching (causal trace)", fontsize=9)
     al = stats["all"]
     ax.set_title(_literal(title or "each cell: estimated vs measured fraction of the logit difference restored")
                  + f"\nall {al.cells} cells: r {al.pearson:.2f}, ρ {al.spearman:.2f}, "
-                 f"top-10 recall in AtP's top 20: {al.recall:.0%}", fontsize=9)
+                 f"top-10 recall in AtP's top 20: {al.recall:.0%}", fontsize=9)  # fmt: skip
     ax.legend(fontsize=7, loc="best", frameon=False)
     if path is not None:
         _save(fig, path)
@@ -199,8 +243,10 @@ def _matrix(M) -> torch.Tensor:
     return getattr(M, "matrix", M)
 
 
-_CAPTION = ("o = M v: row t of M is how the layer's output o_t mixes the values v_s (exact, from the "
-            "delta rule). Hatched grey: s > t, the future (masked).")
+_CAPTION = (
+    "o = M v: row t of M is how the layer's output o_t mixes the values v_s (exact, from the "
+    "delta rule). Hatched grey: s > t, the future (masked)."
+)
 
 
 def _check(M, head, batch, tokens, rows):
@@ -226,12 +272,22 @@ def _attention_panel(ax, data, *, row_pos, tokens, cmap, lim, title):
 
     R, T = data.shape
     future = np.arange(T)[None, :] > np.asarray(row_pos)[:, None]
-    ax.add_patch(Rectangle((-0.5, -0.5), T, R, facecolor=_NA_COLOUR, hatch="///", edgecolor="white",
-                           linewidth=0, zorder=0))
-    im = ax.imshow(np.ma.masked_array(data, mask=future), cmap=cmap, vmin=-lim, vmax=lim,
-                   interpolation="nearest", aspect="auto", zorder=1)
+    ax.add_patch(
+        Rectangle((-0.5, -0.5), T, R, facecolor=_NA_COLOUR, hatch="///", edgecolor="white", linewidth=0, zorder=0)
+    )
+    im = ax.imshow(
+        np.ma.masked_array(data, mask=future),
+        cmap=cmap,
+        vmin=-lim,
+        vmax=lim,
+        interpolation="nearest",
+        aspect="auto",
+        zorder=1,
+    )
     if T <= 64 and tokens is not None:
-        ax.set_xticks(range(T), [_literal(t) for t in tokens], rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
+        ax.set_xticks(
+            range(T), [_literal(t) for t in tokens], rotation=60, ha="right", rotation_mode="anchor", fontsize=7
+        )
     if R <= 64 and tokens is not None:
         ax.set_yticks(range(R), [_literal(tokens[p]) for p in row_pos], fontsize=7)
     elif R <= 64:
@@ -245,15 +301,15 @@ def _attention_panel(ax, data, *, row_pos, tokens, cmap, lim, title):
 def effective_attention_heatmap(
     M,
     *,
-    head: Optional[int] = None,
+    head: int | None = None,
     batch: int = 0,
-    tokens: Optional[Sequence[str]] = None,
-    rows: Optional[Sequence[int]] = None,
+    tokens: Sequence[str] | None = None,
+    rows: Sequence[int] | None = None,
     ax=None,
-    title: Optional[str] = None,
+    title: str | None = None,
     cmap: str = "RdBu_r",
-    vmax: Optional[float] = None,
-    path: Optional[str] = None,
+    vmax: float | None = None,
+    path: str | None = None,
 ):
     """Heatmap of the effective attention M of one head, or the mean over heads.
 
@@ -289,8 +345,15 @@ def effective_attention_heatmap(
         ax = fig.add_subplot()
     fig = ax.figure
     lim = float(vmax) if vmax else (float(abs(data).max()) or 1.0)
-    im = _attention_panel(ax, data, row_pos=row_pos, tokens=tokens, cmap=cmap, lim=lim,
-                          title=title or ("mean over heads" if head is None else f"head {head}"))
+    im = _attention_panel(
+        ax,
+        data,
+        row_pos=row_pos,
+        tokens=tokens,
+        cmap=cmap,
+        lim=lim,
+        title=title or ("mean over heads" if head is None else f"head {head}"),
+    )
     fig.colorbar(im, ax=ax, shrink=0.8).set_label("M[t, s] (0 = white)", fontsize=8)
     if new:
         fig.text(0.5, 0.0, _CAPTION, ha="center", va="bottom", fontsize=7, wrap=True)
@@ -303,14 +366,14 @@ def effective_attention_heatmap(
 def effective_attention_grid(
     M,
     *,
-    heads: Optional[Sequence[int]] = None,
-    head_labels: Optional[Sequence] = None,
+    heads: Sequence[int] | None = None,
+    head_labels: Sequence | None = None,
     batch: int = 0,
-    tokens: Optional[Sequence[str]] = None,
-    rows: Optional[Sequence[int]] = None,
-    title: Optional[str] = None,
+    tokens: Sequence[str] | None = None,
+    rows: Sequence[int] | None = None,
+    title: str | None = None,
     cmap: str = "RdBu_r",
-    path: Optional[str] = None,
+    path: str | None = None,
 ):
     """Several heads of one layer side by side on ONE colour scale (so panels compare).
 
@@ -349,8 +412,15 @@ def effective_attention_grid(
 # --------------------------------------------------------------------------- attribution
 
 
-def attribution_heatmap(att, *, tokens: Optional[Sequence[str]] = None, row: int = 0, batch: int = 0,
-                        what: str = "the projected output", path=None):
+def attribution_heatmap(
+    att,
+    *,
+    tokens: Sequence[str] | None = None,
+    row: int = 0,
+    batch: int = 0,
+    what: str = "the projected output",
+    path=None,
+):
     """Contributions of an `analysis.Attribution`: one panel per GDN layer, heads x source
     positions, for query row `row` (position att.positions[row]); one diverging scale centred at 0
     for all panels. Each panel's title gives the layer's total (its direct effect on `what`).
@@ -372,12 +442,17 @@ def attribution_heatmap(att, *, tokens: Optional[Sequence[str]] = None, row: int
         ax.set_title(f"GDN layer {att.layers[i]}: total {float(att.value[batch, i, row]):.3f}", fontsize=9, loc="left")
         ax.set_xticks(range(T))
         ax.tick_params(labelbottom=i == L - 1)
-        ax.axvspan(t + 0.5, T - 0.5, facecolor=_NA_COLOUR, hatch="///", edgecolor="white", linewidth=0) if t < T - 1 else None
+        ax.axvspan(
+            t + 0.5, T - 0.5, facecolor=_NA_COLOUR, hatch="///", edgecolor="white", linewidth=0
+        ) if t < T - 1 else None
     axes[-1].set_xticklabels([_literal(x) for x in labels], rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
     axes[-1].set_xlabel("source position s (value v_s; v_s mixes tokens s-3..s through the conv)", fontsize=8)
     fig.colorbar(im, ax=list(axes), fraction=0.025, pad=0.01).set_label("contribution (logits, one scale)", fontsize=8)
-    fig.suptitle(_literal(f"attribution of {what} at position {labels[t]} to source positions, per GDN layer and head")
-                 + "\n(exact: M[t, s] times the projected value; the gated norm's scale frozen)", fontsize=9)
+    fig.suptitle(
+        _literal(f"attribution of {what} at position {labels[t]} to source positions, per GDN layer and head")
+        + "\n(exact: M[t, s] times the projected value; the gated norm's scale frozen)",
+        fontsize=9,
+    )
     if path is not None:
         _save(fig, path)
     return fig

@@ -24,14 +24,14 @@ state after this call (each decode step in `generate`), which reaches the logits
 the cache. Inside `gdn_intervene.state_at(model, [p])` (one position) the state components
 see the state after token p instead, which the rest of the call reads: the layer's prefill is
 split after p, the state site fires after p and again at the end, and pyvene is shown only
-the first of the two (the final state passes through unedited). More than one position
-raises: pyvene takes one value per call. Head h of a `head_` component is the
+the state after p (the layer says which state fires: `GDNLayer.firing`; the final state passes
+through unedited). More than one position raises: pyvene takes one value per call. Head h of a `head_` component is the
 slice `[h*D, (h+1)*D)` of that view; HK heads for q/k, HV heads otherwise. KDA's per-channel
 decay `[B, T, HV, K]` has D = K. Widths come from the family's shape of the site
 (`Site.shape_for(family.mixer)`) and its config fields (`Family.config`: KDA configs name one
 head count and one head dim, `linear_num_heads` and `linear_head_dim`).
 
-What `register()` changes in pyvene 0.1.8 (all through `_compat.wrap_pyvene`; every other
+What `register()` changes in pyvene 0.1.8 (all through `_wrap_pyvene` here; every other
 model class goes to pyvene's own code unchanged):
 - `get_module_hook`: a GDN component resolves by layer index with a clear error (it names the
   GDN layers; an attention component at a GDN layer names the attention layers) and hooks the
@@ -55,17 +55,17 @@ import importlib
 import importlib.metadata
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 from . import _compat
 from .families import FAMILIES, Family
-from .layer import is_patched
-from .patching import gdn_layers, site_module
-from .sites import SITES, Owner, Site
+from .hooking.locate import gdn_layers, site_module
+from .layer import GDNLayer, is_patched
+from .sites import SITES, Fires, Owner, Site
 
 __all__ = ["register", "COMPONENTS", "model_classes", "component"]
 
@@ -109,8 +109,14 @@ def _head_dim(c) -> int:
     return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
-def _block(c) -> int:  # Qwen4-Exp's hyper-connections carry hc_count streams of width D
-    return c.hidden_size * getattr(c, "hc_count", 1)
+def _streams(c) -> int:
+    """Hyper-connection streams of the residual: Qwen4-Exp's `hc_count`, GLM-5-Next's `hc_mult`;
+    1 for a plain residual."""
+    return getattr(c, "hc_count", None) or getattr(c, "hc_mult", None) or 1
+
+
+def _block(c) -> int:  # the block's input and output: all streams at a position, N * D
+    return c.hidden_size * _streams(c)
 
 
 def _components() -> dict[str, Component]:
@@ -122,7 +128,9 @@ def _components() -> dict[str, Component]:
         Component("mlp_output", "mlp", "output", D),
         Component("attention_input", "self_attn", "input", D),
         Component("attention_output", "self_attn", "output", D),
-        Component("attention_value_output", "self_attn.o_proj", "input", lambda c: c.num_attention_heads * _head_dim(c)),
+        Component(
+            "attention_value_output", "self_attn.o_proj", "input", lambda c: c.num_attention_heads * _head_dim(c)
+        ),
         Component("head_attention_value_output", "self_attn.o_proj", "input", _head_dim, heads="num_attention_heads"),
         # q_proj also holds the output gate in the gated-attention families (2 x head_dim per
         # head), which the config does not say: its width is left to pyvene (None).
@@ -265,9 +273,6 @@ def _wrap_pyvene(wrappers: dict) -> None:
             setattr(base, name, new)
 
 
-
-
-
 def _wrap_get_dimension(original):
     def get_dimension_by_component(model_type, model_config, comp):
         if _ours(model_type) and comp in COMPONENTS:
@@ -292,9 +297,11 @@ def _wrap_get_module_hook(original):
                 raise ValueError(f"pyvene component {c.name!r}: {e}") from None
             sizes = _family_of_model(model).letters(_text_config(model.config))
             heads = sizes[c.site.heads] if c.heads else None
-            owner = gdn_layers(model)[layer] if c.site.name == "state" else None
+            owner = gdn_layers(model)[layer] if c.site.fires is Fires.PER_SPLIT else None
             return _Adapter(module, c, layer, heads, owner)
         decoder = _decoder_layer(model, layer)
+        if c.name in ("block_input", "block_output") and getattr(_text_config(model.config), "hc_mult", None):
+            return _BlockAdapter(decoder, c)  # GLM-5-Next: the streams are [B, T, N, D]
         if c.path.startswith("self_attn") and not _is_attention(decoder):
             attn = [i for i, d in enumerate(_decoder_layers(model)) if _is_attention(d)]
             raise ValueError(
@@ -344,29 +351,24 @@ class _Adapter:
     what it returns. We register one forward hook on the site that shows pyvene a fresh
     `[B, T, X]` copy of the value (state: `[B, 1, HV*K*V]`) and returns it as the new value.
 
-    State components (`owner`: the GDN layer): in a call that `gdn_intervene.state_at` splits
-    after one position p, the state fires after p and at the end; pyvene sees the first firing
-    only (a pre-hook on the layer counts the firings per call), so its getter keeps, and its
-    setter replaces, the state after p."""
+    State components (`owner`: the GDN layer): pyvene sees one state per call, the one the
+    layer says is firing (`GDNLayer.firing`): inside `gdn_intervene.state_at(model, [p])` the
+    state after p (a pre-hook on the layer records each call's length: a call shorter than p + 1
+    tokens, a decode step, shows its final state), else the call's final state."""
 
-    def __init__(self, module: nn.Module, comp: Component, layer: int, heads: int | None, owner: nn.Module | None = None):
+    def __init__(
+        self, module: nn.Module, comp: Component, layer: int, heads: int | None, owner: nn.Module | None = None
+    ):
         self.module, self.comp, self.layer, self.heads, self.owner = module, comp, layer, heads, owner
 
     def __call__(self, hook, with_kwargs: bool = True):
-        comp, layer, heads, owner = self.comp, self.layer, self.heads, self.owner
-        fired = [0]  # state firings in the current call of the layer
+        comp, layer, heads = self.comp, self.layer, self.heads
+        gdn = None if self.owner is None else GDNLayer(self.owner)
+        T = [0]  # tokens of the layer's current call
 
         def adapter(module, args, kwargs, out):
-            if owner is not None and owner.state_positions:
-                if len(owner.state_positions) > 1:
-                    raise ValueError(
-                        f"pyvene component {comp.name!r} at layer {layer}: the layer is split after positions "
-                        f"{list(owner.state_positions)} (gdn_intervene.state_at), but pyvene takes one state per "
-                        "call; give state_at one position"
-                    )
-                fired[0] += 1
-                if fired[0] > 1:  # the final state of a split call: not pyvene's
-                    return None
+            if gdn is not None and not _pyvenes_state(gdn, comp, layer, T[0]):
+                return None
             lead = tuple(out.shape[:2]) if comp.site.has_time else (out.shape[0], 1)
             flat = out.reshape(*lead, -1).clone()
             try:
@@ -379,14 +381,60 @@ class _Adapter:
 
         adapter._gdn_pyvene = True
         handles = [self.module.register_forward_hook(adapter, with_kwargs=True)]
-        if owner is not None:
+        if gdn is not None:
 
             def new_call(module, args, kwargs):
-                fired[0] = 0
+                T[0] = (args[0] if args else kwargs["hidden_states"]).shape[1]
 
             new_call._gdn_pyvene = True
-            handles.append(owner.register_forward_pre_hook(new_call, with_kwargs=True))
+            handles.append(self.owner.register_forward_pre_hook(new_call, with_kwargs=True))
         return _Handles(handles)
+
+
+def _pyvenes_state(gdn: GDNLayer, comp: Component, layer: int, T: int) -> bool:
+    """Whether the state firing now is the one pyvene's state component stands for."""
+    ps = gdn.state_positions
+    if len(ps) > 1:
+        raise ValueError(
+            f"pyvene component {comp.name!r} at layer {layer}: the layer is split after positions {list(ps)} "
+            "(gdn_intervene.state_at), but pyvene takes one state per call; give state_at one position"
+        )
+    firing = gdn.firing
+    if firing is None:
+        return True
+    return firing.position == ps[0] if ps and ps[0] < T else firing.final
+
+
+class _BlockAdapter:
+    """A block component of a model whose residual is N hyper-connection streams held as
+    [B, T, N, D] (GLM-5-Next's mHC): pyvene is shown all streams at a position, a fresh
+    [B, T, N*D] copy (the unit Qwen4-Exp's flat streams have), and its edit is put back."""
+
+    def __init__(self, decoder: nn.Module, comp: Component):
+        self.decoder, self.comp = decoder, comp
+
+    def __call__(self, hook, with_kwargs: bool = True):
+        if self.comp.hook == "output":
+
+            def adapter(module, args, kwargs, out):
+                h, rest = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
+                flat = h.reshape(*h.shape[:2], -1).clone()
+                hook(module, args, kwargs, flat if rest is None else (flat, *rest))
+                return flat.view(h.shape) if rest is None else (flat.view(h.shape), *rest)
+
+            adapter._gdn_pyvene = True
+            return _Handles([self.decoder.register_forward_hook(adapter, with_kwargs=True)])
+
+        def pre(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            flat = h.reshape(*h.shape[:2], -1).clone()
+            hook(module, (flat, *args[1:]) if args else (), kwargs if args else {**kwargs, "hidden_states": flat})
+            if args:
+                return (flat.view(h.shape), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": flat.view(h.shape)}
+
+        pre._gdn_pyvene = True
+        return _Handles([self.decoder.register_forward_pre_hook(pre, with_kwargs=True)])
 
 
 class _Handles:

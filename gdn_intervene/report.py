@@ -21,10 +21,10 @@ MathJax is loaded), so every token is escaped and shows literally -- "<s>", "x<b
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
 
-from .plot import SCORE_LABEL  # one wording of what a trace score is
+from .plot import SCORE_LABEL, site_colour  # one wording of what a trace score is; one colour per site
 
 __all__ = ["trace_figure", "atp_scatter_figure", "attention_figure", "attribution_figure", "write_html"]
 
@@ -47,11 +47,13 @@ def _plotly():
     try:
         import plotly.graph_objects as go
     except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError('the HTML report needs plotly: pip install "gdn_intervene[all]" (or pip install plotly)') from e
+        raise ImportError(
+            'the HTML report needs plotly: pip install "gdn_intervene[all]" (or pip install plotly)'
+        ) from e
     return go
 
 
-def trace_figure(result, *, answer_labels: Optional[Sequence[str]] = None):
+def trace_figure(result, *, answer_labels: Sequence[str] | None = None):
     """A plotly Figure of a `tracing.TraceResult`: rows (site, layer), columns positions."""
     go = _plotly()
     T = len(result.tokens)
@@ -60,68 +62,108 @@ def trace_figure(result, *, answer_labels: Optional[Sequence[str]] = None):
         for i, layer in enumerate(result.layers):
             row = [None if v != v else round(float(v), 4) for v in result.scores[name][i].tolist()]
             z.append(row)
-            custom.append([[name, layer, _text(result.tokens[p]), "n/a" if row[p] is None else f"{row[p]:.3f}"]
-                           for p in range(T)])
+            custom.append(
+                [[name, layer, _text(result.tokens[p]), "n/a" if row[p] is None else f"{row[p]:.3f}"] for p in range(T)]
+            )
             ylabels.append(f"{name} · layer {layer}")
     xlabels = _labels(result.tokens)
     # the corrupted positions' tick labels in red and bold, as in the PNG trace figure
-    ticks = [f'<span style="color:{_MARK}"><b>{x}</b></span>' if p in result.corrupted_positions else x
-             for p, x in enumerate(xlabels)]
+    ticks = [
+        f'<span style="color:{_MARK}"><b>{x}</b></span>' if p in result.corrupted_positions else x
+        for p, x in enumerate(xlabels)
+    ]
     heat = go.Heatmap(
-        z=z, x=xlabels, y=ylabels, customdata=custom, zmin=-1, zmax=1, zmid=0, colorscale="RdBu", reversescale=True,
-        xgap=1, ygap=1, hoverongaps=False,
+        z=z,
+        x=xlabels,
+        y=ylabels,
+        customdata=custom,
+        zmin=-1,
+        zmax=1,
+        zmid=0,
+        colorscale="RdBu",
+        reversescale=True,
+        xgap=1,
+        ygap=1,
+        hoverongaps=False,
         colorbar=dict(title=dict(text="restored<br>fraction", side="right")),
         hovertemplate="site %{customdata[0]}, layer %{customdata[1]}<br>position %{x} (token %{customdata[2]})"
-                      "<br>score %{customdata[3]}<extra></extra>",
+        "<br>score %{customdata[3]}<extra></extra>",
     )
     fig = go.Figure(heat)
     a = answer_labels or [f"token {x}" for x in result.answers]
-    what = ("Attribution patching, first-order estimate of the " if getattr(result, "method", "") == "attribution patching"
-            else "Causal trace: ")
+    what = (
+        "Attribution patching, first-order estimate of the "
+        if getattr(result, "method", "") == "attribution patching"
+        else "Causal trace: "
+    )
     fig.update_layout(
-        title=dict(text=f"{what}{html.escape(SCORE_LABEL)}<br><sup>clean answer {_text(a[0])}"
-                        f" vs corrupted answer {_text(a[1])}; corrupted positions "
-                        f"{', '.join(map(str, result.corrupted_positions)) or 'none'}</sup>"),
-        plot_bgcolor=_GAP, height=220 + 26 * len(ylabels), margin=dict(l=140, r=40, t=90, b=90),
+        title=dict(
+            text=f"{what}{html.escape(SCORE_LABEL)}<br><sup>clean answer {_text(a[0])}"
+            f" vs corrupted answer {_text(a[1])}; corrupted positions "
+            f"{', '.join(map(str, result.corrupted_positions)) or 'none'}</sup>"
+        ),
+        plot_bgcolor=_GAP,
+        height=220 + 26 * len(ylabels),
+        margin=dict(l=140, r=40, t=90, b=90),
         yaxis=dict(autorange="reversed", tickfont=dict(size=11)),
-        xaxis=dict(tickangle=-60, tickfont=dict(size=11), automargin=True, tickvals=xlabels, ticktext=ticks,
-                   title=dict(text=f'position:token of the clean prompt (<span style="color:{_MARK}">red</span>: corrupted)',
-                              font=dict(size=12))),
+        xaxis=dict(
+            tickangle=-60,
+            tickfont=dict(size=11),
+            automargin=True,
+            tickvals=xlabels,
+            ticktext=ticks,
+            title=dict(
+                text=f'position:token of the clean prompt (<span style="color:{_MARK}">red</span>: corrupted)',
+                font=dict(size=12),
+            ),
+        ),
     )
     for p in result.corrupted_positions:  # outline the corrupted columns
-        fig.add_shape(type="rect", x0=p - 0.5, x1=p + 0.5, y0=-0.5, y1=len(ylabels) - 0.5, xref="x", yref="y",
-                      line=dict(color=_MARK, width=2))
+        fig.add_shape(
+            type="rect",
+            x0=p - 0.5,
+            x1=p + 0.5,
+            y0=-0.5,
+            y1=len(ylabels) - 0.5,
+            xref="x",
+            yref="y",
+            line=dict(color=_MARK, width=2),
+        )
     return fig
 
 
 def atp_scatter_figure(atp, trace):
     """A plotly scatter: attribution patching (x) against activation patching (y), one point per
-    cell, one colour per site (legend: Pearson r, Spearman rho), hover naming the cell."""
-    from .tracing import agreement
+    cell both score (paired by site, layer and position), one colour per site as in the PNG
+    (legend: Pearson r, Spearman rho), the diagonal y = x, hover naming the cell."""
+    from .tracing.agreement import agreement, paired
 
     go = _plotly()
-    stats = agreement(atp, trace)
+    pairs, stats = paired(atp, trace), agreement(atp, trace)
     fig = go.Figure()
-    for name in (n for n in atp.sites if n in trace.sites):
-        pts = [(float(x), float(y), L, p) for i, L in enumerate(atp.layers)
-               for p, (x, y) in enumerate(zip(atp.scores[name][i].tolist(), trace.scores[name][i].tolist())) if x == x and y == y]
-        if not pts:
-            continue
-        x, y, L, p = zip(*pts)
+    lo = hi = 0.0
+    for name, (cells, x, y) in pairs.items():
         a = stats[name]
+        lo, hi = min(lo, float(x.min()), float(y.min())), max(hi, float(x.max()), float(y.max()))
         fig.add_trace(go.Scatter(
-            x=x, y=y, mode="markers", name=f"{name} (r {a.pearson:.2f}, ρ {a.spearman:.2f})",
-            customdata=[[l, _text(f"{q}:{atp.tokens[q]}")] for l, q in zip(L, p)],
+            x=x.tolist(), y=y.tolist(), mode="markers", name=f"{name} (r {a.pearson:.2f}, ρ {a.spearman:.2f})",
+            marker=dict(color=site_colour(name)),
+            customdata=[[c.layer, _text(f"{c.position}:{atp.tokens[c.position]}")] for c in cells],
             hovertemplate=f"{name}, layer %{{customdata[0]}}, %{{customdata[1]}}<br>estimate %{{x:.3f}}, "
-                          "measured %{y:.3f}<extra></extra>"))
+                          "measured %{y:.3f}<extra></extra>"))  # fmt: skip
+    pad = 0.05 * (hi - lo or 1.0)
+    fig.add_trace(go.Scatter(x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines", name="agreement (y = x)",
+                             line=dict(color="#999999", dash="dash", width=1), hoverinfo="skip"))  # fmt: skip
     al = stats["all"]
+    steps = getattr(atp, "steps", 1)
     fig.update_layout(
         title=dict(text=f"Estimated vs measured, every cell<br><sup>all {al.cells} cells: r {al.pearson:.2f}, "
                         f"ρ {al.spearman:.2f}; top-10 recall in AtP's top 20: {al.recall:.0%}</sup>"),
-        xaxis=dict(title="attribution patching (first-order estimate)", zeroline=True),
+        xaxis=dict(title="attribution patching (" + ("first-order estimate" if steps == 1 else f"{steps} steps") + ")",
+                   zeroline=True),
         yaxis=dict(title="activation patching (causal trace)", zeroline=True),
         height=520, width=760, margin=dict(l=80, r=40, t=90, b=70),
-    )
+    )  # fmt: skip
     return fig
 
 
@@ -151,26 +193,50 @@ def _heatmap_menu(views, tokens, *, title, hover, row_pos=None, colorbar="M[t, s
         rows = list(range(R)) if row_pos is None else list(row_pos)
         masked = np.where(np.arange(T)[None, :] > np.asarray(rows)[:, None], np.nan, data)
         custom = [[[_text(tokens[t]), _text(tokens[s])] for s in range(T)] for t in rows]
-        fig.add_trace(go.Heatmap(
-            z=masked, x=xlabels, y=[xlabels[t] for t in rows], customdata=custom, name=label,
-            zmid=0, zmin=-lim, zmax=lim, colorscale="RdBu", reversescale=True, hoverongaps=False,
-            visible=i == 0, colorbar=dict(title=dict(text=colorbar, side="right")), hovertemplate=hover,
-        ))
-    buttons = [dict(label=label, method="update",
-                    args=[{"visible": [j == i for j in range(len(views))]}, {"title.text": f"{title}: {label}"}])
-               for i, (label, _) in enumerate(views)]
+        fig.add_trace(
+            go.Heatmap(
+                z=masked,
+                x=xlabels,
+                y=[xlabels[t] for t in rows],
+                customdata=custom,
+                name=label,
+                zmid=0,
+                zmin=-lim,
+                zmax=lim,
+                colorscale="RdBu",
+                reversescale=True,
+                hoverongaps=False,
+                visible=i == 0,
+                colorbar=dict(title=dict(text=colorbar, side="right")),
+                hovertemplate=hover,
+            )
+        )
+    buttons = [
+        dict(
+            label=label,
+            method="update",
+            args=[{"visible": [j == i for j in range(len(views))]}, {"title.text": f"{title}: {label}"}],
+        )
+        for i, (label, _) in enumerate(views)
+    ]
     fig.update_layout(
-        title=dict(text=f"{title}: {views[0][0]}" if views else title, x=0.01, xanchor="left"), plot_bgcolor=_GAP,
-        updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.02, yanchor="bottom",
-                          showactive=True)] if len(views) > 1 else [],
-        height=260 + 22 * (len(views[0][1]) if views else 1), width=max(520, 200 + 26 * T),
+        title=dict(text=f"{title}: {views[0][0]}" if views else title, x=0.01, xanchor="left"),
+        plot_bgcolor=_GAP,
+        updatemenus=[
+            dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.02, yanchor="bottom", showactive=True)
+        ]
+        if len(views) > 1
+        else [],
+        height=260 + 22 * (len(views[0][1]) if views else 1),
+        width=max(520, 200 + 26 * T),
         margin=dict(l=90, r=40, t=110, b=90),
-        yaxis=dict(autorange="reversed", title="query t (output o_t)"), xaxis=dict(tickangle=-60, title="key s (value v_s)"),
+        yaxis=dict(autorange="reversed", title="query t (output o_t)"),
+        xaxis=dict(tickangle=-60, title="key s (value v_s)"),
     )
     return fig
 
 
-def attention_figure(attention: Mapping, tokens: Sequence[str], *, rows: Optional[Sequence[int]] = None):
+def attention_figure(attention: Mapping, tokens: Sequence[str], *, rows: Sequence[int] | None = None):
     """Effective attention, one heatmap per (layer, head) with a drop-down head picker.
 
     attention: {layer: M [H, R, T]} (one batch row), or {layer: (M, head labels)}, or
@@ -182,10 +248,11 @@ def attention_figure(attention: Mapping, tokens: Sequence[str], *, rows: Optiona
         if not isinstance(m, tuple) and m.dim() == 4:
             m = m[0]
         mats[layer] = m
-    hover = ("query t = %{y} (token %{customdata[0]})<br>key s = %{x} (token %{customdata[1]})"
-             "<br>M[t, s] = %{z:.4f}<extra></extra>")
-    return _heatmap_menu(_views(mats), list(tokens), title="Effective attention (o = M v)",
-                         hover=hover, row_pos=rows)
+    hover = (
+        "query t = %{y} (token %{customdata[0]})<br>key s = %{x} (token %{customdata[1]})"
+        "<br>M[t, s] = %{z:.4f}<extra></extra>"
+    )
+    return _heatmap_menu(_views(mats), list(tokens), title="Effective attention (o = M v)", hover=hover, row_pos=rows)
 
 
 def attribution_figure(att, tokens: Sequence[str], *, row: int = 0, what: str = "the projected output"):
@@ -201,22 +268,38 @@ def attribution_figure(att, tokens: Sequence[str], *, row: int = 0, what: str = 
     for i, layer in enumerate(att.layers):
         for j, head in enumerate(att.heads):
             names.append(f"layer {layer}, head {head}")
-            fig.add_trace(go.Bar(
-                x=xlabels, y=C[i, j].tolist(), name=names[-1], visible=not fig.data,
-                customdata=[_text(x) for x in tokens],
-                marker_color=["#b2182b" if v >= 0 else "#2166ac" for v in C[i, j].tolist()],
-                hovertemplate="source %{x} (token %{customdata})<br>contribution %{y:.4f}<extra>%{fullData.name}</extra>"))
+            fig.add_trace(
+                go.Bar(
+                    x=xlabels,
+                    y=C[i, j].tolist(),
+                    name=names[-1],
+                    visible=not fig.data,
+                    customdata=[_text(x) for x in tokens],
+                    marker_color=["#b2182b" if v >= 0 else "#2166ac" for v in C[i, j].tolist()],
+                    hovertemplate="source %{x} (token %{customdata})<br>contribution %{y:.4f}<extra>%{fullData.name}</extra>",
+                )
+            )
     n = len(names)
     title = f"Attribution of {_text(what)} at position {xlabels[t]}"
-    buttons = [dict(label=nm, method="update", args=[{"visible": [k == i for k in range(n)]}, {"title.text": f"{title}: {nm}"}])
-               for i, nm in enumerate(names)]
-    fig.update_layout(title=dict(text=f"{title}: {names[0]}", x=0.01, xanchor="left"), showlegend=False,
-                      updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.02,
-                                        yanchor="bottom")] if n > 1 else [],
-                      yaxis=dict(range=[-1.05 * lim, 1.05 * lim], automargin=True,
-                                 title="contribution (logits)<br>one scale for all heads"),
-                      xaxis=dict(tickangle=-60, title="source position s", automargin=True),
-                      height=480, margin=dict(l=100, t=110, b=100))
+    buttons = [
+        dict(
+            label=nm, method="update", args=[{"visible": [k == i for k in range(n)]}, {"title.text": f"{title}: {nm}"}]
+        )
+        for i, nm in enumerate(names)
+    ]
+    fig.update_layout(
+        title=dict(text=f"{title}: {names[0]}", x=0.01, xanchor="left"),
+        showlegend=False,
+        updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.02, yanchor="bottom")]
+        if n > 1
+        else [],
+        yaxis=dict(
+            range=[-1.05 * lim, 1.05 * lim], automargin=True, title="contribution (logits)<br>one scale for all heads"
+        ),
+        xaxis=dict(tickangle=-60, title="source position s", automargin=True),
+        height=480,
+        margin=dict(l=100, t=110, b=100),
+    )
     return fig
 
 
@@ -229,9 +312,20 @@ _PAGE = """<!DOCTYPE html>
 """
 
 
-def write_html(path, *, trace=None, trace_answers=None, attention=None, attention_rows=None, attribution=None,
-               attribution_of: str = "the projected output", tokens=None, title: str = "gdn_intervene report",
-               notes: Sequence[str] = (), atp=None):
+def write_html(
+    path,
+    *,
+    trace=None,
+    trace_answers=None,
+    attention=None,
+    attention_rows=None,
+    attribution=None,
+    attribution_of: str = "the projected output",
+    tokens=None,
+    title: str = "gdn_intervene report",
+    notes: Sequence[str] = (),
+    atp=None,
+):
     """Write one self-contained HTML file (plotly.js embedded once; works offline). Returns the path.
 
     trace: a TraceResult; atp: an attribution-patching TraceResult (its view, and with `trace`
@@ -242,38 +336,68 @@ def write_html(path, *, trace=None, trace_answers=None, attention=None, attentio
     tokens = list(tokens if tokens is not None else (trace.tokens if trace is not None else []))
     parts = []
     if trace is not None:
-        parts.append(("Causal trace", "trace", trace_figure(trace, answer_labels=trace_answers),
-                      f"Each cell restores one GDN site of the clean run at one (layer, position) in the corrupted run. "
-                      f"Colour: the {SCORE_LABEL} (1 = all of it, 0 = none). Grey: not applicable (the final state "
-                      f"cannot reach the last logits). Red outline: corrupted positions."))
+        parts.append(
+            (
+                "Causal trace",
+                "trace",
+                trace_figure(trace, answer_labels=trace_answers),
+                f"Each cell restores one GDN site of the clean run at one (layer, position) in the corrupted run. "
+                f"Colour: the {SCORE_LABEL} (1 = all of it, 0 = none). Grey: not applicable (the final state "
+                f"cannot reach the last logits). Red outline: corrupted positions.",
+            )
+        )
     if atp is not None:
-        parts.append(("Attribution patching", "atp", trace_figure(atp, answer_labels=trace_answers),
-                      "The same cells ranked from one clean forward, one corrupted forward and one backward: each "
-                      "cell's first-order estimate (clean - corrupted value) . gradient, the state after every position "
-                      "through the adjoint scan. Linear: saturated effects read low (even with the wrong sign); rank "
-                      "by |estimate| and confirm the top cells by patching."))
+        parts.append(
+            (
+                "Attribution patching",
+                "atp",
+                trace_figure(atp, answer_labels=trace_answers),
+                "The same cells ranked from one clean forward, one corrupted forward and one backward: each "
+                "cell's first-order estimate (clean - corrupted value) . gradient, the state after every position "
+                "through the adjoint scan. Linear: saturated effects read low (even with the wrong sign); rank "
+                "by |estimate| and confirm the top cells by patching.",
+            )
+        )
         if trace is not None:
-            parts.append(("Estimated vs measured", "atp-scatter", atp_scatter_figure(atp, trace),
-                          "One point per cell: attribution patching (x) against the causal trace (y). On the diagonal "
-                          "the first-order estimate is exact; a saturated effect sits far above it."))
+            parts.append(
+                (
+                    "Estimated vs measured",
+                    "atp-scatter",
+                    atp_scatter_figure(atp, trace),
+                    "One point per cell: attribution patching (x) against the causal trace (y). On the diagonal "
+                    "the first-order estimate is exact; a saturated effect sits far above it.",
+                )
+            )
     if attention:
-        parts.append(("Effective attention", "attention", attention_figure(attention, tokens, rows=attention_rows),
-                      "o = M v: row t of M is how the layer's output o_t (the delta-rule output, before the gated "
-                      "norm) mixes the values v_s; exact, from the delta rule. Grey: the future (s > t). "
-                      "Pick the layer and head in the menu."))
+        parts.append(
+            (
+                "Effective attention",
+                "attention",
+                attention_figure(attention, tokens, rows=attention_rows),
+                "o = M v: row t of M is how the layer's output o_t (the delta-rule output, before the gated "
+                "norm) mixes the values v_s; exact, from the delta rule. Grey: the future (s > t). "
+                "Pick the layer and head in the menu.",
+            )
+        )
     if attribution:
-        parts.append(("Attribution", "attribution", attribution_figure(attribution, tokens, what=attribution_of),
-                      f"Exact split of each GDN layer's direct effect on {attribution_of} over heads and source "
-                      "positions: M[t, s] times the value v_s projected through the gated norm (its scale frozen) and "
-                      "the output projection. v_s mixes tokens s-3..s through the causal conv. Pick the layer and head "
-                      "in the menu."))
+        parts.append(
+            (
+                "Attribution",
+                "attribution",
+                attribution_figure(attribution, tokens, what=attribution_of),
+                f"Exact split of each GDN layer's direct effect on {attribution_of} over heads and source "
+                "positions: M[t, s] times the value v_s projected through the gated norm (its scale frozen) and "
+                "the output projection. v_s mixes tokens s-3..s through the causal conv. Pick the layer and head "
+                "in the menu.",
+            )
+        )
     if not parts:
         raise ValueError("write_html needs at least one of trace=, atp=, attention=, attribution=")
     sections = []
     for i, (heading, div, fig, note) in enumerate(parts):
         body = fig.to_html(full_html=False, include_plotlyjs=i == 0, div_id=div, config={"displaylogo": False})
-        sections.append(f"<h2>{heading}</h2>\n<p class=\"note\">{html.escape(note)}</p>\n{body}")
-    sections += [f"<p class=\"note\">{html.escape(n)}</p>" for n in notes]
+        sections.append(f'<h2>{heading}</h2>\n<p class="note">{html.escape(note)}</p>\n{body}')
+    sections += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
     path = Path(path)
     path.write_text(_PAGE.format(title=html.escape(title), sections="\n".join(sections)), encoding="utf-8")
     return path

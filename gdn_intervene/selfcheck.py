@@ -11,6 +11,8 @@ what differed, on that call and every later call of the class.
     GDN_INTERVENE_SKIP_SELFCHECK=1 python run.py     # skip it everywhere
     gdn_intervene.patch(model, selfcheck=False)      # skip it for this model's classes
 
+`doctor` re-runs the check on demand (`verify`) without touching what this process recorded.
+
 The check runs on a private twin of the module: the same parameters and children, with every
 observing hook (user code, pyvene, nnsight's per-module controller) left out, so they see
 nothing of it; hooks of torch, transformers and accelerate stay (tensor parallelism gathers
@@ -20,23 +22,26 @@ which is asked for the final state (that does not change the output).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import _compat
 
-__all__ = ["SelfCheckError", "ENV", "TOKENS", "first_call", "mark_checked", "reset"]
+__all__ = ["SelfCheckError", "ENV", "TOKENS", "Check", "first_call", "mark_checked", "reset", "suspended", "verify"]
 
 ENV = "GDN_INTERVENE_SKIP_SELFCHECK"
 TOKENS = 8  # crosses no chunk boundary, covers the conv's left context (kernel 4)
 
 _DONE: set[type] = set()  # classes checked (or skipped)
-_FAILED: dict[type, "SelfCheckError"] = {}
+_FAILED: dict[type, SelfCheckError] = {}
 
 
 class SelfCheckError(_compat.UnsupportedVersionError):
@@ -54,31 +59,66 @@ def reset() -> None:
     _FAILED.clear()
 
 
-def first_call(
-    forward: Callable, *, ours: Callable, hf: Callable, chunk_kernel: str = "torch_chunk_gated_delta_rule",
-    route: Callable = lambda fn: fn,
-) -> Callable:
-    """Wrap a patched class's `forward` so that its first call per class runs the check.
+_LOCAL = threading.local()
 
-    `ours` and `hf` are the undecorated functions `(module, hidden_states)` compared: the
-    decomposed forward and HF's own; `chunk_kernel` names the family's chunk kernel in HF's
-    modeling module (where HF's final state is read); `route` puts ours inside HF's kernel
-    routing (`_compat.kernel_router`), as the patched class runs it; HF's forward runs inside
-    the routing built from HF's class: both run as HF's wrapped forward runs, so a
-    kernel reached by one and not the other shows as a difference."""
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """No first-call check in this thread inside the block (`doctor` runs `verify` itself)."""
+    before = getattr(_LOCAL, "suspended", False)
+    _LOCAL.suspended = True
+    try:
+        yield
+    finally:
+        _LOCAL.suspended = before
+
+
+class Check(NamedTuple):
+    """How one patched class proves itself: `ours` and `hf` are the undecorated functions
+    `(module, hidden_states)` compared, the decomposed forward and HF's own; `chunk_kernel` names
+    the family's chunk kernel in HF's modeling module (where HF's final state is read); `route`
+    puts ours inside HF's kernel routing (`_compat.kernel_router`), as the patched class runs it,
+    while HF's forward runs inside the routing built from `hf_class`: a kernel reached by one and
+    not the other shows as a difference. `accelerate_children`: children whose offload hooks the
+    patched forward fires by hand. `private(twin)`: drops the caller's per-call settings from the
+    twin (the layer's owner says which)."""
+
+    ours: Callable
+    hf: Callable
+    chunk_kernel: str
+    route: Callable
+    hf_class: type
+    accelerate_children: tuple = ()
+    private: Callable = lambda twin: None
+
+
+def first_call(forward: Callable, check: Check) -> Callable:
+    """Wrap a patched class's `forward` so that its first call per class runs `check`; the
+    result is recorded for the class (a failure raises on that call and every later one)."""
 
     @functools.wraps(forward)
     def checked(self, *args, **kwargs):
         cls = type(self)
-        if cls not in _DONE and not os.environ.get(ENV):
+        if cls not in _DONE and not os.environ.get(ENV) and not getattr(_LOCAL, "suspended", False):
             if cls in _FAILED:
                 raise _FAILED[cls]
             x = args[0] if args else kwargs.get("hidden_states")
             if _checkable(x):
-                _run(self, route(ours), hf, x, chunk_kernel)
+                try:
+                    _run(self, check, x)
+                except SelfCheckError as e:
+                    _FAILED[cls] = e
+                    raise
+                _DONE.add(cls)
         return forward(self, *args, **kwargs)
 
     return checked
+
+
+def verify(module: nn.Module, check: Check, x: torch.Tensor) -> None:
+    """Run `check` on `module` with layer input `x` [B, T, D] now; raise `SelfCheckError` on a
+    difference. Records nothing (a class skipped or checked before stays so)."""
+    _run(module, check, x)
 
 
 def _checkable(x) -> bool:
@@ -92,15 +132,13 @@ def _checkable(x) -> bool:
     return True
 
 
-def _run(
-    module: nn.Module, forward: Callable, hf_forward: Callable, x: torch.Tensor,
-    chunk_kernel: str = "torch_chunk_gated_delta_rule",
-) -> None:
+def _run(module: nn.Module, check: Check, x: torch.Tensor) -> None:
     cls = type(module)
     with torch.inference_mode(False):  # an inference tensor has no version counter for the sites
         x = x[:1, :TOKENS].detach().clone()
     twin = _twin(module)
-    for name in module._gdn_family.accelerate_children:
+    check.private(twin)
+    for name in check.accelerate_children:
         # The patched forward's decorator has loaded these children's offloaded weights already;
         # HF's forward calling the child (before 5.15: `self.conv1d(x)`) through accelerate's
         # wrapper would offload them again, under the decomposed forward's feet.
@@ -109,19 +147,21 @@ def _run(
             child.__dict__.pop("forward", None)
     try:
         devices = [x.device] if x.device.type != "cpu" else []
-        with torch.inference_mode(False), torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=x.device.type):
-            ref, ref_state = _hf_with_state(twin, hf_forward, x, chunk_kernel)
+        with (
+            torch.inference_mode(False),
+            torch.no_grad(),
+            torch.random.fork_rng(devices=devices, device_type=x.device.type),
+        ):
+            ref, ref_state = _hf_with_state(twin, check, x)
             states = []
             handle = twin.state.register_forward_hook(lambda m, a, out: states.append(out))
-            out = forward(twin, x)
+            out = check.route(check.ours)(twin, x)
             handle.remove()
     except Exception as e:
-        err = SelfCheckError(
+        raise SelfCheckError(
             f"gdn_intervene self-check of {cls.__name__}: {_release()}: running the two forwards on a "
             f"{list(x.shape)} slice failed: {type(e).__name__}: {e}. {_HINT}"
-        )
-        _FAILED[cls] = err
-        raise err from e
+        ) from e
     problems = []
     if not torch.equal(out, ref):
         problems.append(f"outputs differ (max abs diff {_maxdiff(out, ref)})")
@@ -130,13 +170,11 @@ def _run(
     elif not states or not torch.equal(states[-1], ref_state):
         problems.append(f"final states differ (max abs diff {_maxdiff(states[-1], ref_state) if states else 'n/a'})")
     if problems:
-        _FAILED[cls] = SelfCheckError(
+        raise SelfCheckError(
             f"gdn_intervene self-check of {cls.__name__} on {_release()}: the decomposed forward does not "
             f"reproduce HF's forward bit for bit on a {list(x.shape)} {x.dtype} slice on {x.device}: "
             f"{'; '.join(problems)}. {_HINT}"
         )
-        raise _FAILED[cls]
-    _DONE.add(cls)
 
 
 _HINT = (
@@ -194,8 +232,6 @@ def _twin(module: nn.Module) -> nn.Module:
                 if f in d:
                     d[f] = OrderedDict((i, v) for i, v in d[f].items() if i in kept)
     d["training"] = False  # no dropout; the caller's RNG is forked around the check
-    if "state_positions" in d:  # a per-call setting of the caller (gdn_intervene.state_at), not of HF's
-        d["state_positions"] = None
     d["_modules"] = {k: (None if m is None else _twin(m)) for k, m in module._modules.items()}
     for k, m in module._modules.items():  # children also kept in the instance dict (a fast path)
         if m is not None and d.get(k) is m:
@@ -204,7 +240,7 @@ def _twin(module: nn.Module) -> nn.Module:
     return twin
 
 
-def _hf_with_state(twin: nn.Module, hf_forward: Callable, x: torch.Tensor, chunk_kernel: str):
+def _hf_with_state(twin: nn.Module, check: Check, x: torch.Tensor):
     """HF's forward on `twin` inside HF's kernel routing, with its chunk kernel asked for (and
     giving us) the final state."""
     seen = []
@@ -220,6 +256,6 @@ def _hf_with_state(twin: nn.Module, hf_forward: Callable, x: torch.Tensor, chunk
 
     # HF's routing built here from HF's class, not taken from the patched class, so a forward
     # that misses HF's routing cannot agree with it by construction.
-    hf_route = _compat.kernels.kernel_router(twin._gdn_hf_class)
-    out = hf_route(_compat.redirect_chunk_kernel(twin, hf_forward, capture, chunk_kernel))(twin, x)
+    hf_route = _compat.kernels.kernel_router(check.hf_class)
+    out = hf_route(_compat.redirect_chunk_kernel(twin, check.hf, capture, check.chunk_kernel))(twin, x)
     return out, (seen[-1] if seen else None)

@@ -9,10 +9,23 @@ channels, D model width.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import NamedTuple
 
-__all__ = ["Owner", "Fires", "Mixer", "Site", "SITES", "SITE_NAMES", "TAP_SITES", "TRACE_SITES", "site"]
+__all__ = [
+    "Owner",
+    "Fires",
+    "Mixer",
+    "Site",
+    "SITES",
+    "SITE_NAMES",
+    "TAP_SITES",
+    "TRACE_SITES",
+    "StateFiring",
+    "site",
+    "state_firings",
+]
 
 HEAD_LETTERS = ("HK", "HV")
 
@@ -25,9 +38,10 @@ class Owner(enum.Enum):
 class Fires(enum.Enum):
     PER_CALL = "once per forward call"
     PER_SPLIT = (
-        "once per state the call keeps: the final one; with state_at, also after each listed position; "
-        "where the cache keeps N intermediate states (transformers 5.25 on: assisted generation's verify "
-        "forwards), once after each of the last N positions"
+        "once per state the call keeps: the final one; inside state_at, after each listed position, then "
+        "the final one if it is not listed; outside state_at, where the cache keeps N intermediate states "
+        "(transformers 5.25 on: assisted generation and prompt lookup), after each of the last N positions "
+        "(see state_firings)"
     )
 
 
@@ -69,7 +83,7 @@ class Site:
 
     @property
     def heads(self) -> str | None:
-        """"HK" or "HV": which head count `head_axis` counts."""
+        """ "HK" or "HV": which head count `head_axis` counts."""
         return None if self.head_axis is None else self.shape[self.head_axis]
 
     @property
@@ -91,12 +105,18 @@ SITES: tuple[Site, ...] = (
     Site("q_pre_conv", ("B", "T", "HK", "K"), "query projection per head, before the causal conv"),
     Site("k_pre_conv", ("B", "T", "HK", "K"), "key projection per head, before the causal conv"),
     Site("v_pre_conv", ("B", "T", "HV", "V"), "value projection per head, before the causal conv"),
-    Site("conv", ("B", "T", "C"), "causal depthwise conv + SiLU over concatenated q, k, v (reads/writes the conv cache)"),
+    Site(
+        "conv", ("B", "T", "C"), "causal depthwise conv + SiLU over concatenated q, k, v (reads/writes the conv cache)"
+    ),
     Site("q", ("B", "T", "HK", "K"), "query after the conv, before L2 norm, scaling and GQA expansion"),
     Site("k", ("B", "T", "HK", "K"), "key after the conv, before L2 norm and GQA expansion"),
     Site("v", ("B", "T", "HV", "V"), "value after the conv"),
     Site("beta_logit", ("B", "T", "HV"), "write strength before the sigmoid"),
-    Site("beta", ("B", "T", "HV"), "write strength the recurrence uses: sigmoid (x2 where negative eigenvalues are allowed)"),
+    Site(
+        "beta",
+        ("B", "T", "HV"),
+        "write strength the recurrence uses: sigmoid (x2 where negative eigenvalues are allowed)",
+    ),
     Site(
         "decay_logit",
         ("B", "T", "HV"),
@@ -118,7 +138,9 @@ SITES: tuple[Site, ...] = (
         fires=Fires.PER_SPLIT,
         saved_by_producer=True,
     ),
-    Site("recurrence", ("B", "T", "HV", "V"), "delta-rule output o (chunk kernel in prefill, recurrent kernel in decode)"),
+    Site(
+        "recurrence", ("B", "T", "HV", "V"), "delta-rule output o (chunk kernel in prefill, recurrent kernel in decode)"
+    ),
     Site("gate", ("B", "T", "HV", "V"), "output gate z, before SiLU (KDA: before the sigmoid)"),
     Site("norm", ("B", "T", "HV", "V"), "gated RMSNorm output (HF's module, called on 4-D input)", owner=Owner.HF),
     Site("out_proj", ("B", "T", "D"), "layer output (HF's module)", owner=Owner.HF),
@@ -138,3 +160,38 @@ def site(name: str) -> Site:
         return _BY_NAME[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown site {name!r}; sites are: {', '.join(SITE_NAMES)}") from None
+
+
+class StateFiring(NamedTuple):
+    """One firing of the `state` site in a layer call: the state after token `position` of the
+    call (0-based, T - 1 for the final state); `final`: the call's last state (the one a decode
+    step or a plain prefill writes to the cache)."""
+
+    position: int
+    final: bool
+
+
+def state_firings(
+    T: int, *, positions: Sequence[int] = (), keep: int = 0, decode: bool = False
+) -> tuple[StateFiring, ...]:
+    """The rule of when the `state` site fires in one layer call of T tokens, in firing order;
+    every tool that reads or edits the state asks it (`GDNLayer.state_firings`, captures).
+
+    - a cached decode step (`decode`: the recurrent kernel on one token): once, its state;
+    - `positions` (inside `gdn_intervene.state_at`, each in [0, T)): after each listed
+      position, then the final state unless T - 1 is listed; intermediate states the cache keeps
+      (`keep`) fire only where listed;
+    - else, where the cache keeps `keep` = N > 0 intermediate states (5.25 on: assisted
+      generation, prompt lookup): after each of the last N positions;
+    - else once, the final state.
+    """
+    if decode or T == 1:
+        return (StateFiring(T - 1, True),)
+    if positions:
+        listed = sorted(p for p in positions if p < T)
+        return tuple(StateFiring(p, p == T - 1) for p in listed) + (
+            () if listed and listed[-1] == T - 1 else (StateFiring(T - 1, True),)
+        )
+    if keep:
+        return tuple(StateFiring(p, p == T - 1) for p in range(T - min(keep, T), T))
+    return (StateFiring(T - 1, True),)

@@ -18,6 +18,17 @@ import models  # noqa: E402
 import gdn_intervene as gi  # noqa: E402
 from gdn_intervene.toy import unloadable  # noqa: E402
 
+try:  # the differential suite's profiles: "ci" (the default: fixed seed, fits CI), "long" (a release)
+    from hypothesis import HealthCheck, settings
+
+    _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+    settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=_SLOW,
+                              print_blob=True)  # fmt: skip
+    settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=_SLOW, print_blob=True)
+    settings.load_profile("ci")  # `pytest --hypothesis-profile=long` loads the other after this
+except ImportError:  # hypothesis is in the [all] extra; the compat matrix rows run without it
+    pass
+
 # Tests that run the bundled toy (a Qwen3.5 checkpoint): skipped, saying why, where the release has no Qwen3.5.
 needs_toy = pytest.mark.skipif(unloadable() is not None, reason=unloadable() or "")
 
@@ -37,7 +48,7 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pair(name: str, hv_ratio: int, dtype: torch.dtype):
     ref = models.build(name, hv_ratio=hv_ratio, dtype=dtype)
     return gi.patch(copy.deepcopy(ref)), ref

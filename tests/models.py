@@ -81,7 +81,9 @@ def lara_mini(hv_ratio=2):
 def qwen4_exp(hv_ratio=2):
     # Qwen4-Exp: hyper-connections, an indexed-attention layer; tiny indexer settings.
     extra = dict(hc_count=2, hc_lowrank=8, ngram_vocab_size_base=256, split_ngram_parts=2, heads_per_ngram=2)
-    indexer = dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4)
+    indexer = dict(
+        indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4
+    )
     cfg = tr.Qwen4ExpTextConfig(**_COMMON, **_linear(hv_ratio), **_MOE, **extra, **indexer, head_dim=16)
     return tr.Qwen4ExpForCausalLM(cfg)
 
@@ -128,8 +130,16 @@ def _glm5_text(lower_bound):
     # a 21-token prefix differ by 0.05 between a 21- and a 50-token call), which breaks the
     # prefix references of the state tests; the KDA layers are what these models test.
     return dict(
-        _KDA_COMMON, **_KDA_HEADS, qk_rope_head_dim=0, q_lora_rank=16, n_routed_experts=4,
-        index_topk=256, index_kpool=4, index_head_dim=8, index_n_heads=2, hc_mult=2,
+        _KDA_COMMON,
+        **_KDA_HEADS,
+        qk_rope_head_dim=0,
+        q_lora_rank=16,
+        n_routed_experts=4,
+        index_topk=256,
+        index_kpool=4,
+        index_head_dim=8,
+        index_n_heads=2,
+        hc_mult=2,
         linear_lower_bound=lower_bound,
     )
 
@@ -137,8 +147,15 @@ def _glm5_text(lower_bound):
 def glm5_next(hv_ratio=1):
     """Multimodal, with GLM-5-Next's default decay lower bound (-5)."""
     _no_gqa(hv_ratio)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
-                  projection_intermediate_size=32)
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=32,
+        patch_size=4,
+        projection_intermediate_size=32,
+    )
     cfg = tr.Glm5NextConfig(text_config=_glm5_text(-5.0), vision_config=vision)
     return tr.Glm5NextForConditionalGeneration(cfg)
 
@@ -153,8 +170,14 @@ def bailing_hybrid(hv_ratio=1, safe_gate=True):
     _no_gqa(hv_ratio)
     # Bailing reads the KDA sizes from head_dim / num_attention_heads and then sets head_dim =
     # qk_rope_head_dim: keep them equal so a saved config reloads to the same sizes.
-    cfg = tr.BailingHybridConfig(**_KDA_COMMON, head_dim=8, short_conv_kernel_size=4, num_local_experts=4,
-                                 first_k_dense_replace=1, kda_safe_gate=safe_gate)
+    cfg = tr.BailingHybridConfig(
+        **_KDA_COMMON,
+        head_dim=8,
+        short_conv_kernel_size=4,
+        num_local_experts=4,
+        first_k_dense_replace=1,
+        kda_safe_gate=safe_gate,
+    )
     return tr.BailingHybridForCausalLM(cfg)
 
 

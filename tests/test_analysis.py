@@ -9,12 +9,12 @@ reference for a state patched mid-prefill.
 import pytest
 import torch
 from conftest import ids_for, left_pad_mask, logits, new_cache, view
+from models import ANY_GDN, MODELS, present
+from reference import LAYER_SUFFIXES, kernel_edit, unrepeat
 
 import gdn_intervene as gi
 from gdn_intervene import analysis as an
 from gdn_intervene import ops
-from models import ANY_GDN, MODELS, present
-from reference import LAYER_SUFFIXES, kernel_edit, unrepeat
 
 NAMES = list(MODELS)  # GDN (decay per head) and KDA (per key channel) families
 SIZES = [1, 17, 64, 130]
@@ -239,9 +239,13 @@ def test_attribution_sums_to_the_layer_output(pair, name, hv_ratio):
     assert rel(att.value, want) <= 1e-5
     # per-example answer tokens
     a, b = torch.tensor([5, 9, 11]), torch.tensor([7, 7, 3])
-    att = an.attribution_for(patched, ids, positions=positions, direction=(a, b), attention_mask=mask, layers=[att.layers[-1]])
+    att = an.attribution_for(
+        patched, ids, positions=positions, direction=(a, b), attention_mask=mask, layers=[att.layers[-1]]
+    )
     l = att.layers[0]
-    rows = [direct_effect(ref, outs[l][i : i + 1, positions], x[i : i + 1, positions], norm, a[i], b[i]) for i in range(3)]
+    rows = [
+        direct_effect(ref, outs[l][i : i + 1, positions], x[i : i + 1, positions], norm, a[i], b[i]) for i in range(3)
+    ]
     assert rel(att.total()[:, 0], torch.cat(rows) * att.path_scale[:, 0].double()) <= 1e-5
 
 
@@ -278,16 +282,36 @@ def test_attribution_heads_subset_and_fp64(pair):
 
 def _bad_attribution():
     return [
-        pytest.param(dict(positions=[12]), r"attribution_for: positions out of range: \[12\]; valid are 0\.\.11 \(the call has T=12 tokens\)", id="position-past-end"),
+        pytest.param(
+            dict(positions=[12]),
+            r"attribution_for: positions out of range: \[12\]; valid are 0\.\.11 \(the call has T=12 tokens\)",
+            id="position-past-end",
+        ),
         pytest.param(dict(positions=[-1]), r"positions out of range: \[-1\]", id="position-negative"),
         pytest.param(dict(positions=[1.5]), r"positions must be ints", id="position-float"),
-        pytest.param(dict(direction=torch.randn(31)), r"direction must be a \[D\] vector with D=32 .* shape \[31\]", id="direction-width"),
-        pytest.param(dict(direction=torch.randn(2, 32)), r"direction must be a \[D\] vector with D=32", id="direction-2d"),
-        pytest.param(dict(direction=(5, 96)), r"answer tokens must lie in \[0, 96\) \(the vocabulary\); got 96", id="token-past-vocab"),
+        pytest.param(
+            dict(direction=torch.randn(31)),
+            r"direction must be a \[D\] vector with D=32 .* shape \[31\]",
+            id="direction-width",
+        ),
+        pytest.param(
+            dict(direction=torch.randn(2, 32)), r"direction must be a \[D\] vector with D=32", id="direction-2d"
+        ),
+        pytest.param(
+            dict(direction=(5, 96)),
+            r"answer tokens must lie in \[0, 96\) \(the vocabulary\); got 96",
+            id="token-past-vocab",
+        ),
         pytest.param(dict(direction=(-1, 3)), r"answer tokens must lie in \[0, 96\)", id="token-negative"),
-        pytest.param(dict(direction=(torch.tensor([1, 2]), 3)), r"answer tokens must be ints or \[B=3\] integer tensors", id="token-batch"),
+        pytest.param(
+            dict(direction=(torch.tensor([1, 2]), 3)),
+            r"answer tokens must be ints or \[B=3\] integer tensors",
+            id="token-batch",
+        ),
         pytest.param(dict(direction=(1.0, 3)), r"answer tokens must be ints", id="token-float"),
-        pytest.param(dict(direction="yes"), r"direction must be a \[D\] float tensor \(D=32\) or a pair", id="direction-type"),
+        pytest.param(
+            dict(direction="yes"), r"direction must be a \[D\] float tensor \(D=32\) or a pair", id="direction-type"
+        ),
         pytest.param(dict(layers=[1]), r"GDN layer indices from \[0, 2\]; got \[1\]", id="layers"),
         pytest.param(dict(heads=[4]), r"layer 0: heads out of range: \[4\]", id="heads"),
     ]

@@ -16,12 +16,12 @@ import functools
 import pytest
 import torch
 from conftest import ids_for, left_pad_mask, new_cache, no_hooks, rel_error, run
+from models import ANY_GDN, MODELS, build, present
+from reference import LAYER_SUFFIXES
 from torch import nn
 
 import gdn_intervene as gi
 from gdn_intervene import analysis as an
-from models import ANY_GDN, MODELS, build, present
-from reference import LAYER_SUFFIXES
 
 T = 19
 POSITIONS = [T - 1, 10]
@@ -33,7 +33,8 @@ POSITIONS = [T - 1, 10]
 def decoder_of(model: nn.Module) -> nn.Module:
     """The module whose `layers` hold the GDN mixers (the text decoder)."""
     return next(
-        m for m in model.modules()
+        m
+        for m in model.modules()
         if isinstance(getattr(m, "layers", None), nn.ModuleList)
         and any(type(s).__name__.endswith(LAYER_SUFFIXES) for s in m.layers.modules())
     )
@@ -77,7 +78,7 @@ def true_direct_effect(ref, ids, mask, layer: int, t: int, a: int, b: int) -> to
     return (gain * (x_clean - x_ablated) * scale) @ (W[a] - W[b])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _glm_biased():
     """GLM-5-Next with the hyper-connections' stream-weight (post) biases set to [2, -1] (issue 22):
     its layers' outputs reach the final norm ~13% scaled. (patched, unpatched)."""
@@ -149,7 +150,9 @@ def test_unknown_hyper_connections_are_refused(pair):
 def snapshot(cache) -> list:
     """Every attribute of every cache layer (tensors cloned) and the cache's length."""
     layers = getattr(cache, "layers", None) or [cache]
-    fields = [{k: (v.clone() if torch.is_tensor(v) else copy.copy(v)) for k, v in vars(layer).items()} for layer in layers]
+    fields = [
+        {k: (v.clone() if torch.is_tensor(v) else copy.copy(v)) for k, v in vars(layer).items()} for layer in layers
+    ]
     return [fields, int(cache.get_seq_length())]
 
 
@@ -246,8 +249,10 @@ def test_a_token_pair_needs_an_lm_head(make, cls):
     )
     d = torch.randn(32, generator=torch.Generator().manual_seed(2))
     ys = {}
-    hooks = [gi.site_module(model, l, "out_proj").register_forward_hook(lambda m, a, o, l=l: ys.__setitem__(l, o))
-             for l in gi.gdn_layers(model)]
+    hooks = [
+        gi.site_module(model, l, "out_proj").register_forward_hook(lambda m, a, o, l=l: ys.__setitem__(l, o))
+        for l in gi.gdn_layers(model)
+    ]
     try:
         att = an.attribution_for(model, ids, positions=[8, 2], direction=d)
     finally:

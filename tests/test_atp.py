@@ -15,11 +15,11 @@ import contextlib
 import pytest
 import torch
 from conftest import ids_for
+from models import MODELS, build
 
 import gdn_intervene as gi
 from gdn_intervene import ops, tracing
 from gdn_intervene.sites import TRACE_SITES, site
-from models import MODELS, build
 
 NAMES = list(MODELS)
 T = 12
@@ -67,7 +67,9 @@ def _directional(model, base_ids, source_ids, answers, cell, source_value):
             y = x + eps * (source_value - x)
         return y
 
-    split = gi.state_at(model, [cell.position], [cell.layer]) if not site(cell.site).has_time else contextlib.nullcontext()
+    split = (
+        gi.state_at(model, [cell.position], [cell.layer]) if not site(cell.site).has_time else contextlib.nullcontext()
+    )
     with torch.enable_grad(), split, gi.intervene(model, {(cell.layer, cell.site): mix}):
         last = model(input_ids=base_ids, use_cache=False).logits[0, -1]
         metric = last[answers[0]] - last[answers[1]]
@@ -76,7 +78,9 @@ def _directional(model, base_ids, source_ids, answers, cell, source_value):
 
 
 def _source_value(model, ids, cell):
-    split = gi.state_at(model, [cell.position], [cell.layer]) if not site(cell.site).has_time else contextlib.nullcontext()
+    split = (
+        gi.state_at(model, [cell.position], [cell.layer]) if not site(cell.site).has_time else contextlib.nullcontext()
+    )
     with torch.no_grad(), split, gi.capture(model, sites=[cell.site], layers=[cell.layer]) as cache:
         model(input_ids=ids, use_cache=False)
     return cache[cell.layer, cell.site][0]
@@ -88,7 +92,7 @@ def test_each_score_is_the_directional_derivative(name, patch):
     model = _f64(name)
     clean, corrupt = _pair_ids()
     answers = _answers(model, clean, corrupt)
-    res = tracing.attribution_patching(model, clean, corrupt, answers=answers, patch=patch)
+    res = tracing.attribution_patching(model, clean, corrupt, answers=answers, patch=patch, steps=1)
     assert res.method == "attribution patching"
     base, source = (corrupt, clean) if patch == tracing.CLEAN_INTO_CORRUPT else (clean, corrupt)
     sign = 1.0 if patch == tracing.CLEAN_INTO_CORRUPT else -1.0
@@ -118,7 +122,7 @@ def test_every_site_of_the_registry_scores_its_directional_derivative(name):
     model = _f64(name)
     clean, corrupt = _pair_ids()
     every = tuple(s.name for s in gi.SITES if s.has_time)
-    res = tracing.attribution_patching(model, clean, corrupt, answers=(5, 7), sites=every)
+    res = tracing.attribution_patching(model, clean, corrupt, answers=(5, 7), sites=every, steps=1)
     span = res.clean_diff - res.corrupt_diff
     checked = 0
     for n in every:
@@ -137,12 +141,17 @@ def test_the_state_scan_is_exact_on_the_layers_own_inputs(name):
     model = _f64(name)
     clean, corrupt = _pair_ids()
     layer = list(gi.gdn_layers(model))[0]
-    base, grads, _ = tracing._values_and_grads(model, corrupt, (*tracing._RUN_SITES, "recurrence"), (layer,),
-                                               lambda last: (torch.tensor([5]), torch.tensor([7])))
-    with torch.no_grad(), gi.capture(model, sites=tracing._RUN_SITES, layers=[layer]) as cache:
+    base, grads, _ = tracing.attribution.values_and_grads(
+        model,
+        corrupt,
+        (*tracing.attribution.RUN_SITES, "recurrence"),
+        (layer,),
+        lambda last: (torch.tensor([5]), torch.tensor([7])),
+    )
+    with torch.no_grad(), gi.capture(model, sites=tracing.attribution.RUN_SITES, layers=[layer]) as cache:
         model(input_ids=clean, use_cache=False)
-    run_b = ops.DeltaRuleRun(*(base[layer, s] for s in tracing._RUN_SITES))
-    run_s = ops.DeltaRuleRun(*(cache[layer, s][0] for s in tracing._RUN_SITES))
+    run_b = ops.DeltaRuleRun(*(base[layer, s] for s in tracing.attribution.RUN_SITES))
+    run_s = ops.DeltaRuleRun(*(cache[layer, s][0] for s in tracing.attribution.RUN_SITES))
     delta = grads[layer, "recurrence"]
     scores = ops.state_patching_scores(run_b, run_s, delta, dtype=torch.float64, chunk=5)  # chunks cross T
     for p in (FIRST, FIRST + 2, T - 2):
@@ -150,7 +159,9 @@ def test_the_state_scan_is_exact_on_the_layers_own_inputs(name):
         (_, Sb), (_, Ss) = (ops.naive_gated_delta_rule(r.q, r.k, r.v, g=r.g, beta=r.beta) for r in pre)
         eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
         rest = ops.DeltaRuleRun(*(x[:, p + 1 :] for x in run_b))
-        o, _ = ops.naive_gated_delta_rule(rest.q, rest.k, rest.v, g=rest.g, beta=rest.beta, initial_state=Sb + eps * (Ss - Sb))
+        o, _ = ops.naive_gated_delta_rule(
+            rest.q, rest.k, rest.v, g=rest.g, beta=rest.beta, initial_state=Sb + eps * (Ss - Sb)
+        )
         (want,) = torch.autograd.grad((o * delta[:, p + 1 :]).sum(), eps)
         assert abs(float(scores[:, :, p].sum()) - float(want)) <= 1e-9 * max(abs(float(want)), 1e-6)
     assert not scores[..., -1].any()
@@ -164,7 +175,9 @@ def test_a_batch_of_pairs_equals_each_pair_alone():
     batch = tracing.attribution_patching(model, clean, corrupt, answers=answers)
     assert isinstance(batch, list) and len(batch) == 3
     for r, res in enumerate(batch):
-        one = tracing.attribution_patching(model, clean[r : r + 1], corrupt[r : r + 1], answers=(answers[0][r], answers[1][r]))
+        one = tracing.attribution_patching(
+            model, clean[r : r + 1], corrupt[r : r + 1], answers=(answers[0][r], answers[1][r])
+        )
         for n in res.sites:
             torch.testing.assert_close(res.scores[n], one.scores[n], rtol=1e-4, atol=1e-6, equal_nan=True)
 
@@ -182,12 +195,21 @@ def test_a_left_padded_batch_equals_each_pair_alone(name):
     pads = torch.tensor([[0], [50], [81]]).expand(3, T)
     clean_p, corrupt_p = (torch.where(mask.bool(), x, pads) for x in (clean, corrupt))
     labels = [[f"t{p}" for p in range(n)] for n in lengths]
-    batch = tracing.attribution_patching(model, clean_p, corrupt_p, answers=(5, 7), attention_mask=mask, verify=3,
-                                         tokens=[labels[0], ["pad"] * 3 + labels[1], labels[2]])  # T labels or its own
+    batch = tracing.attribution_patching(
+        model,
+        clean_p,
+        corrupt_p,
+        answers=(5, 7),
+        attention_mask=mask,
+        verify=3,
+        tokens=[labels[0], ["pad"] * 3 + labels[1], labels[2]],
+    )  # T labels or its own
     assert [res.tokens for res in batch] == labels
     batch = tracing.attribution_patching(model, clean_p, corrupt_p, answers=(5, 7), attention_mask=mask, verify=3)
     for r, (res, n) in enumerate(zip(batch, lengths)):
-        alone = tracing.attribution_patching(model, clean[r : r + 1, T - n :], corrupt[r : r + 1, T - n :], answers=(5, 7), verify=3)
+        alone = tracing.attribution_patching(
+            model, clean[r : r + 1, T - n :], corrupt[r : r + 1, T - n :], answers=(5, 7), verify=3
+        )
         assert res.tokens == alone.tokens and len(res.tokens) == n
         assert res.corrupted_positions == alone.corrupted_positions
         assert res.clean_diff == pytest.approx(alone.clean_diff, rel=1e-6)
@@ -215,7 +237,7 @@ def test_verify_reruns_activation_patching_on_the_top_cells():
     assert list(res.verified) == res.top(6) and len(res.verified) == 6
     for cell, v in res.verified.items():
         assert abs(v - full.score(cell)) <= 1e-5, cell
-    assert [c["estimate"] for c in res.to_json()["verified"]] == [res.score(c) for c in res.top(6)]
+    assert [c["estimate"] for c in res.to_json()["verified"]] == [round(res.score(c), 6) for c in res.top(6)]
 
 
 def test_figures_take_an_attribution_patching_result(tmp_path):
@@ -253,3 +275,115 @@ def test_bad_arguments_are_named(kw, message):
     kw = {"answers": (5, 7), **kw}
     with pytest.raises(ValueError, match=message):
         tracing.attribution_patching(model, clean, corrupt, **kw)
+
+
+# ------------------------------------------------------------------ integrated gradients (steps=K)
+
+
+def _decoder_input(model):
+    """The first decoder layer (found here by type, independently of the library)."""
+    for m in model.modules():
+        layers = getattr(m, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and any(gi.gdn_layers(model)[L] in x.modules() for x in layers for L in [0]):
+            return layers[0]
+    raise LookupError
+
+
+@contextlib.contextmanager
+def _residual(model, replace=None, seen=None):
+    """Record (or replace) the hidden states entering the first decoder layer."""
+
+    def pre(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        if seen is not None:
+            seen.append(h.detach().clone())
+        if replace is None:
+            return None
+        return ((replace, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": replace})
+
+    h = _decoder_input(model).register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def _quadrature(model, base_ids, source_ids, cell, path, K):
+    """(1/K) sum_k d metric / d eps at eps = 0, the cell's value x + eps (x_source - x_base) in
+    the run at point a_k = k / K of `path`, through the whole model in float64: the reference
+    for `steps=K` (its own hooks; shares nothing with the library's integration)."""
+    base_v, source_v = (_source_value(model, ids, cell) for ids in (base_ids, source_ids))
+    hb, hs = [], []
+    with torch.no_grad():
+        for ids, seen in ((base_ids, hb), (source_ids, hs)):
+            with _residual(model, seen=seen):
+                model(input_ids=ids, use_cache=False)
+    run_sites = (cell.site,) if site(cell.site).has_time else tracing.attribution.RUN_SITES
+    ends = {}
+    for s in run_sites:
+        c = tracing.Cell(s, cell.layer, cell.position)
+        ends[s] = tuple(_source_value(model, ids, c) if site(s).has_time else None for ids in (base_ids, source_ids))
+    total = 0.0
+    for k in range(K):
+        a = k / K
+        eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        edits, fired = {}, []
+
+        def interp(s):
+            b, src = ends[s]
+            return lambda x: (b + a * (src - b)).clone()
+
+        if path == "activations" and a > 0:
+            edits = {(cell.layer, s): interp(s) for s in run_sites}
+
+        def mix(x, edit=edits.get((cell.layer, cell.site))):
+            y = edit(x) if edit is not None else x.clone()
+            if site(cell.site).has_time:
+                y[:, cell.position] = y[:, cell.position] + eps * (source_v - base_v)[:, cell.position]
+                return y
+            fired.append(1)
+            return y + eps * (source_v - base_v) if len(fired) == 1 else None
+
+        edits[(cell.layer, cell.site)] = mix
+        h = hb[0] + a * (hs[0] - hb[0]) if path == "inputs" and a > 0 else None
+        split = gi.state_at(model, [cell.position], [cell.layer]) if not site(cell.site).has_time else contextlib.nullcontext()
+        with torch.enable_grad(), split, gi.intervene(model, edits), _residual(model, replace=h):
+            last = model(input_ids=base_ids, use_cache=False).logits[0, -1]
+            metric = last[5] - last[7]
+        (g,) = torch.autograd.grad(metric, eps)
+        total += float(g)
+    return total / K
+
+
+@pytest.mark.parametrize("path", ["inputs", "activations"])
+@pytest.mark.parametrize("name", NAMES)
+def test_k_step_scores_are_the_quadrature_of_the_directional_derivative(name, path):
+    """steps=K: each cell's score is the mean over the K path points of the directional
+    derivative along source - base, computed independently at each point (the inputs path:
+    the residual entering the first decoder layer interpolated; the activations path: the cell's
+    own site, or for the state its layer's q, k, v, beta, decay, interpolated)."""
+    model = _f64(name)
+    clean, corrupt = _pair_ids()
+    K = 3
+    res = tracing.attribution_patching(model, clean, corrupt, answers=(5, 7), steps=K, path=path)
+    assert res.steps == K
+    span = res.clean_diff - res.corrupt_diff
+    layer = res.layers[0]
+    checked = 0
+    for n in ("k", "beta", "decay", "state", "recurrence", "out_proj"):
+        cell = tracing.Cell(n, layer, FIRST + 3 if site(n).has_time else FIRST + 1)
+        want = _quadrature(model, corrupt, clean, cell, path, K) / span
+        tol = 1e-6 if site(n).has_time else 5e-5  # the state: the float64 scan against HF's float32 kernel
+        assert abs(res.score(cell) - want) <= tol * abs(want) + 1e-6, (cell, res.score(cell), want)
+        checked += want != 0
+    assert checked >= 5  # not vacuous
+    first = tracing.attribution_patching(model, clean, corrupt, answers=(5, 7), steps=1)
+    assert any(not torch.equal(res.scores[n], first.scores[n]) for n in res.sites)  # the path changed something
+
+
+def test_one_step_is_first_order_on_either_path():
+    model = _f64(next(iter(NAMES)))
+    clean, corrupt = _pair_ids()
+    a = tracing.attribution_patching(model, clean, corrupt, answers=(5, 7), steps=1, path="inputs")
+    b = tracing.attribution_patching(model, clean, corrupt, answers=(5, 7), steps=1, path="activations")
+    assert all(torch.equal(a.scores[n].nan_to_num(), b.scores[n].nan_to_num()) for n in a.sites)

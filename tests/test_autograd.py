@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ids_for
+from models import ANY_GDN, MODELS
+from reference import kernel_edit
 
 import gdn_intervene as gi
 from gdn_intervene.sites import SITE_NAMES, site
-from models import ANY_GDN, MODELS
-from reference import kernel_edit
 
 NAMES = list(MODELS)
 L = 2  # the GDN layer after the full-attention layer

@@ -6,11 +6,11 @@ import pytest
 import torch
 from accelerate import cpu_offload, disk_offload
 from conftest import ids_for
+from models import KDA, MODELS, build, present
+from reference import hf_gdn
 
 import gdn_intervene as gi
 from gdn_intervene.layer import GDNMixin
-from models import KDA, MODELS, build, present
-from reference import hf_gdn
 
 
 def _heads(model) -> int:

@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 from conftest import ids_for, logits, new_cache, run
+from models import MODELS, build
 
 import gdn_intervene as gi
-from models import MODELS, build
 
 NAMES = list(MODELS)
 
@@ -92,7 +92,9 @@ def test_kept_states_and_crop(pair, name, keep):
         cp, cr = copy.deepcopy(caches["p"]), copy.deepcopy(caches["r"])
         cp.crop(-n), cr.crop(-n)
         assert _same(_fields(cp), _fields(cr)), f"crop(-{n})"
-        nxt = {k: logits(m, after, cache=c, use_cache=True) for (k, m), c in zip((("p", patched), ("r", ref)), (cp, cr))}
+        nxt = {
+            k: logits(m, after, cache=c, use_cache=True) for (k, m), c in zip((("p", patched), ("r", ref)), (cp, cr))
+        }
         assert torch.equal(nxt["p"], nxt["r"]), f"the call after crop(-{n})"
 
 
@@ -141,7 +143,11 @@ def test_an_edited_kept_state_carries_forward(pair, name):
         kept = run(patched, input_ids=ids, cache=cache, use_cache=True).logits
     kept.float().pow(2).mean().backward()  # the in-place edit keeps autograd consistent
     patched.zero_grad(set_to_none=True)
-    with torch.no_grad(), gi.state_at(patched, [3], [layer]), gi.intervene(patched, {(layer, "state"): first_only(None)}):
+    with (
+        torch.no_grad(),
+        gi.state_at(patched, [3], [layer]),
+        gi.intervene(patched, {(layer, "state"): first_only(None)}),
+    ):
         split = logits(patched, ids)
     unedited_cache = new_cache(patched)
     unedited_cache.activate_past_recording(recurrent_states_to_keep=3)
@@ -198,3 +204,78 @@ def test_assisted_generation_and_prompt_lookup(name):
     verify = [c for c in calls if c[1] > 0]
     assert verify, "no verify forward kept states"
     assert all(fired == max(N, 1) for _, N, fired in calls), calls
+
+
+def _recording(patched, ref, prefix, keep):
+    """(patched cache, unpatched cache): both after `prefix`, the patched one then recording
+    (keeping `keep` states per call, as after assisted generation or prompt lookup), the
+    unpatched one as it was."""
+    caches = [new_cache(m) for m in (patched, ref)]
+    for model, cache in zip((patched, ref), caches):
+        logits(model, prefix, cache=cache, use_cache=True)
+    caches[0].activate_past_recording(recurrent_states_to_keep=keep)
+    return caches
+
+
+def _ref_state_after(ref, cache, ids, p, layer):
+    """HF's unpatched model: the recurrent state after token p of `ids`, continued from a copy
+    of `cache` (the chunk kernel on p + 1 tokens)."""
+    c = copy.deepcopy(cache)
+    logits(ref, ids[:, : p + 1], cache=c, use_cache=True)
+    return c.get_recurrent_state(layer) if hasattr(c, "get_recurrent_state") else None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_state_after_p_whatever_mode_the_cache_is_in(pair, name):
+    """A recording cache keeps the last N states of each call (N = 3 of T = 6 here). The state
+    after p, for p before and inside those N, from `analysis.states_at` and from a `gi.state_at`
+    capture, equals HF's unpatched state after p (the defect: the state after T - N came back
+    for every p >= T - N). Kernels differ (chunk vs recurrent steps): 1e-5."""
+    from gdn_intervene import analysis as an
+
+    patched, ref = pair(name)
+    layer = next(iter(gi.gdn_layers(patched)))
+    prefix, ids = ids_for(5), ids_for(6, seed=1)
+    mine, theirs = _recording(patched, ref, prefix, keep=3)
+    positions = [1, 3, 4]  # 3, 4 lie inside the kept states (T - N = 3)
+    got = an.states_at(patched, ids, positions, cache=mine)[layer]  # the cache is copied, not advanced
+    with gi.capture(patched, sites=["state"], layers=[layer]) as cache, gi.state_at(patched, positions, [layer]):
+        logits(patched, ids, cache=copy.deepcopy(mine), use_cache=True)
+    assert [f.position for f in cache.firings(layer)] == [1, 3, 4, 5]  # the listed ones, then the final state
+    for i, p in enumerate(positions):
+        want = _ref_state_after(ref, theirs, ids, p, layer)
+        torch.testing.assert_close(got[:, i].float(), want.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.state_after(layer, p).float(), want.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_edit_of_the_state_after_p_in_a_recording_cache(pair, name):
+    """Zeroing the state after p = 4 (inside the kept states) through `gi.state_at` +
+    `gi.intervene`: the later logits equal HF's unpatched model continued from a zero state
+    after p (a stateful first-firing callback meets the state after p first, whatever the mode)."""
+    patched, ref = pair(name)
+    layer = next(iter(gi.gdn_layers(patched)))
+    prefix, ids = ids_for(5), ids_for(6, seed=1)
+    mine, theirs = _recording(patched, ref, prefix, keep=3)
+    seen = []
+
+    def zero_first(S):
+        seen.append(gi.gdn_layer(patched, layer).firing)
+        return S * 0 if len(seen) == 1 else None
+
+    with gi.state_at(patched, [4], [layer]), gi.intervene(patched, {(layer, "state"): zero_first}):
+        got = logits(patched, ids, cache=mine, use_cache=True)
+    assert [f.position for f in seen] == [4, 5]
+    c = copy.deepcopy(theirs)
+    head = logits(ref, ids[:, :5], cache=c, use_cache=True)
+    for S in _recurrent_tensors(c, layer):
+        S.zero_()
+    tail = logits(ref, ids[:, 5:], cache=c, use_cache=True)
+    torch.testing.assert_close(got[:, :5], head, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[:, 5:], tail, rtol=1e-5, atol=1e-5)
+
+
+def _recurrent_tensors(cache, layer) -> list:
+    """The recurrent state tensor(s) the cache holds for `layer` (the current one)."""
+    S = cache.get_recurrent_state(layer)
+    return [S] if S is not None else []

@@ -121,11 +121,18 @@ _BEFORE_WORK = {
     "bad corruption": (["demo", "--corrupt", "pair"], "invalid choice: 'pair'"),
     "bad dtype": (["trace", "--prompt", "k1", "--corrupt-positions", "1", "--dtype", "fp8"], "invalid choice: 'fp8'"),
     "bad answers": (["attention", "--attribution", "--answers", "v1"], "expected two tokens A,B; got 'v1'"),
-    "verify without atp": (["trace", "--prompt", "k1", "--corrupt-positions", "1", "--verify", "3"],
-                           "--verify goes with --method atp"),
-    "bad verify": (["trace", "--prompt", "k1", "--corrupt-positions", "1", "--method", "atp", "--verify", "-1"],
-                   "expected an integer >= 0"),
-    "bad method": (["trace", "--prompt", "k1", "--corrupt-positions", "1", "--method", "fast"], "invalid choice: 'fast'"),
+    "verify without atp": (
+        ["trace", "--prompt", "k1", "--corrupt-positions", "1", "--verify", "3"],
+        "--verify goes with --method atp",
+    ),
+    "bad verify": (
+        ["trace", "--prompt", "k1", "--corrupt-positions", "1", "--method", "atp", "--verify", "-1"],
+        "expected an integer >= 0",
+    ),
+    "bad method": (
+        ["trace", "--prompt", "k1", "--corrupt-positions", "1", "--method", "fast"],
+        "invalid choice: 'fast'",
+    ),
 }
 
 
@@ -143,7 +150,9 @@ def test_error_before_any_work(argv, message, capsys, no_model, tmp_path):
 def test_uncreatable_out_is_refused_before_the_sweep(tmp_path, capsys, no_model):
     (tmp_path / "file").write_text("x")
     rc, err = run(["demo", "--out", str(tmp_path / "file" / "sub"), "--no-progress"], capsys)
-    assert rc == 2 and err == [f"error: --out {tmp_path / 'file' / 'sub'}: cannot create or write there (Not a directory)"]
+    assert rc == 2 and err == [
+        f"error: --out {tmp_path / 'file' / 'sub'}: cannot create or write there (Not a directory)"
+    ]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only directory")
@@ -155,29 +164,50 @@ def test_unwritable_out_is_refused_before_the_sweep(tmp_path, capsys, no_model):
 
 
 def test_model_that_is_neither_a_directory_nor_a_hub_id(tmp_path, capsys):
-    rc, err = run(["trace", "--model", "./no/such/dir", "--prompt", "a", "--corrupt-positions", "0",
-                   "--out", str(tmp_path)], capsys)
+    rc, err = run(
+        ["trace", "--model", "./no/such/dir", "--prompt", "a", "--corrupt-positions", "0", "--out", str(tmp_path)],
+        capsys,
+    )
     assert rc == 2 and err == ["error: --model './no/such/dir' is neither a directory nor a hub id (owner/name)"]
 
 
 def test_errors_after_loading(tmp_path, capsys):
     out = ["--out", str(tmp_path / "o"), "--no-progress"]
     rc, err = run(["trace", "--prompt", "k1 v1 k2 v2 k1", "--corrupt", "k1 v1 k2 k1"] + out, capsys)
-    assert rc == 2 and err == ["error: the prompt has 6 tokens and --corrupt has 5; causal tracing needs equal token "
-                               "lengths (or use --corrupt-positions)"]
-    rc, err = run(["trace", "--prompt", "k1 v3 k2 v7 <sep> k2", "--corrupt-positions", "2", "--replacement", "k99"] + out, capsys)
+    assert rc == 2 and err == [
+        "error: the prompt has 6 tokens and --corrupt has 5; causal tracing needs equal token "
+        "lengths (or use --corrupt-positions)"
+    ]
+    rc, err = run(
+        ["trace", "--prompt", "k1 v3 k2 v7 <sep> k2", "--corrupt-positions", "2", "--replacement", "k99"] + out, capsys
+    )
     assert rc == 2 and len(err) == 1 and "--replacement 'k99' is not a token of this tokenizer" in err[0]
     rc, err = run(["trace", "--prompt", "k1 v3 k2 v7 <sep> k2", "--corrupt-positions", "9"] + out, capsys)
-    assert rc == 2 and err == ["error: --corrupt-positions 9: the prompt has 7 tokens (positions 0..6, <bos> included "
-                               "where the tokenizer adds it)"]
+    assert rc == 2 and err == [
+        "error: --corrupt-positions 9: the prompt has 7 tokens (positions 0..6, <bos> included "
+        "where the tokenizer adds it)"
+    ]
     # k1 v3 is not the queried pair: replacing k1 leaves the answer v7
-    rc, err = run(["trace", "--prompt", "k1 v3 k2 v7 <sep> k2", "--corrupt-positions", "1", "--replacement", "k5"] + out, capsys)
+    rc, err = run(
+        ["trace", "--prompt", "k1 v3 k2 v7 <sep> k2", "--corrupt-positions", "1", "--replacement", "k5"] + out, capsys
+    )
     assert rc == 2 and len(err) == 1
-    assert err[0].startswith("error: the clean and corrupted prompts have the same answer 'v7'") and "try another corruption" in err[0]
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1)
+    assert (
+        err[0].startswith("error: the clean and corrupted prompts have the same answer 'v7'")
+        and "try another corruption" in err[0]
+    )
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
-    rc, err = run(["trace", "--model", str(tmp_path / "llama"), "--prompt", "a", "--corrupt-positions", "0"] + out, capsys)
+    rc, err = run(
+        ["trace", "--model", str(tmp_path / "llama"), "--prompt", "a", "--corrupt-positions", "0"] + out, capsys
+    )
     assert rc == 2 and len(err) == 1 and "LlamaForCausalLM has no Gated DeltaNet" in err[0]
 
 
@@ -200,19 +230,31 @@ def no_forward(monkeypatch):
 
 # Refused after tokenizing (the bundled toy's prompt has 19 tokens) but before any forward or file.
 _BEFORE_FORWARD = {
-    "position out of range": (["attention", "--attribution", "--position", "99"],
-                              "error: --position 99: the prompt has 19 tokens; expected a position in 0..18"),
-    "negative position": (["attention", "--attribution", "--position", "-1"],
-                          "error: --position -1: the prompt has 19 tokens; expected a position in 0..18"),
-    "position on a given prompt": (["attention", "--prompt", "k1 v2 <sep> k1", "--attribution", "--position", "5"],
-                                   "error: --position 5: the prompt has 5 tokens; expected a position in 0..4"),
-    "unknown answer": (["attention", "--attribution", "--answers", "foo,bar"],
-                       "error: --answers 'foo' is not a token of this tokenizer (it maps to the unknown token); use a "
-                       "token from its vocabulary, e.g. 'k1'"),
-    "second answer unknown": (["attention", "--attribution", "--answers", "v2,v99"],
-                              "error: --answers 'v99' is not a token of this tokenizer"),
-    "answers: a word, not a token": (["attention", "--attribution", "--answers", "v2 v3,v4"],
-                                     "error: --answers 'v2 v3' is not a token of this tokenizer"),
+    "position out of range": (
+        ["attention", "--attribution", "--position", "99"],
+        "error: --position 99: the prompt has 19 tokens; expected a position in 0..18",
+    ),
+    "negative position": (
+        ["attention", "--attribution", "--position", "-1"],
+        "error: --position -1: the prompt has 19 tokens; expected a position in 0..18",
+    ),
+    "position on a given prompt": (
+        ["attention", "--prompt", "k1 v2 <sep> k1", "--attribution", "--position", "5"],
+        "error: --position 5: the prompt has 5 tokens; expected a position in 0..4",
+    ),
+    "unknown answer": (
+        ["attention", "--attribution", "--answers", "foo,bar"],
+        "error: --answers 'foo' is not a token of this tokenizer (it maps to the unknown token); use a "
+        "token from its vocabulary, e.g. 'k1'",
+    ),
+    "second answer unknown": (
+        ["attention", "--attribution", "--answers", "v2,v99"],
+        "error: --answers 'v99' is not a token of this tokenizer",
+    ),
+    "answers: a word, not a token": (
+        ["attention", "--attribution", "--answers", "v2 v3,v4"],
+        "error: --answers 'v2 v3' is not a token of this tokenizer",
+    ),
 }
 
 
@@ -226,20 +268,32 @@ def test_error_after_tokenizing_before_any_forward(argv, message, capsys, no_for
 
 # Refused before the model is loaded: the arguments alone are wrong.
 _BEFORE_LOADING = {
-    "same answer twice": (["attention", "--attribution", "--answers", "v2,v2"],
-                          "error: argument --answers: expected two different tokens A,B; got 'v2,v2', the token 'v2' "
-                          "twice (logit(A) - logit(B) would be 0 everywhere)"),
-    "empty trace prompt": (["trace", "--prompt", "", "--corrupt-positions", "0"],
-                           "error: --prompt is empty; expected text with at least one token (got '')"),
-    "blank trace prompt": (["trace", "--prompt", "  ", "--corrupt-positions", "0"],
-                           "error: --prompt is empty; expected text with at least one token (got '  ')"),
-    "empty corrupted prompt": (["trace", "--prompt", "k1 v2", "--corrupt", ""],
-                               "error: --corrupt is empty; expected text with at least one token (got '')"),
-    "empty attention prompt": (["attention", "--prompt", ""],
-                               "error: --prompt is empty; expected text with at least one token (got '')"),
+    "same answer twice": (
+        ["attention", "--attribution", "--answers", "v2,v2"],
+        "error: argument --answers: expected two different tokens A,B; got 'v2,v2', the token 'v2' "
+        "twice (logit(A) - logit(B) would be 0 everywhere)",
+    ),
+    "empty trace prompt": (
+        ["trace", "--prompt", "", "--corrupt-positions", "0"],
+        "error: --prompt is empty; expected text with at least one token (got '')",
+    ),
+    "blank trace prompt": (
+        ["trace", "--prompt", "  ", "--corrupt-positions", "0"],
+        "error: --prompt is empty; expected text with at least one token (got '  ')",
+    ),
+    "empty corrupted prompt": (
+        ["trace", "--prompt", "k1 v2", "--corrupt", ""],
+        "error: --corrupt is empty; expected text with at least one token (got '')",
+    ),
+    "empty attention prompt": (
+        ["attention", "--prompt", ""],
+        "error: --prompt is empty; expected text with at least one token (got '')",
+    ),
     "position without attribution": (["attention", "--position", "3"], "error: --position goes with --attribution"),
-    "answers without attribution": (["attention", "--answers", "v1,v2", "--position", "3"],
-                                    "error: --position and --answers go with --attribution"),
+    "answers without attribution": (
+        ["attention", "--answers", "v1,v2", "--position", "3"],
+        "error: --position and --answers go with --attribution",
+    ),
 }
 
 
@@ -273,11 +327,15 @@ def test_same_answer_by_id_and_text_without_tokens(tmp_path, capsys, no_forward,
     monkeypatch.setattr(cli, "_load", lambda *a, **k: (lambda m, t, n: (m, Tok(t), n))(*real(*a, **k)))
     out = tmp_path / "o"
     rc, err = run(["attention", "--attribution", "--answers", "v2,V2", "--out", str(out)], capsys)
-    assert rc == 2 and err == ["error: --answers v2,V2: both are the token 'v2'; expected two different tokens A,B "
-                               "(logit(A) - logit(B) would be 0 everywhere)"]
+    assert rc == 2 and err == [
+        "error: --answers v2,V2: both are the token 'v2'; expected two different tokens A,B "
+        "(logit(A) - logit(B) would be 0 everywhere)"
+    ]
     rc, err = run(["trace", "--prompt", "~", "--corrupt-positions", "0", "--out", str(out)], capsys)
-    assert rc == 2 and err == ["error: --prompt '~' gives no token (only the tokenizer's own special tokens); expected "
-                               "text with at least one token"]
+    assert rc == 2 and err == [
+        "error: --prompt '~' gives no token (only the tokenizer's own special tokens); expected "
+        "text with at least one token"
+    ]
     rc, err = run(["attention", "--prompt", "~~", "--out", str(out)], capsys)
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: --prompt '~~' gives no token")
     assert list(out.iterdir()) == []
@@ -314,7 +372,9 @@ def test_every_option_has_help_and_sites_list_the_registry():
 
 
 def _imports_after(code: str, setup: str = "") -> set:
-    script = f"import sys\n{setup}\nbefore = set(sys.modules)\n{code}\nprint(' '.join(sorted(set(sys.modules) - before)))"
+    script = (
+        f"import sys\n{setup}\nbefore = set(sys.modules)\n{code}\nprint(' '.join(sorted(set(sys.modules) - before)))"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     return set(out.split())
 
@@ -322,7 +382,9 @@ def _imports_after(code: str, setup: str = "") -> set:
 def test_parsing_imports_nothing_heavy():
     """The CLI module itself imports torch, transformers, matplotlib and plotly only inside the
     commands (beyond what `import gdn_intervene` already does)."""
-    new = _imports_after("from gdn_intervene import cli\ncli.build_parser().parse_args(['demo'])", "import gdn_intervene")
+    new = _imports_after(
+        "from gdn_intervene import cli\ncli.build_parser().parse_args(['demo'])", "import gdn_intervene"
+    )
     heavy = {m.split(".")[0] for m in new} & {"torch", "transformers", "matplotlib", "plotly", "numpy"}
     assert not heavy
 
@@ -341,16 +403,53 @@ def test_trace_and_attention_commands(tmp_path):
     clean, bad, info = mqar.demo_prompts(seed=1, kind="key")
     text = " ".join(tok.convert_ids_to_tokens(clean[0, 1:].tolist()))
     absent = tok.convert_ids_to_tokens(int(bad[0, info["key_position"]]))
-    assert cli.main(["trace", "--prompt", text, "--corrupt-positions", str(info["key_position"]), "--replacement", absent,
-                     "--sites", "state,k", "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "trace",
+                "--prompt",
+                text,
+                "--corrupt-positions",
+                str(info["key_position"]),
+                "--replacement",
+                absent,
+                "--sites",
+                "state,k",
+                "--out",
+                str(tmp_path / "t"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "t" / "trace.json").read_text())
     assert data["sites"] == ["state", "k"] and data["tokens"] == tok.convert_ids_to_tokens(clean[0].tolist())
-    assert data["corruption"] == {"kind": "positions", "replacement": absent, "positions": [info["key_position"]],
-                                  "tokens": [absent]}
+    assert data["corruption"] == {
+        "kind": "positions",
+        "replacement": absent,
+        "positions": [info["key_position"]],
+        "tokens": [absent],
+    }
     assert max(data["scores"]["state"][0][info["value_position"] + 1 : -1]) > 0.9  # same finding, via `trace`
     assert not (tmp_path / "t" / "report.html").exists()  # trace writes the report only with --html
-    assert cli.main(["attention", "--layers", "0", "--heads", "1", "--out", str(tmp_path / "a"), "--html",
-                     "--attribution", "--answers", "v12,v4"]) == 0
+    assert (
+        cli.main(
+            [
+                "attention",
+                "--layers",
+                "0",
+                "--heads",
+                "1",
+                "--out",
+                str(tmp_path / "a"),
+                "--html",
+                "--attribution",
+                "--answers",
+                "v12,v4",
+            ]
+        )
+        == 0
+    )
     assert {p.name for p in (tmp_path / "a").iterdir()} == {"attention_layer0.png", "attribution.png", "report.html"}
     html = (tmp_path / "a" / "report.html").read_text()
     assert 'id="attention"' in html and 'id="attribution"' in html
@@ -366,8 +465,23 @@ def test_trace_method_atp_verifies_its_top_cells(capsys, tmp_path):
     from gdn_intervene.toy import load_toy
 
     clean, corrupt = "k12 v11 k2 v2 k3 v12 k13 v3 <sep> k3", "k12 v11 k2 v2 k9 v12 k13 v3 <sep> k3"
-    rc, err = run(["trace", "--prompt", clean, "--corrupt", corrupt, "--method", "atp", "--verify", "3", "--no-progress",
-                   "--out", str(tmp_path)], capsys)
+    rc, err = run(
+        [
+            "trace",
+            "--prompt",
+            clean,
+            "--corrupt",
+            corrupt,
+            "--method",
+            "atp",
+            "--verify",
+            "3",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     data = json.loads((tmp_path / "trace.json").read_text())
     assert data["method"] == "attribution patching" and len(data["verified"]) == 3
@@ -377,8 +491,10 @@ def test_trace_method_atp_verifies_its_top_cells(capsys, tmp_path):
     full = tracing.causal_trace(model, *ids)
     for v in data["verified"]:
         assert abs(v["activation_patching"] - full.score(tracing.Cell(v["site"], v["layer"], v["position"]))) <= 1e-5
-        assert v["estimate"] == data["scores"][v["site"]][data["layers"].index(v["layer"])][v["position"]] or \
-            abs(v["estimate"] - data["scores"][v["site"]][data["layers"].index(v["layer"])][v["position"]]) <= 1e-6
+        assert (
+            v["estimate"] == data["scores"][v["site"]][data["layers"].index(v["layer"])][v["position"]]
+            or abs(v["estimate"] - data["scores"][v["site"]][data["layers"].index(v["layer"])][v["position"]]) <= 1e-6
+        )
 
 
 def test_demo_compares_attribution_patching_with_the_trace(demo):

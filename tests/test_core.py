@@ -11,15 +11,15 @@ import re
 import pytest
 import torch
 from conftest import ids_for, left_pad_mask, logits, new_cache, no_hooks
+from models import MODELS, build, pick
+from reference import kernel_edit
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import gdn_intervene as gi
 from gdn_intervene import _compat
-from gdn_intervene.layer import GDNMixin, _WARNED
+from gdn_intervene.layer import _WARNED, GDNMixin
 from gdn_intervene.sites import SITE_NAMES, SITES
 from gdn_intervene.toy import unloadable
-from models import MODELS, build, pick
-from reference import kernel_edit
 
 NAMES = list(MODELS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -91,8 +91,10 @@ def test_cached_multi_token_continuation_bitwise(pair, name):
 def test_greedy_generate_bitwise(pair, name):
     patched, ref = pair(name)
     ids, mask = ids_for(64), left_pad_mask(3, 64)
-    gen = {k: m.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, min_new_tokens=20)
-           for k, m in (("p", patched), ("r", ref))}
+    gen = {
+        k: m.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, min_new_tokens=20)
+        for k, m in (("p", patched), ("r", ref))
+    }
     assert gen["p"].shape[1] == 84 and torch.equal(gen["p"], gen["r"])
 
 
@@ -103,10 +105,14 @@ def test_beam_search_generate_bitwise(pair, name):
     patched, ref = pair(name)
     ids = ids_for(12)
     fired = []
-    h = gi.site_module(patched, list(gi.gdn_layers(patched))[0], "state").register_forward_hook(lambda *a: fired.append(1))
+    h = gi.site_module(patched, list(gi.gdn_layers(patched))[0], "state").register_forward_hook(
+        lambda *a: fired.append(1)
+    )
     try:
-        gen = {k: m.generate(ids, max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False)
-               for k, m in (("p", patched), ("r", ref))}
+        gen = {
+            k: m.generate(ids, max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False)
+            for k, m in (("p", patched), ("r", ref))
+        }
     finally:
         h.remove()
     assert gen["p"].shape == (3, 18) and torch.equal(gen["p"], gen["r"])
@@ -327,8 +333,14 @@ def test_cache_without_the_linear_attention_api_is_named():
 
 
 def test_model_without_gdn_is_rejected():
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1)
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     with pytest.raises(ValueError, match=r"LlamaForCausalLM has no Gated DeltaNet.*Qwen3_5GatedDeltaNet"):
         gi.patch(LlamaForCausalLM(cfg))
 
@@ -358,14 +370,22 @@ def test_transformers_below_the_supported_range_is_refused_newer_is_not(monkeypa
 def test_the_toy_needs_qwen3_5_and_the_cli_says_so_in_one_line(capsys, tmp_path):
     from gdn_intervene import cli
 
-    for argv in (["demo", "--no-progress"], ["attention"], ["trace", "--prompt", "k1 v2", "--corrupt", "k2 v2"]):  # the toy
+    for argv in (
+        ["demo", "--no-progress"],
+        ["attention"],
+        ["trace", "--prompt", "k1 v2", "--corrupt", "k2 v2"],
+    ):  # the toy
         out = tmp_path / argv[0]
         rc = cli.main([*argv, "--out", str(out)])
-        err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(("[transformers]", "note: "))]
+        err = [
+            line for line in capsys.readouterr().err.splitlines() if not line.startswith(("[transformers]", "note: "))
+        ]
         assert rc == 2 and len(err) == 1, err
-        assert re.fullmatch(r"error: the bundled toy model is a Qwen3\.5 checkpoint, which transformers \S+ cannot load; "
-                            r"it needs a release with Qwen3\.5 \(tested: 5\.5 on; the library itself supports 4\.57 on\)",
-                            err[0]), err
+        assert re.fullmatch(
+            r"error: the bundled toy model is a Qwen3\.5 checkpoint, which transformers \S+ cannot load; "
+            r"it needs a release with Qwen3\.5 \(tested: 5\.5 on; the library itself supports 4\.57 on\)",
+            err[0],
+        ), err
         assert not out.exists()  # refused before any work
 
 
@@ -385,28 +405,35 @@ def test_a_layout_the_release_predates_is_refused_by_name(monkeypatch):
 
     OlmoHybridGatedDeltaNet.__module__ = olmo.classes[0][0]
     gap = _compat.layout_gap(OlmoHybridGatedDeltaNet, olmo.layout_attrs, olmo.layout_since)
-    assert re.search(r"OlmoHybridGatedDeltaNet on transformers \S+ has no q_proj, k_proj, v_proj, b_proj, a_proj, g_proj, "
-                     r"conv1d, .*served from transformers 5\.15\.0 on \(tested: transformers \S+ to \S+; "
-                     r'pip install "transformers>=\d+\.\d+,<\d+\.\d+"\)$', gap)
+    assert re.search(
+        r"OlmoHybridGatedDeltaNet on transformers \S+ has no q_proj, k_proj, v_proj, b_proj, a_proj, g_proj, "
+        r"conv1d, .*served from transformers 5\.15\.0 on \(tested: transformers \S+ to \S+; "
+        r'pip install "transformers>=\d+\.\d+,<\d+\.\d+"\)$',
+        gap,
+    )
     assert "\n" not in gap
     monkeypatch.setattr("gdn_intervene.layer._CLASSES", {})
     with pytest.raises(gi.UnsupportedVersionError, match=r"OlmoHybridGatedDeltaNet on transformers .*5\.15\.0"):
         gi.patch(torch.nn.Sequential(OlmoHybridGatedDeltaNet()))
 
 
-@pytest.mark.skipif(_compat.modeling_module("transformers.models.olmo_hybrid.modeling_olmo_hybrid") is None
-                    or "olmo_hybrid" in MODELS, reason="this release has no OLMo-Hybrid, or serves it")
+@pytest.mark.skipif(
+    _compat.modeling_module("transformers.models.olmo_hybrid.modeling_olmo_hybrid") is None or "olmo_hybrid" in MODELS,
+    reason="this release has no OLMo-Hybrid, or serves it",
+)
 def test_olmo_hybrid_with_three_convs_is_refused(monkeypatch):
     """On 5.3-5.14 (the matrix: 5.5, 5.10): the real class, refused with the release named."""
     import transformers
-
     from models import olmo_hybrid
 
     monkeypatch.setenv("GDN_INTERVENE_SKIP_VERSION_CHECK", "1")
     found = re.escape(transformers.__version__)
     model = olmo_hybrid()
-    with pytest.raises(gi.UnsupportedVersionError, match=rf"OlmoHybridGatedDeltaNet on transformers {found} has no "
-                       rf"conv1d, .*served from transformers 5\.15\.0 on \(tested: .*pip install "):
+    with pytest.raises(
+        gi.UnsupportedVersionError,
+        match=rf"OlmoHybridGatedDeltaNet on transformers {found} has no "
+        rf"conv1d, .*served from transformers 5\.15\.0 on \(tested: .*pip install ",
+    ):
         gi.patch(model)
     assert not any(isinstance(m, GDNMixin) for m in model.modules()) and no_hooks(model)  # nothing left behind
 
@@ -414,7 +441,10 @@ def test_olmo_hybrid_with_three_convs_is_refused(monkeypatch):
 @pytest.mark.parametrize(
     "bad, expected",
     [
-        (lambda b: b[:, :-1], r"site linear_attn\.beta of layer 0: expected a tensor \[3, 8, 4\] torch.float32.*received \[3, 7, 4\]"),
+        (
+            lambda b: b[:, :-1],
+            r"site linear_attn\.beta of layer 0: expected a tensor \[3, 8, 4\] torch.float32.*received \[3, 7, 4\]",
+        ),
         (lambda b: b.double(), r"received \[3, 8, 4\] torch.float64"),
         (lambda b: b[0], r"received \[8, 4\]"),  # would broadcast; must not
         (lambda b: 0.0, r"received a float"),

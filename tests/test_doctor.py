@@ -5,11 +5,12 @@ import sys
 import types
 
 import pytest
+import torch
 from conftest import needs_toy
 from models import ANY_GDN, build, present
 
 import gdn_intervene as gi
-from gdn_intervene import cli, doctor
+from gdn_intervene import _compat, cli, doctor
 from gdn_intervene import selfcheck as sc
 from gdn_intervene.selfcheck import ENV
 
@@ -55,8 +56,9 @@ def test_every_layer_with_its_family_and_torch_kernels_on_cpu(name):
     assert set(blocks) == set(layers)
     for idx, m in layers.items():
         header, *kernels = blocks[idx]
-        assert f"{m._gdn_family.name}, {m._gdn_hf_class.__name__} on cpu" in header
-        assert {k.split()[0] for k in kernels} >= set(m._gdn_family.kernels)
+        h = gi.gdn_layer(m)
+        assert f"{h.family.name}, {h.hf_class.__name__} on cpu" in header
+        assert {k.split()[0] for k in kernels} >= set(h.family.kernels)
         assert all(k.split()[1:] == ["torch"] for k in kernels), kernels
     assert f"  {type(next(iter(layers.values()))).__name__}: passed" in text
 
@@ -66,7 +68,7 @@ def test_a_hub_kernel_is_named_with_its_repo():
     idx, m = next(iter(gi.gdn_layers(model).items()))
     if "_kernel_funcs" not in m.__dict__:
         pytest.skip("this transformers release has no per-instance kernels (before 5.25)")
-    chunk = vars(sys.modules[m._gdn_hf_class.__module__])["torch_chunk_gated_delta_rule"]
+    chunk = vars(sys.modules[gi.gdn_layer(m).hf_class.__module__])["torch_chunk_gated_delta_rule"]
     kf = m._kernel_funcs[chunk.kernel_layer_name]  # "chunk_gated_delta_rule"
     kf.forward = types.MethodType(lambda self, *a, **k: None, kf)  # what kernels' kernelize binds
     kf.__dict__["_kernel_repo"] = "kernels-community/fake"
@@ -94,8 +96,8 @@ def test_a_package_kernel_runs_only_on_its_devices(monkeypatch):
     def chunk(query, key, value, **kw):
         pass
 
-    assert (doctor._route(chunk, "cuda"), doctor._route(chunk, "cpu")) == ("fla", on_cpu)
-    assert doctor._route(None, "cpu") == "torch" and doctor._route(42, "cpu") == "unknown (42)"
+    assert (_compat.kernel_route(chunk, "cuda"), _compat.kernel_route(chunk, "cpu")) == ("fla", on_cpu)
+    assert _compat.kernel_route(None, "cpu") == "torch" and _compat.kernel_route(42, "cpu") == "unknown (42)"
 
 
 def test_a_failed_selfcheck_is_reported_with_its_message(monkeypatch):
@@ -103,14 +105,11 @@ def test_a_failed_selfcheck_is_reported_with_its_message(monkeypatch):
     cls = type(next(iter(gi.gdn_layers(model).values())))
 
     def fail(module, *a, **k):
-        sc._FAILED[type(module)] = err = sc.SelfCheckError("gdn_intervene self-check of X: outputs differ")
-        raise err
+        raise sc.SelfCheckError("gdn_intervene self-check of X: outputs differ")
 
     monkeypatch.setattr(sc, "_run", fail)
-    try:
-        assert doctor.self_check(model) == [f"  {cls.__name__}: gdn_intervene self-check of X: outputs differ"]
-    finally:
-        sc._FAILED.pop(cls, None)  # the class checks itself afresh on its next call
+    assert doctor.self_check(model) == [f"  {cls.__name__}: gdn_intervene self-check of X: outputs differ"]
+    assert cls not in sc._FAILED  # the report records nothing: the class's own first call still checks it
 
 
 def test_selfcheck_skipped_by_the_environment(monkeypatch):
@@ -136,3 +135,30 @@ def test_cli_doctor_refuses_a_missing_model_before_any_work(capsys, monkeypatch)
     assert cli.main(["doctor", "--model", "/nonexistent"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --model '/nonexistent' is neither a directory nor a hub id (owner/name)"]
+
+
+def test_the_report_leaves_the_process_as_it_found_it(monkeypatch):
+    """A read-only report: a class opted out with `patch(selfcheck=False)` stays opted out, and
+    a class never checked is still checked on its own first call (before, the report cleared the
+    opt-out of every model of the class)."""
+    monkeypatch.delenv(ENV, raising=False)
+    sc.reset()
+    runs = []
+    real = sc._run
+    monkeypatch.setattr(sc, "_run", lambda module, *a: runs.append(type(module)) or real(module, *a))
+    try:
+        model = gi.patch(build(ANY_GDN), selfcheck=False)
+        cls = type(next(iter(gi.gdn_layers(model).values())))
+        text = doctor.report(model)
+        assert f"  {cls.__name__}: passed" in text and runs == [cls]  # the report checks afresh
+        assert cls in sc._DONE and cls not in sc._FAILED
+        model(torch.tensor([[3, 4, 5]]))
+        assert runs == [cls]  # still opted out: the forward did not check
+        sc.reset()
+        fresh = gi.patch(build(ANY_GDN))
+        doctor.report(fresh)
+        assert cls not in sc._DONE  # the report recorded nothing
+        fresh(torch.tensor([[3, 4, 5]]))
+        assert runs == [cls, cls, cls] and cls in sc._DONE  # the first call checked
+    finally:
+        sc.reset()

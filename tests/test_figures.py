@@ -32,16 +32,20 @@ def _trace():
     score[0, 3:6] = 0.5
     state = score.clone()
     state[:, -1] = float("nan")
-    return TraceResult(("k", "state"), (0, 1), TOKENS, (27, 19), 4.5, -4.6, {"k": score, "state": state},
-                       corrupted_positions=(2,))
+    return TraceResult(
+        ("k", "state"), (0, 1), TOKENS, (27, 19), 4.5, -4.6, {"k": score, "state": state}, corrupted_positions=(2,)
+    )
 
 
 def test_trace_figures_show_tokens_literally(tmp_path):
-    fig = plot.trace_figure(_trace(), answer_labels=("$$", "\\alpha"), corrupt_tokens={2: "$y$"}, path=tmp_path / "t.png")
+    fig = plot.trace_figure(
+        _trace(), answer_labels=("$$", "\\alpha"), corrupt_tokens={2: "$y$"}, path=tmp_path / "t.png"
+    )
     expected = LABELS[:2] + [LABELS[2] + "→$y$"] + LABELS[3:]
     _check_ticks(fig, fig.axes[1].get_xticklabels(), expected, tmp_path / "t.png")
     assert _shown(fig._suptitle)[0].endswith(
-        "clean answer '$$' vs corrupted answer '\\\\alpha'; colour = " + plot.SCORE_LABEL)
+        "clean answer '$$' vs corrupted answer '\\\\alpha'; colour = " + plot.SCORE_LABEL
+    )
     fig = plot.trace_heatmap(_trace(), "state", path=tmp_path / "s.png")
     _check_ticks(fig, fig.axes[0].get_xticklabels(), LABELS, tmp_path / "s.png")
 

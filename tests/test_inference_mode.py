@@ -4,11 +4,11 @@ and gives the numbers of `torch.no_grad()`; the first-call self-check runs under
 import pytest
 import torch
 from conftest import ids_for, logits
+from models import ANY_GDN, MODELS, build
 
 import gdn_intervene as gi
 from gdn_intervene import selfcheck
 from gdn_intervene.sites import SITE_NAMES
-from models import ANY_GDN, MODELS, build
 
 NAMES = list(MODELS)
 
@@ -79,7 +79,9 @@ def test_attribution_patching_under_inference_mode(name):
     want = tracing.attribution_patching(model, clean, corrupt, answers=(5, 7), verify=2)
     with torch.inference_mode():
         clean_i, corrupt_i = clean.clone(), corrupt.clone()
-        got = tracing.attribution_patching(model, clean_i, corrupt_i, answers=(torch.tensor(5), torch.tensor(7)), verify=2)
+        got = tracing.attribution_patching(
+            model, clean_i, corrupt_i, answers=(torch.tensor(5), torch.tensor(7)), verify=2
+        )
     assert torch.is_inference(clean_i)
     for s in want.sites:
         torch.testing.assert_close(got.scores[s], want.scores[s], rtol=0, atol=0, equal_nan=True)

@@ -12,13 +12,13 @@ import copy
 import pytest
 import torch
 from conftest import ids_for, left_pad_mask, new_cache, rel_error, view
+from models import KDA, bailing_hybrid, build, present
+from reference import hf_gdn, kernel_edit
 
 import gdn_intervene as gi
 from gdn_intervene.families import family_of
 from gdn_intervene.layer import GDNMixin
 from gdn_intervene.sites import SITES, Mixer, site
-from models import KDA, bailing_hybrid, build, present
-from reference import hf_gdn, kernel_edit
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -50,8 +50,13 @@ def test_glm5_next_text_cached_decode_and_sites(text_pair):
     patched, ref = text_pair
     layers = list(gi.gdn_layers(patched))
     counts = {}
-    handles = [gi.site_module(patched, i, s.name).register_forward_hook(
-        lambda *a, key=(i, s.name): counts.__setitem__(key, counts.get(key, 0) + 1)) for i in layers for s in SITES]
+    handles = [
+        gi.site_module(patched, i, s.name).register_forward_hook(
+            lambda *a, key=(i, s.name): counts.__setitem__(key, counts.get(key, 0) + 1)
+        )
+        for i in layers
+        for s in SITES
+    ]
     try:
         caches = {k: new_cache(m) for k, m in (("p", patched), ("r", ref))}
         x, mask = ids_for(64), left_pad_mask(3, 64)
@@ -60,7 +65,9 @@ def test_glm5_next_text_cached_decode_and_sites(text_pair):
             assert torch.equal(out["p"], out["r"]), step
             for i in layers:
                 assert torch.equal(view(caches["p"]).get_conv_state(i), view(caches["r"]).get_conv_state(i)), (step, i)
-                assert torch.equal(view(caches["p"]).get_recurrent_state(i), view(caches["r"]).get_recurrent_state(i)), (step, i)
+                assert torch.equal(
+                    view(caches["p"]).get_recurrent_state(i), view(caches["r"]).get_recurrent_state(i)
+                ), (step, i)
             assert set(counts.values()) == {step + 1} and len(counts) == len(layers) * len(SITES)
             x = ids_for(1, seed=step + 10)
             mask = torch.cat([mask, torch.ones_like(x)], 1)
@@ -98,8 +105,10 @@ def test_bailing_unbounded_decay_bitwise():
     ids = ids_for(65)
     with torch.no_grad():
         assert torch.equal(patched(ids).logits, ref(ids).logits)
-    assert torch.equal(patched.generate(ids[:, :9], max_new_tokens=5, do_sample=False),
-                       ref.generate(ids[:, :9], max_new_tokens=5, do_sample=False))
+    assert torch.equal(
+        patched.generate(ids[:, :9], max_new_tokens=5, do_sample=False),
+        ref.generate(ids[:, :9], max_new_tokens=5, do_sample=False),
+    )
 
 
 @pytest.mark.parametrize("name", KDA)
@@ -175,8 +184,10 @@ def test_bf16_checkpoint_keeps_fp32_conv_and_gates(pair, name, tmp_path):
     ids = ids_for(33)
     with torch.no_grad():
         assert torch.equal(patched(input_ids=ids).logits, plain(input_ids=ids).logits)
-    assert torch.equal(patched.generate(ids[:, :9], max_new_tokens=4, do_sample=False),
-                       plain.generate(ids[:, :9], max_new_tokens=4, do_sample=False))
+    assert torch.equal(
+        patched.generate(ids[:, :9], max_new_tokens=4, do_sample=False),
+        plain.generate(ids[:, :9], max_new_tokens=4, do_sample=False),
+    )
 
 
 @pytest.mark.parametrize("name", present("kimi_linear", "glm5_next"))
@@ -191,7 +202,10 @@ def test_state_decomposition_with_per_channel_decay(pair, name):
     ids, mask = ids_for(130), left_pad_mask(3, 130)
     for layer in gi.gdn_layers(patched):
         call = {}
-        with kernel_edit(ref, layer, before=call.update, after=lambda out: call.update(S=out[1]) or out), torch.no_grad():
+        with (
+            kernel_edit(ref, layer, before=call.update, after=lambda out: call.update(S=out[1]) or out),
+            torch.no_grad(),
+        ):
             ref(input_ids=ids, attention_mask=mask)
         dec = an.state_decomposition_for(patched, ids, layer, attention_mask=mask)
         assert rel_error(dec.state(), call["S"]) <= 1e-5

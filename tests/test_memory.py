@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 from conftest import allocator_peak_bytes, ids_for
+from models import MODELS, build
 
 import gdn_intervene as gi
-from models import MODELS, build
 
 pytestmark = pytest.mark.compat
 NAMES = list(MODELS)

@@ -47,7 +47,7 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _wrapped(name: str):
     ref = build(name)
     return gnn.load(gi.patch(copy.deepcopy(ref)), tokenizer=tokenizer()), ref
@@ -90,8 +90,12 @@ def hf_logits(ref, ids: torch.Tensor) -> torch.Tensor:
 def hf_generate(ref, ids: torch.Tensor):
     with torch.no_grad():
         out = ref.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=N,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
     return out.sequences, torch.stack(out.logits, 1)  # [B, T + N], [B, N, vocab]
 
@@ -127,7 +131,15 @@ def test_reads_equal_plain_hooks_and_hf_kernel_arguments(wrapped, name):
         record_results = lambda out: hf.update(o=out[0], S=out[1]) or out  # noqa: E731
         with kernel_edit(ref, layer, before=hf.update, after=record_results):
             assert torch.equal(hf_logits(ref, x), logits)
-        pairs = [("q", "q"), ("k", "k"), ("v", "v"), ("beta", "beta"), ("decay", "g"), ("recurrence", "o"), ("state", "S")]
+        pairs = [
+            ("q", "q"),
+            ("k", "k"),
+            ("v", "v"),
+            ("beta", "beta"),
+            ("decay", "g"),
+            ("recurrence", "o"),
+            ("state", "S"),
+        ]
         for site, arg in pairs:
             assert torch.equal(seen[layer, site], unrepeat(hf[arg], seen[layer, site].shape[2])), (layer, site)
 
@@ -297,9 +309,11 @@ def test_load_from_directory_lazy_and_dispatched(name, tmp_path):
     ref = _save(name, tmp_path)
     x = ids()
     if name == "glm5_next":
-        pytest.skip("GLM-5-Next has no *ForCausalLM (AutoModelForCausalLM refuses its config) and its "
-                    "image-text-to-text pipeline needs Glm5NextVideoProcessor, i.e. torchvision; "
-                    "a loaded model (gnn.load(model)) is covered by every other test")
+        pytest.skip(
+            "GLM-5-Next has no *ForCausalLM (AutoModelForCausalLM refuses its config) and its "
+            "image-text-to-text pipeline needs Glm5NextVideoProcessor, i.e. torchvision; "
+            "a loaded model (gnn.load(model)) is covered by every other test"
+        )
     for dispatch in (False, True):
         lm = gnn.load(str(tmp_path), dispatch=dispatch)
         layers = gi.gdn_layers(lm._module)
@@ -432,8 +446,16 @@ def test_full_attention_layer_and_unknown_site_errors(wrapped):
 def test_a_model_without_gdn_layers_is_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(ValueError, match="LlamaForCausalLM has no Gated DeltaNet module"):
         gnn.load(llama, tokenizer=tokenizer())
 
@@ -454,8 +476,10 @@ def _kernels_are_module_functions() -> bool:
     return mod is not None and not _compat.convention(mod.Qwen3_5GatedDeltaNet).kernels_on_instance
 
 
-@pytest.mark.skipif(not _kernels_are_module_functions(),
-                    reason="`.source` names differ before 5.15 (HF calls self.chunk_gated_delta_rule)")
+@pytest.mark.skipif(
+    not _kernels_are_module_functions(),
+    reason="`.source` names differ before 5.15 (HF calls self.chunk_gated_delta_rule)",
+)
 def test_source_names_on_unpatched_qwen3_5_equal_the_sites():
     """README table: nnsight 0.8.1 `.source` names of HF's Qwen3.5 forward (transformers 5.24)."""
     from nnsight.modeling.transformers import TransformersModel
@@ -482,7 +506,19 @@ def test_source_names_on_unpatched_qwen3_5_equal_the_sites():
         for name in old_to_new:
             old[name] = getattr(source, name).output.save()
     with lm.trace(x):
-        for site in ["q", "k", "v", "beta_logit", "beta", "decay_logit", "decay", "state", "recurrence", "gate", "norm"]:
+        for site in [
+            "q",
+            "k",
+            "v",
+            "beta_logit",
+            "beta",
+            "decay_logit",
+            "decay",
+            "state",
+            "recurrence",
+            "gate",
+            "norm",
+        ]:
             new[site] = gnn.site(lm, 0, site).output.save()
     old["torch_chunk_gated_delta_rule_0"], S = old["torch_chunk_gated_delta_rule_0"]
     assert torch.equal(S, new["state"])

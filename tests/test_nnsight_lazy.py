@@ -110,7 +110,9 @@ def test_analysis_and_tracing_on_a_lazy_model_equal_the_eager_model(name, tmp_pa
         "effective attention": lambda m: torch.stack([a.matrix for a in an.effective_attention_for(m, x).values()]),
         "attribution": lambda m: an.attribution_for(m, x, positions=[8], direction=(5, 7)).contributions,
         "causal trace": lambda m: tracing.causal_trace(m, clean, corrupt, answers=(5, 7)).scores["state"],
-        "attribution patching": lambda m: tracing.attribution_patching(m, clean, corrupt, answers=(5, 7)).scores["state"],
+        "attribution patching": lambda m: tracing.attribution_patching(m, clean, corrupt, answers=(5, 7)).scores[
+            "state"
+        ],
     }
     for what, run in runs.items():
         lm, eager = _lazy(name, tmp_path / what.replace(" ", "_"))

@@ -19,6 +19,8 @@ from transformers.models.kimi_linear.modeling_kimi_linear import (
 )
 from transformers.models.qwen3_5.modeling_qwen3_5 import (
     l2norm as hf_l2norm,
+)
+from transformers.models.qwen3_5.modeling_qwen3_5 import (
     torch_chunk_gated_delta_rule,
     torch_recurrent_gated_delta_rule,
 )
@@ -76,8 +78,14 @@ def kernel(fn, x, init=False, T=None):
     """(o, S) from an HF kernel, optionally on the prefix [:T]."""
     sl = slice(None, T)
     return fn(
-        x.q[:, sl], x.k[:, sl], x.v[:, sl], g=x.g[:, sl], beta=x.beta[:, sl],
-        initial_state=x.S0 if init else None, output_final_state=True, use_qk_l2norm_in_kernel=True,
+        x.q[:, sl],
+        x.k[:, sl],
+        x.v[:, sl],
+        g=x.g[:, sl],
+        beta=x.beta[:, sl],
+        initial_state=x.S0 if init else None,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
     )
 
 
@@ -292,8 +300,14 @@ KDA_SIZES = [pytest.param(T, id=f"T{T}") for T in (1, 17, 65, 130)]
 def kda_kernel(fn, x, init=False):
     """HF Kimi Linear's own torch KDA kernels (no GQA there: HK = HV)."""
     return fn(
-        x.q, x.k, x.v, g=x.g, beta=x.beta, initial_state=x.S0.clone() if init else None,
-        output_final_state=True, use_qk_l2norm_in_kernel=True,
+        x.q,
+        x.k,
+        x.v,
+        g=x.g,
+        beta=x.beta,
+        initial_state=x.S0.clone() if init else None,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
     )
 
 
@@ -360,7 +374,9 @@ def test_per_channel_written_values_and_state(cfg, init):
     assert dec.weights.shape == (B, cfg[1], 130, cfg[2])
     assert rel(dec.state(), Sn) <= 1e-12
     assert rel(dec.per_token().sum(1) + (dec.initial if init else 0), Sn) <= 1e-12
-    _, Sp = naive_gated_delta_rule(x.q[:, :71], x.k[:, :71], x.v[:, :71], g=x.g[:, :71], beta=x.beta[:, :71], initial_state=S0)
+    _, Sp = naive_gated_delta_rule(
+        x.q[:, :71], x.k[:, :71], x.v[:, :71], g=x.g[:, :71], beta=x.beta[:, :71], initial_state=S0
+    )
     mid = state_decomposition(x.k, x.v, beta=x.beta, g=x.g, initial_state=S0, position=70, dtype=torch.float64)
     assert rel(mid.state(), Sp) <= 1e-12
 
@@ -368,8 +384,12 @@ def test_per_channel_written_values_and_state(cfg, init):
 def test_per_channel_heuristic_shape():
     x = make(20, CONFIGS[0].values[0], seed=45, per_channel=True)
     Mh = heuristic_effective_attention(x.q, x.k, beta=x.beta, g=x.g)
-    want = torch.einsum("bthd,bshd,bhtsd->bhts", x.q.repeat_interleave(2, 2), x.k.repeat_interleave(2, 2),
-                        (x.g.cumsum(1).transpose(1, 2)[:, :, :, None] - x.g.cumsum(1).transpose(1, 2)[:, :, None]).exp())
+    want = torch.einsum(
+        "bthd,bshd,bhtsd->bhts",
+        x.q.repeat_interleave(2, 2),
+        x.k.repeat_interleave(2, 2),
+        (x.g.cumsum(1).transpose(1, 2)[:, :, :, None] - x.g.cumsum(1).transpose(1, 2)[:, :, None]).exp(),
+    )
     want = want.tril() * x.beta.transpose(1, 2)[:, :, None, :]
     torch.testing.assert_close(Mh, want, rtol=1e-5, atol=1e-5)
 
@@ -377,7 +397,9 @@ def test_per_channel_heuristic_shape():
 # --------------------------------------------------------------------------- heuristic
 
 
-@pytest.mark.parametrize("cfg", [pytest.param((2, 4, 16), id="gqa-HK2-HV4-K16"), pytest.param((2, 2, 16), id="mha-HK2-HV2-K16")])
+@pytest.mark.parametrize(
+    "cfg", [pytest.param((2, 4, 16), id="gqa-HK2-HV4-K16"), pytest.param((2, 2, 16), id="mha-HK2-HV2-K16")]
+)
 def test_heuristic_is_far_off_exact_is_not(cfg):
     x = make(64, cfg, seed=8)
     o, _ = kernel(torch_chunk_gated_delta_rule, x)
@@ -468,12 +490,24 @@ def _bad_calls():
         pytest.param(lambda: ea(rows=3), r"rows must be a sequence", id="row-scalar"),
         pytest.param(lambda: ea(rows=[]), r"rows must not be empty", id="row-empty"),
         pytest.param(lambda: ea(initial_state=x.S0[:, :2]), r"initial_state must be \[B, HV, K, V\]", id="init-shape"),
-        pytest.param(lambda: ea(g=x.g[..., None].expand(-1, -1, -1, 5)), r"or \[B, T, HV, K\] = \[2, 8, 4, 8\]", id="g-channels"),
+        pytest.param(
+            lambda: ea(g=x.g[..., None].expand(-1, -1, -1, 5)), r"or \[B, T, HV, K\] = \[2, 8, 4, 8\]", id="g-channels"
+        ),
         pytest.param(lambda: ea(chunk=0), r"chunk must be a positive int", id="chunk"),
-        pytest.param(lambda: ea(max_bytes=1000), r"GiB.*max_bytes=1000.*rows=\[\.\.\.\].*heads=\[\.\.\.\]", id="max-bytes"),
-        pytest.param(lambda: written_values(x.k, x.v[:, :, :2], beta=x.beta, g=x.g), r"v must be \[B, T, HV, V\]", id="v-shape"),
-        pytest.param(lambda: state_decomposition(x.k, x.v, beta=x.beta, g=x.g, position=8), r"position must be", id="position"),
-        pytest.param(lambda: naive_gated_delta_rule(x.q, x.k[..., :4], x.v, g=x.g, beta=x.beta), r"q must have k's shape", id="naive-qk"),
+        pytest.param(
+            lambda: ea(max_bytes=1000), r"GiB.*max_bytes=1000.*rows=\[\.\.\.\].*heads=\[\.\.\.\]", id="max-bytes"
+        ),
+        pytest.param(
+            lambda: written_values(x.k, x.v[:, :, :2], beta=x.beta, g=x.g), r"v must be \[B, T, HV, V\]", id="v-shape"
+        ),
+        pytest.param(
+            lambda: state_decomposition(x.k, x.v, beta=x.beta, g=x.g, position=8), r"position must be", id="position"
+        ),
+        pytest.param(
+            lambda: naive_gated_delta_rule(x.q, x.k[..., :4], x.v, g=x.g, beta=x.beta),
+            r"q must have k's shape",
+            id="naive-qk",
+        ),
     ]
 
 

@@ -8,10 +8,10 @@ the edit through the recurrence).
 import pytest
 import torch
 from conftest import ids_for, no_hooks, view
-
-import gdn_intervene as gi
 from models import ANY_GDN, MODELS, build, present
 from reference import kernel_edit
+
+import gdn_intervene as gi
 
 pv = pytest.importorskip("pyvene")
 import gdn_intervene.pyvene as gp  # noqa: E402
@@ -78,7 +78,11 @@ def reference(ref, layer, site, base, src):
     return out.logits, view(out.past_key_values).get_recurrent_state(layer)
 
 
-COMPONENT = {"beta": "head_linear_attn_beta", "recurrence": "head_linear_attn_recurrence_output", "state": "head_linear_attn_state"}
+COMPONENT = {
+    "beta": "head_linear_attn_beta",
+    "recurrence": "head_linear_attn_recurrence_output",
+    "state": "head_linear_attn_state",
+}
 
 
 @pytest.mark.parametrize("site", list(COMPONENT))
@@ -133,12 +137,15 @@ def test_state_at_a_position_inside_state_at(models, name):
             want = patched(input_ids=base, use_cache=True)
         plain = patched(input_ids=base, use_cache=True)
     assert torch.equal(got.logits, want.logits)
-    assert torch.equal(view(got.past_key_values).get_recurrent_state(layer),
-                       view(want.past_key_values).get_recurrent_state(layer))
+    assert torch.equal(
+        view(got.past_key_values).get_recurrent_state(layer), view(want.past_key_values).get_recurrent_state(layer)
+    )
     assert not torch.equal(got.logits[:, P + 1 :], plain.logits[:, P + 1 :])  # the later tokens read the swap
     assert torch.equal(got.logits[:, : P + 1], plain.logits[:, : P + 1])  # the earlier ones cannot
-    with torch.no_grad(), gi.state_at(patched, [1, P], layers=[layer]), pytest.raises(
-        ValueError, match=r"split after positions \[1, 3\].*pyvene takes one state per call"
+    with (
+        torch.no_grad(),
+        gi.state_at(patched, [1, P], layers=[layer]),
+        pytest.raises(ValueError, match=r"split after positions \[1, 3\].*pyvene takes one state per call"),
     ):
         iv({"input_ids": base}, [{"input_ids": src}], {"sources->base": ([hp(H, 0)], [hp(H, 0)])})
     assert no_hooks(patched)
@@ -169,11 +176,21 @@ def test_whole_position_swap_beta(models):
 def test_trainable_intervention_one_step(models, kind):
     patched, _ = models(ANY_GDN)
     if kind == "rotated":
-        cfg = {"layer": 2, "component": "linear_attn_recurrence_output", "unit": "pos", "intervention_type": pv.RotatedSpaceIntervention}
+        cfg = {
+            "layer": 2,
+            "component": "linear_attn_recurrence_output",
+            "unit": "pos",
+            "intervention_type": pv.RotatedSpaceIntervention,
+        }
         loc = {"sources->base": P}
     else:
-        cfg = {"layer": 2, "component": "head_linear_attn_recurrence_output", "unit": "h.pos",
-               "intervention_type": pv.LowRankRotatedSpaceIntervention, "low_rank_dimension": 2}
+        cfg = {
+            "layer": 2,
+            "component": "head_linear_attn_recurrence_output",
+            "unit": "h.pos",
+            "intervention_type": pv.LowRankRotatedSpaceIntervention,
+            "low_rank_dimension": 2,
+        }
         loc = {"sources->base": ([hp(H, P)], [hp(H, P)])}
     iv = pv.IntervenableModel([cfg], patched)
     if kind == "rotated":  # swapping every rotated coordinate is the identity map: swap 8 of HV*V
@@ -202,9 +219,20 @@ def test_generate_matches_hook_reference(models, name):
     const = torch.linspace(0.05, 0.95, HV)
     # pyvene freezes the parameters, and with frozen parameters HF's prompt logits differ in
     # the last bit (torch 2.13 CPU): build it before the references so all runs share that.
-    iv = pv.IntervenableModel([{"layer": 0, "component": "linear_attn_beta", "unit": "pos",
-                                "intervention": pv.VanillaIntervention(source_representation=const)}], patched)
-    iv2 = pv.IntervenableModel([{"layer": 2, "component": "head_linear_attn_recurrence_output", "unit": "h.pos"}], patched)
+    iv = pv.IntervenableModel(
+        [
+            {
+                "layer": 0,
+                "component": "linear_attn_beta",
+                "unit": "pos",
+                "intervention": pv.VanillaIntervention(source_representation=const),
+            }
+        ],
+        patched,
+    )
+    iv2 = pv.IntervenableModel(
+        [{"layer": 2, "component": "head_linear_attn_recurrence_output", "unit": "h.pos"}], patched
+    )
 
     calls = []
 
@@ -249,8 +277,13 @@ def test_generate_matches_hook_reference(models, name):
             want = patched.generate(input_ids=base, **gen)
     finally:
         h.remove()
-    _, got = iv2.generate({"input_ids": base}, [{"input_ids": src}], {"sources->base": ([hp(H, P)], [hp(H, P)])},
-                         intervene_on_prompt=True, **gen)
+    _, got = iv2.generate(
+        {"input_ids": base},
+        [{"input_ids": src}],
+        {"sources->base": ([hp(H, P)], [hp(H, P)])},
+        intervene_on_prompt=True,
+        **gen,
+    )
     same(got, want)
     assert no_hooks(patched)
 
@@ -295,8 +328,8 @@ def test_transformers_capture_hooks_survive():
 @pytest.mark.parametrize("name", NAMES)
 def test_mapping_paths_and_widths(models, name):
     """Every registered path resolves on the instance, and every GDN width is that of the value."""
-    from pyvene.models.modeling_utils import getattr_for_torch_module
     from pyvene.models.intervenable_base import get_dimension_by_component
+    from pyvene.models.modeling_utils import getattr_for_torch_module
 
     patched, _ = models(name)
     assert type(patched) in gp.register()  # idempotent: registering again is harmless
@@ -312,6 +345,7 @@ def test_mapping_paths_and_widths(models, name):
         def keep(m, a, o, c=c):
             lead = o.shape[1] if c.site.has_time else 1
             widths[c.name] = o[0].numel() // lead
+
         hooks.append(mod.register_forward_hook(keep))
     with torch.no_grad():
         patched(input_ids=ids_for(T, B))
@@ -333,11 +367,100 @@ def test_register_covers_all_families():
     import transformers
 
     classes = {c.__name__ for c in gp.register()}
-    for must in ("Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration", "Qwen3_5TextModel",
-                 "Qwen3_5MoeForCausalLM", "OlmoHybridForCausalLM", "LaraMiniForCausalLM", "Qwen4ExpForCausalLM",
-                 "KimiLinearForCausalLM", "Glm5NextForConditionalGeneration", "Glm5NextTextModel",
-                 "BailingHybridForCausalLM"):
+    for must in (
+        "Qwen3NextForCausalLM",
+        "Qwen3_5ForCausalLM",
+        "Qwen3_5ForConditionalGeneration",
+        "Qwen3_5TextModel",
+        "Qwen3_5MoeForCausalLM",
+        "OlmoHybridForCausalLM",
+        "LaraMiniForCausalLM",
+        "Qwen4ExpForCausalLM",
+        "KimiLinearForCausalLM",
+        "Glm5NextForConditionalGeneration",
+        "Glm5NextTextModel",
+        "BailingHybridForCausalLM",
+    ):
         assert must in classes or getattr(transformers, must, None) is None  # absent from this release
-    assert {"linear_attn_q", "linear_attn_k", "linear_attn_v", "linear_attn_beta", "linear_attn_decay",
-            "linear_attn_recurrence_output", "linear_attn_state", "linear_attn_gate", "linear_attn_output",
-            "head_linear_attn_beta", "head_linear_attn_recurrence_output"} <= set(gp.COMPONENTS)
+    assert {
+        "linear_attn_q",
+        "linear_attn_k",
+        "linear_attn_v",
+        "linear_attn_beta",
+        "linear_attn_decay",
+        "linear_attn_recurrence_output",
+        "linear_attn_state",
+        "linear_attn_gate",
+        "linear_attn_output",
+        "head_linear_attn_beta",
+        "head_linear_attn_recurrence_output",
+    } <= set(gp.COMPONENTS)
+
+
+@pytest.mark.parametrize("name", present("glm5_next", "qwen4_exp"))
+@pytest.mark.parametrize("component", ["block_output", "block_input"])
+def test_das_on_hyper_connection_streams(models, name, component):
+    """The block components of a model whose residual is N hyper-connection streams (GLM-5-Next:
+    [B, T, N, D], `hc_mult`; Qwen4-Exp: [B, T, N*D], `hc_count`) are all streams at a position,
+    N*D wide. A rank-2 DAS rotation there equals the hand-written one: at position P,
+    h + R^T (R h_src - R h) on the flattened streams (reference: plain hooks on the decoder layer)."""
+    from pyvene.models.intervenable_base import get_dimension_by_component
+
+    patched, _ = models(name)
+    cfg = patched.config.get_text_config()
+    N = getattr(cfg, "hc_mult", None) or getattr(cfg, "hc_count", 1)
+    width = get_dimension_by_component(type(patched), patched.config, component)
+    assert N > 1 and width == N * cfg.hidden_size
+    L = 1
+    iv = pv.IntervenableModel(
+        [
+            {
+                "layer": L,
+                "component": component,
+                "unit": "pos",
+                "intervention_type": pv.LowRankRotatedSpaceIntervention,
+                "low_rank_dimension": 2,
+            }
+        ],
+        patched,
+    )
+    R = next(iter(iv.interventions.values())).rotate_layer.weight.detach().clone()  # [N*D, 2]
+    base, src = ids_for(T, B, seed=1), ids_for(T, B, seed=2)
+    with torch.no_grad():
+        _, out = iv({"input_ids": base}, [{"input_ids": src}], {"sources->base": P})
+    for p in patched.parameters():
+        p.requires_grad_(True)
+    decoder = gp._decoder_layers(patched)[L]
+    seen = {}
+
+    def flat(h):
+        return h.reshape(*h.shape[:2], -1)
+
+    def grab(h):
+        seen["src"] = flat(h)[:, P].clone()
+
+    def rotate(h):
+        f = flat(h).clone()
+        x = f[:, P]
+        f[:, P] = x + (seen["src"] - x) @ R @ R.T
+        return f.view(h.shape)
+
+    def hooks(fn):
+        if component == "block_output":
+
+            def out_hook(m, a, o):
+                new = fn(o[0] if isinstance(o, tuple) else o)
+                return None if new is None else ((new, *o[1:]) if isinstance(o, tuple) else new)
+
+            return decoder.register_forward_hook(out_hook)
+        return decoder.register_forward_pre_hook(lambda m, a: None if (new := fn(a[0])) is None else (new, *a[1:]))
+
+    with torch.no_grad():
+        for fn, ids in ((grab, src), (rotate, base)):
+            h = hooks(fn)
+            try:
+                want = patched(input_ids=ids).logits
+            finally:
+                h.remove()
+    torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out.logits, patched(input_ids=base).logits.detach(), atol=1e-4)

@@ -32,7 +32,11 @@ def blocks(text: str):
         heading = re.findall(r"^#+ (.+)$", _FENCE.sub("", before + "\n"), re.M)  # not `# comments` in code
         skip = _NOT_RUN.search(before[-300:])
         nxt = fences[i + 1] if i + 1 < len(fences) else None
-        expected = nxt.group(2) if nxt is not None and nxt.group(1) == "text" and not text[m.end() : nxt.start()].strip() else None
+        expected = (
+            nxt.group(2)
+            if nxt is not None and nxt.group(1) == "text" and not text[m.end() : nxt.start()].strip()
+            else None
+        )
         section = heading[-1] if heading else "top"
         n = sum(1 for b in found if b[0].startswith(section))
         found.append((f"{section} #{n + 1}", m.group(2), skip.group(1) if skip else None, expected))

@@ -23,15 +23,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ids_for, needs_toy, no_hooks
-
-import gdn_intervene as gi
-from gdn_intervene import analysis as an
 from models import KDA
 from reference import kernel_edit
 
+import gdn_intervene as gi
+from gdn_intervene import analysis as an
+
 ROOT = Path(__file__).resolve().parents[1]
 
-FROM_CONFIG = '''\
+FROM_CONFIG = """\
 import torch
 import transformers as tr
 import gdn_intervene as gi
@@ -61,14 +61,14 @@ for tiny in tiny_models:
     generated = tiny.generate(x, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     print(f"{type(tiny).__name__}: GDN layers {list(gi.gdn_layers(tiny))}, logits {tuple(out.logits.shape)}, "
           f"layer 0 decay {tuple(seen[0, 'decay'][0].shape)}, generated {tuple(generated.shape)}")
-'''
+"""
 FROM_CONFIG_OUTPUT = {
     "qwen": "Qwen3_5ForCausalLM: GDN layers [0, 2], logits (1, 12, 96), layer 0 decay (1, 12, 4), generated (1, 15)",
     "kimi": "KimiLinearForCausalLM: GDN layers [0, 2], logits (1, 12, 96), layer 0 decay (1, 12, 2, 8), "
     "generated (1, 15)",
 }
 
-PYVENE_STATE = '''\
+PYVENE_STATE = """\
 import torch
 import pyvene as pv
 import gdn_intervene as gi
@@ -95,7 +95,7 @@ for p in (5, 7, 17):
         _, out = iv({"input_ids": corrupt}, [{"input_ids": clean}], {"sources->base": 0})
     restored = (logit_diff(out.logits) - d_corrupt) / (d_clean - d_corrupt)
     print(f"layer 0 state after {p}:{tokens[p]} restores {restored:.2f} of logit(v12) - logit(v4)")
-'''
+"""
 PYVENE_STATE_OUTPUT = """\
 layer 0 state after 5:k3 restores 0.00 of logit(v12) - logit(v4)
 layer 0 state after 7:k13 restores 0.99 of logit(v12) - logit(v4)
@@ -110,9 +110,14 @@ def run_recipe(code: str) -> str:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("code, marker", [(FROM_CONFIG, "tiny_models = [tr.Qwen3_5ForCausalLM("),
-                                          (PYVENE_STATE, 'component": "linear_attn_state", "unit": "pos"}], model)')],
-                         ids=["from_config", "pyvene_state"])
+@pytest.mark.parametrize(
+    "code, marker",
+    [
+        (FROM_CONFIG, "tiny_models = [tr.Qwen3_5ForCausalLM("),
+        (PYVENE_STATE, 'component": "linear_attn_state", "unit": "pos"}], model)'),
+    ],
+    ids=["from_config", "pyvene_state"],
+)
 def test_readme_has_the_recipe_verbatim(code, marker):
     from test_readme import blocks
 
@@ -214,9 +219,14 @@ def test_pyvene_state_at_two_positions_is_refused(toy):
     model, clean, corrupt, _, _ = toy
     iv = pv.IntervenableModel([{"layer": 0, "component": "linear_attn_state", "unit": "pos"}], model)
     try:
-        with torch.no_grad(), gi.state_at(model, [3, 7], layers=[0]), pytest.raises(
-            ValueError, match=r"linear_attn_state' at layer 0: the layer is split after positions \[3, 7\].*give "
-            r"state_at one position"
+        with (
+            torch.no_grad(),
+            gi.state_at(model, [3, 7], layers=[0]),
+            pytest.raises(
+                ValueError,
+                match=r"linear_attn_state' at layer 0: the layer is split after positions \[3, 7\].*give "
+                r"state_at one position",
+            ),
         ):
             iv({"input_ids": corrupt}, [{"input_ids": clean}], {"sources->base": 0})
         assert no_hooks(model)
@@ -268,8 +278,10 @@ def test_token_contributions_take_the_per_channel_decay(pair, name):
     ids = ids_for(40, B=2, seed=3)
     for layer in gi.gdn_layers(patched):
         call = {}
-        with kernel_edit(ref, layer, before=call.update, after=lambda out: call.update(S=out[1]) or out), \
-                torch.no_grad():
+        with (
+            kernel_edit(ref, layer, before=call.update, after=lambda out: call.update(S=out[1]) or out),
+            torch.no_grad(),
+        ):
             ref(input_ids=ids)
         for p in (17, 39):
             want, S, one_weight = per_channel_contributions(call, p)
@@ -302,8 +314,10 @@ def test_pyvene_example_names_tokens_by_their_text(tmp_path, monkeypatch, capsys
     printed = capsys.readouterr().out
     assert "clean answer 'v12' (token 32); corrupted: 'k3' -> 'k0' at 5;" in printed
     assert "answer token 32" not in printed
-    assert titles == ["pyvene: linear_attn_state after each position (state_at) restored, clean -> corrupted "
-                      "('k3' -> 'k0' at 5)\nrecovery of logit('v12'), the clean answer"]
+    assert titles == [
+        "pyvene: linear_attn_state after each position (state_at) restored, clean -> corrupted "
+        "('k3' -> 'k0' at 5)\nrecovery of logit('v12'), the clean answer"
+    ]
     (grid,) = grids
     assert grid.shape == (2, 18)  # GDN layers 0 and 1 x positions 0..T-2
     assert grid[0, 7:].min() > 0.9 and grid[0, :5].abs().max() < 0.05 and grid[1].abs().max() < 0.1

@@ -16,11 +16,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_public_api_is_pinned():
-    assert sorted(gi.__all__) == sorted([
-        "patch", "unpatch", "patched", "patch_on_load", "from_pretrained", "gdn_layers", "site_module",
-        "intervene", "state_at", "capture", "Capture", "SITES", "Site", "FAMILIES", "family_for", "SiteValueError",
-        "NativeFallbackWarning", "UnsupportedVersionError",
-    ])
+    assert sorted(gi.__all__) == sorted(
+        [
+            "patch",
+            "unpatch",
+            "patched",
+            "patch_on_load",
+            "from_pretrained",
+            "gdn_layers",
+            "site_module",
+            "intervene",
+            "state_at",
+            "capture",
+            "Capture",
+            "SITES",
+            "Site",
+            "FAMILIES",
+            "family_for",
+            "SiteValueError",
+            "NativeFallbackWarning",
+            "UnsupportedVersionError",
+            "gdn_layer",
+            "GDNLayer",
+            "StateFiring",
+            "CheckpointEditError",
+        ]
+    )
     assert all(hasattr(gi, name) for name in gi.__all__)
 
 
@@ -46,7 +67,11 @@ def _gdn_like_classes() -> set[str]:
         for node in ast.walk(ast.parse(src)):
             if isinstance(node, ast.ClassDef):
                 # module functions (5.15 on) or attributes bound in __init__ (`self.chunk_gated_delta_rule`, before)
-                calls = {getattr(n.func, "id", getattr(n.func, "attr", "")) for n in ast.walk(node) if isinstance(n, ast.Call)}
+                calls = {
+                    getattr(n.func, "id", getattr(n.func, "attr", ""))
+                    for n in ast.walk(node)
+                    if isinstance(n, ast.Call)
+                }
                 if any(k in c for c in calls for k in KERNEL_MARKERS):
                     found.add(node.name)
     return found

@@ -12,12 +12,11 @@ import types
 import pytest
 import torch
 from conftest import cache_kw, ids_for, logits, new_cache, no_hooks, view
+from models import ANY_GDN, MODELS, build
 
 import gdn_intervene as gi
-from gdn_intervene.layer import HubKernelWarning
 from gdn_intervene import SiteValueError
-from gdn_intervene.layer import GDNMixin
-from models import ANY_GDN, MODELS, build
+from gdn_intervene.layer import GDNMixin, HubKernelWarning
 
 NAMES = list(MODELS)
 L = 2
@@ -99,8 +98,9 @@ def _nnsight_over_a_copy(pair):
     """(gdn_intervene.nnsight, nnsight model, its patched qwen3_5, the unpatched reference). The
     patched model is a copy: nnsight installs its controllers for good, not on the shared pair."""
     pytest.importorskip("nnsight")
-    from gdn_intervene import nnsight as gnn
     from test_nnsight import tokenizer
+
+    from gdn_intervene import nnsight as gnn
 
     patched, ref = pair(ANY_GDN)
     patched = copy.deepcopy(patched)
@@ -186,7 +186,9 @@ def test_hf_owned_sites_and_the_conv_are_validated(pair, name):
     }
     for sname, bads in cases.items():
         for bad in bads:
-            with pytest.raises(SiteValueError, match=rf"site (linear_attn|self_attn)\.{sname} of layer {L}: expected a tensor"):
+            with pytest.raises(
+                SiteValueError, match=rf"site (linear_attn|self_attn)\.{sname} of layer {L}: expected a tensor"
+            ):
                 with gi.intervene(patched, {(L, sname): bad}):
                     logits(patched, ids)
     assert D and no_hooks(patched)
@@ -194,7 +196,12 @@ def test_hf_owned_sites_and_the_conv_are_validated(pair, name):
 
 @pytest.mark.parametrize(
     "sname, value, shown",
-    [("decay", float("-inf"), "-inf"), ("beta", float("nan"), "nan"), ("v", float("inf"), "inf"), ("state", float("nan"), "nan")],
+    [
+        ("decay", float("-inf"), "-inf"),
+        ("beta", float("nan"), "nan"),
+        ("v", float("inf"), "inf"),
+        ("state", float("nan"), "nan"),
+    ],
 )
 @pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "replaced"])
 def test_non_finite_values_are_refused_with_the_position(pair, sname, value, shown, in_place):
@@ -207,7 +214,10 @@ def test_non_finite_values_are_refused_with_the_position(pair, sname, value, sho
         return None if in_place else y
 
     at = "position 3" if sname != "state" else "head 3"
-    with pytest.raises(SiteValueError, match=rf"linear_attn\.{sname} of layer {L}: the new value is not finite \({shown} at batch row 1, {at}\).*state_at"):
+    with pytest.raises(
+        SiteValueError,
+        match=rf"linear_attn\.{sname} of layer {L}: the new value is not finite \({shown} at batch row 1, {at}\).*state_at",
+    ):
         with gi.intervene(patched, {(L, sname): edit}):
             logits(patched, ids)
     assert no_hooks(patched)

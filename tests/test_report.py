@@ -24,8 +24,9 @@ def _result():
     state[:, -1] = float("nan")
     k = torch.zeros(2, T)
     k[1, 3] = -0.125
-    return TraceResult(("k", "state"), (0, 1), TOKENS, (22, 19), 3.0, -2.0, {"k": k, "state": state},
-                       corrupted_positions=(3,))
+    return TraceResult(
+        ("k", "state"), (0, 1), TOKENS, (22, 19), 3.0, -2.0, {"k": k, "state": state}, corrupted_positions=(3,)
+    )
 
 
 def _attention():
@@ -47,8 +48,15 @@ def _attribution():
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     path = tmp_path_factory.mktemp("report") / "report.html"
-    report.write_html(path, trace=_result(), trace_answers=("</s>", "$$"), attention=_attention(), tokens=TOKENS,
-                      attribution=_attribution(), attribution_of="logit(<b>) - logit(\\alpha)")
+    report.write_html(
+        path,
+        trace=_result(),
+        trace_answers=("</s>", "$$"),
+        attention=_attention(),
+        tokens=TOKENS,
+        attribution=_attribution(),
+        attribution_of="logit(<b>) - logit(\\alpha)",
+    )
     return path
 
 
@@ -62,7 +70,9 @@ def test_one_self_contained_file(page):
 
 def _driver():
     chrome = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if shutil.which("/usr/bin/chromedriver") else None)
+    driver = shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if shutil.which("/usr/bin/chromedriver") else None
+    )
     if not (chrome and driver):
         pytest.skip("no headless browser: apt-get install chromium chromium-driver (.ci/run does)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[all]')")
@@ -83,8 +93,11 @@ def browser(page):
         d.get(page.as_uri())
         from selenium.webdriver.support.ui import WebDriverWait
 
-        WebDriverWait(d, 30).until(lambda d: d.execute_script(
-            "return document.querySelectorAll('.js-plotly-plot .hm image, .js-plotly-plot .heatmaplayer image').length >= 2"))
+        WebDriverWait(d, 30).until(
+            lambda d: d.execute_script(
+                "return document.querySelectorAll('.js-plotly-plot .hm image, .js-plotly-plot .heatmaplayer image').length >= 2"
+            )
+        )
         yield d
     finally:
         d.quit()
@@ -100,7 +113,10 @@ def _hover(d, div: str, x: int, y: int) -> str:
     px, py, w, h = d.execute_script(
         "const gd = document.getElementById(arguments[0]), L = gd._fullLayout;"
         "return [L.xaxis.l2p(arguments[1]), L.yaxis.l2p(arguments[2]), L.xaxis._length, L.yaxis._length];",
-        div, x, y)
+        div,
+        x,
+        y,
+    )
     ActionChains(d).move_to_element_with_offset(drag, int(px - w / 2), int(py - h / 2)).perform()
     label = WebDriverWait(d, 10).until(lambda d: d.find_elements("css selector", f"#{div} .hoverlayer .hovertext"))
     return " ".join(label[0].text.split())
@@ -112,8 +128,9 @@ def test_page_loads_without_console_errors_and_plots_render(browser):
     ids = browser.execute_script("return Array.from(document.querySelectorAll('.js-plotly-plot')).map(e => e.id)")
     assert ids == ["trace", "attention", "attribution"]
     for div in ids:
-        size = browser.execute_script("const r = document.getElementById(arguments[0]).getBoundingClientRect();"
-                                      "return [r.width, r.height]", div)
+        size = browser.execute_script(
+            "const r = document.getElementById(arguments[0]).getBoundingClientRect();return [r.width, r.height]", div
+        )
         assert min(size) > 200, (div, size)
 
 
@@ -128,8 +145,9 @@ def test_hovering_a_trace_cell_shows_its_numbers(browser):
 
 
 def _ticks(d, div: str, axis: str) -> list[str]:
-    return d.execute_script(f"return Array.from(document.querySelectorAll('#{div} .{axis}tick text'))"
-                            ".map(e => e.textContent)")
+    return d.execute_script(
+        f"return Array.from(document.querySelectorAll('#{div} .{axis}tick text')).map(e => e.textContent)"
+    )
 
 
 def test_tokens_show_literally_in_labels_and_titles(browser):
@@ -139,13 +157,16 @@ def test_tokens_show_literally_in_labels_and_titles(browser):
     assert _ticks(browser, "attribution", "x") == LABELS
     title = "return document.querySelector('#' + arguments[0] + ' .gtitle').textContent"
     assert "clean answer </s> vs corrupted answer $$" in browser.execute_script(title, "trace")
-    assert browser.execute_script(title, "attribution").startswith("Attribution of logit(<b>) - logit(\\alpha) at position 7:$x^2$")
+    assert browser.execute_script(title, "attribution").startswith(
+        "Attribution of logit(<b>) - logit(\\alpha) at position 7:$x^2$"
+    )
 
 
 def test_trace_marks_the_corrupted_position_on_the_x_axis(browser):
     # as the PNG figure does: the corrupted position's tick label red and bold, the axis title says so
     marked = browser.execute_script(
-        "return Array.from(document.querySelectorAll('#trace .xtick text')).map(e => e.innerHTML)")
+        "return Array.from(document.querySelectorAll('#trace .xtick text')).map(e => e.innerHTML)"
+    )
     assert "fill:#d62728" in marked[3] and "font-weight:bold" in marked[3], marked
     assert not any("d62728" in m or "bold" in m for m in marked[:3] + marked[4:]), marked
     assert "red: corrupted" in browser.find_element("css selector", "#trace .g-xtitle").text
@@ -160,7 +181,8 @@ def test_head_picker_changes_the_view(browser):
     assert "query t = 5:k5" in text and "key s = 2:v3" in text and "M[t, s] = 0.0420" in text, text
     browser.find_element("css selector", "#attention .updatemenu-header").click()
     buttons = WebDriverWait(browser, 10).until(
-        lambda d: d.find_elements("css selector", "#attention .updatemenu-dropdown-button"))
+        lambda d: d.find_elements("css selector", "#attention .updatemenu-dropdown-button")
+    )
     assert [b.text for b in buttons] == ["layer 0, head 0", "layer 0, head 1"]
     buttons[1].click()
     WebDriverWait(browser, 10).until(lambda d: d.execute_script(visible) == [False, True])
@@ -177,7 +199,8 @@ def test_attribution_view_picks_layer_and_head(browser):
     assert browser.execute_script(visible) == [True, False, False, False]
     browser.find_element("css selector", "#attribution .updatemenu-header").click()
     buttons = WebDriverWait(browser, 10).until(
-        lambda d: d.find_elements("css selector", "#attribution .updatemenu-dropdown-button"))
+        lambda d: d.find_elements("css selector", "#attribution .updatemenu-dropdown-button")
+    )
     assert [b.text for b in buttons] == ["layer 0, head 0", "layer 0, head 1", "layer 1, head 0", "layer 1, head 1"]
     buttons[3].click()
     WebDriverWait(browser, 10).until(lambda d: d.execute_script(visible) == [False, False, False, True])

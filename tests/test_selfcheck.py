@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 from conftest import ids_for
+from models import build, pick, present
 
 import gdn_intervene as gi
 from gdn_intervene import selfcheck
-from models import build, pick, present
 
 pytestmark = pytest.mark.compat
 
@@ -70,8 +70,11 @@ def test_passes_on_this_release_once_per_class(runs, name):
 def test_refuses_a_forward_that_differs(runs):
     model = gi.patch(_with_changed_hf_forward(build(pick("qwen3_5"))))
     for _ in range(2):  # refused on the first call and on every later one
-        with pytest.raises(gi.UnsupportedVersionError, match=r"self-check of HookableChanged\w+GatedDeltaNet on "
-                           r"transformers .*: the decomposed forward does not reproduce .*outputs differ") as e:
+        with pytest.raises(
+            gi.UnsupportedVersionError,
+            match=r"self-check of HookableChanged\w+GatedDeltaNet on "
+            r"transformers .*: the decomposed forward does not reproduce .*outputs differ",
+        ) as e:
             logits(model, ids_for(12))
         assert isinstance(e.value, selfcheck.SelfCheckError) and selfcheck.ENV in str(e.value)
     assert sum(runs.values()) == 1
@@ -107,8 +110,11 @@ def test_check_is_invisible_to_hooks(runs):
     model = gi.patch(build(pick("qwen3_5")))
     fired = []
     layers = gi.gdn_layers(model)
-    handles = [gi.site_module(model, i, s).register_forward_hook(lambda m, a, o, s=s: fired.append(s))
-               for i in layers for s in ("beta", "state", "out_proj")]
+    handles = [
+        gi.site_module(model, i, s).register_forward_hook(lambda m, a, o, s=s: fired.append(s))
+        for i in layers
+        for s in ("beta", "state", "out_proj")
+    ]
     handles.append(layers[0].register_forward_pre_hook(lambda *a: fired.append("layer")))
     try:
         logits(model, ids_for(12))
@@ -146,6 +152,9 @@ def test_first_call_inside_an_nnsight_trace(runs):
         out = lm.output.logits.save()
     assert sum(runs.values()) == 1
     seen = {}
-    with torch.no_grad(), gi.intervene(model, {(l, "beta"): (lambda v, l=l: seen.__setitem__(l, v.clone())) for l in saved}):
+    with (
+        torch.no_grad(),
+        gi.intervene(model, {(l, "beta"): (lambda v, l=l: seen.__setitem__(l, v.clone())) for l in saved}),
+    ):
         plain = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     assert torch.equal(out, plain) and all(torch.equal(saved[l], seen[l]) for l in saved)

@@ -13,11 +13,11 @@ import threading
 import pytest
 import torch
 from conftest import ids_for, trace_pair
+from models import ANY_GDN, present
 
 import gdn_intervene as gi
 from gdn_intervene.sites import SITE_NAMES
 from gdn_intervene.tracing import causal_trace
-from models import ANY_GDN, present
 
 T, STEPS = 9, 3  # prompt length; forwards per thread
 

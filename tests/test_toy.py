@@ -77,8 +77,15 @@ def test_saved_tokenizer_matches_code(toy):
     _, hf = mqar.build_tokenizer()
     assert tokenizer.get_vocab() == hf.get_vocab() == mqar.VOCAB
     text = "k3 v7 k1 v2 <sep> k1"
-    assert tokenizer(text).input_ids == [mqar.BOS_ID, mqar.key_id(3), mqar.value_id(7),
-                                         mqar.key_id(1), mqar.value_id(2), mqar.SEP_ID, mqar.key_id(1)]
+    assert tokenizer(text).input_ids == [
+        mqar.BOS_ID,
+        mqar.key_id(3),
+        mqar.value_id(7),
+        mqar.key_id(1),
+        mqar.value_id(2),
+        mqar.SEP_ID,
+        mqar.key_id(1),
+    ]
 
 
 def test_checkpoint_recall(toy):
@@ -145,8 +152,9 @@ def test_train_smoke(tmp_path):
     assert info["steps"] == 2 and len(lines) == 2 and 0.0 <= info["held_out_recall"] <= 1.0
     ablation = train.ablation(model, mqar.make_batch(4, generator=torch.Generator().manual_seed(0)))
     mixers = ["linear_attn" if t == "linear_attention" else "self_attn" for t in model.config.layer_types]
-    assert set(ablation) == {"none"} | {f"layers.{i}.{n}" for i, m in enumerate(mixers)
-                                        for n in ("mlp", m, f"{m}[context]", f"{m}[queries]")}
+    assert set(ablation) == {"none"} | {
+        f"layers.{i}.{n}" for i, m in enumerate(mixers) for n in ("mlp", m, f"{m}[context]", f"{m}[queries]")
+    }
     train.save(model, info, tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").exists()
 

@@ -38,10 +38,22 @@ def _tiny_checkpoint(path: str) -> None:
     import transformers as tr
 
     cfg = tr.Qwen3_5TextConfig(
-        vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
-        head_dim=16, intermediate_size=48, layer_types=["linear_attention", "full_attention", "linear_attention"],
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12,
-        linear_conv_kernel_dim=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=48,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=12,
+        linear_conv_kernel_dim=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     tr.Qwen3_5ForCausalLM(cfg).save_pretrained(path)
@@ -62,8 +74,14 @@ def _tp_kwargs(world: int) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        HF_HUB_OFFLINE="1",
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -92,8 +110,16 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
                 edited_tp = patched_tp(ids).logits
             with gi.intervene(whole, {(2, "beta"): zero}):
                 edited_one = whole(ids).logits
-        torch.save({"equal": torch.equal(got, want), "seen": seen, "edited_tp": edited_tp, "edited_one": edited_one,
-                    "plain": want}, os.path.join(out, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "equal": torch.equal(got, want),
+                "seen": seen,
+                "edited_tp": edited_tp,
+                "edited_one": edited_one,
+                "plain": want,
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

@@ -4,11 +4,11 @@ trace figures say what the score means, mark what was corrupted and keep NaN cel
 import pytest
 import torch
 from conftest import ids_for, trace_pair
+from models import ANY_GDN, present
 
 import gdn_intervene as gi
 from gdn_intervene import plot
 from gdn_intervene.tracing import Cell, TraceResult, causal_trace
-from models import ANY_GDN, present
 
 state_at = gi.state_at
 
@@ -53,7 +53,9 @@ def _one_cell(model, clean, bad, layer, name, p, answers):
 def test_batched_sweep_matches_one_forward_per_cell(pair, name):
     model, _ = pair(name)
     clean, bad, answers = trace_pair(model, 10, seed=3)
-    result = causal_trace(model, clean, bad, sites=("beta", "recurrence", "state", "out_proj"), answers=answers, batch_size=7)
+    result = causal_trace(
+        model, clean, bad, sites=("beta", "recurrence", "state", "out_proj"), answers=answers, batch_size=7
+    )
     layers = list(gi.gdn_layers(model))
     assert result.layers == tuple(layers)
     for site_name in result.sites:
@@ -77,13 +79,17 @@ def test_bad_input(pair):
         causal_trace(model, ids_for(5, B=1), ids_for(6, B=1))
     with pytest.raises(ValueError, match="unknown site 'bta'; sites are"):
         causal_trace(model, ids_for(5, B=1), ids_for(5, B=1, seed=1), sites=("bta",))
-    with pytest.raises(ValueError, match=r"tokens must label the T = 5 positions; got 4 labels"):
+    with pytest.raises(
+        ValueError, match=r"tokens must label the pair's 5 tokens \(or all T = 5 positions\); got 4 labels"
+    ):
         causal_trace(model, ids_for(5, B=1), ids_for(5, B=1, seed=1), tokens=list("abcd"))
     V = model.get_output_embeddings().weight.shape[0]
-    for answers, message in (((5, V), rf"the corrupt answer {V} is not a token id in \[0, {V}\)"),
-                             ((-1, 7), r"the clean answer -1 is not a token id"),
-                             ((5.0, 7), "the clean answer must be one token id"),
-                             ((5,), r"answers must be \(clean answer, corrupt answer\)")):
+    for answers, message in (
+        ((5, V), rf"the corrupt answer {V} is not a token id in \[0, {V}\)"),
+        ((-1, 7), r"the clean answer -1 is not a token id"),
+        ((5.0, 7), "the clean answer must be one token id"),
+        ((5,), r"answers must be \(clean answer, corrupt answer\)"),
+    ):
         with pytest.raises(ValueError, match=message):
             causal_trace(model, ids_for(5, B=1), ids_for(5, B=1, seed=1), answers=answers)
 
@@ -104,8 +110,9 @@ def _result(T=19):
     state = score.clone()
     state[:, -1] = float("nan")
     tokens = ["<bos>"] + [f"k{i % 5}" for i in range(T - 1)]  # repeated tokens: positions tell them apart
-    return TraceResult(("k", "state"), (0, 1), tokens, (27, 19), 4.5, -4.6, {"k": score, "state": state},
-                       corrupted_positions=(5,))
+    return TraceResult(
+        ("k", "state"), (0, 1), tokens, (27, 19), 4.5, -4.6, {"k": score, "state": state}, corrupted_positions=(5,)
+    )
 
 
 def _texts(fig):

@@ -7,11 +7,13 @@
   instance attributes, kernels' per-instance routing) and what each runs on a device.
 - `caches`: one cache API over every release's linear-attention cache (`Step`, views).
 - `hooks`: forward wrappers other libraries put on a module (accelerate, nnsight).
+- `checkpoint`: where a forward runs relative to torch's activation checkpointing.
 
 A new transformers release is one new value in `Convention` (with the release that showed
 it) and, where its cache differs, one view in `caches`.
 """
 
+from . import checkpoint
 from .caches import CACHE_API, Step, cache_gap, cache_step, cache_view
 from .conventions import (
     CHUNK_KERNEL_NAMES,
@@ -30,12 +32,15 @@ from .conventions import (
 )
 from .hooks import NNSIGHT_STATE, rebind_forwards, remove_forward_hooks_where, strip_nnsight
 from .kernels import (
+    CONV_KERNELS,
     HELPERS,
     check_hf_module,
     conv_kernels,
     delta_rule_kernels,
     hf_function,
     hf_module_function,
+    kernel_objects,
+    kernel_route,
     kernel_router,
     redirect_chunk_kernel,
     torch_conv,
@@ -44,17 +49,18 @@ from .versions import (
     RUNTIME_CHECKED,
     TESTED,
     UnsupportedVersionError,
-    _parse,
     check_version,
     install_hint,
     install_spec,
     modeling_module,
+    parse_version,
 )
 
 # Everything the package reads as `_compat.<name>`.
 __all__ = [
     "CACHE_API",
     "CHUNK_KERNEL_NAMES",
+    "CONV_KERNELS",
     "Convention",
     "HELPERS",
     "NNSIGHT_STATE",
@@ -62,8 +68,8 @@ __all__ = [
     "Step",
     "TESTED",
     "UnsupportedVersionError",
-    "_parse",
     "cache_gap",
+    "checkpoint",
     "cache_kwarg",
     "cache_step",
     "cache_view",
@@ -78,11 +84,14 @@ __all__ = [
     "hf_module_function",
     "install_hint",
     "install_spec",
+    "kernel_objects",
+    "kernel_route",
     "kernel_router",
     "kernelized_wrapper",
     "layout_gap",
     "model_kwargs",
     "modeling_module",
+    "parse_version",
     "rebind_forwards",
     "redirect_chunk_kernel",
     "remove_forward_hooks_where",

@@ -32,8 +32,11 @@ class Step(NamedTuple):
 _NO_CACHE = Step(None, None, None, False, False)
 
 
+_NEWEST = Convention()
+
+
 def cache_step(
-    cache: Any, layer_idx: int, T: int, asks_recording: bool = True, conv: Convention = Convention(), cache_position=None
+    cache: Any, layer_idx: int, T: int, asks_recording: bool = True, conv: Convention = _NEWEST, cache_position=None
 ) -> Step:
     """The `Step` of a layer call with `cache` (None: no cache). `asks_recording`: whether the
     family's HF forward asks `is_recording_past` before the conv-update kernel; `conv`: the
@@ -58,7 +61,13 @@ def cache_step(
 
 
 # The transformers 5.x cache methods the decomposed cached forward calls (the 5.23+ API).
-CACHE_API = ("get_conv_state", "get_recurrent_state", "update_conv_state", "update_recurrent_state", "is_recording_past")
+CACHE_API = (
+    "get_conv_state",
+    "get_recurrent_state",
+    "update_conv_state",
+    "update_recurrent_state",
+    "is_recording_past",
+)
 
 
 def cache_gap(cache: Any) -> str | None:

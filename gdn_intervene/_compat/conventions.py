@@ -61,16 +61,16 @@ class Convention(NamedTuple):
     kernel_routing: bool = False
 
 
-@functools.lru_cache(maxsize=None)
-
-
+@functools.cache
 def convention(cls: type, chunk_kernel: str = "torch_chunk_gated_delta_rule") -> Convention:
     """The `Convention` of HF GDN class `cls` (`chunk_kernel`: the family's module-level chunk
     kernel). Without HF's source (a bytecode-only install) the newest shape is assumed for what
     only the source tells; the first-call self-check catches a mismatch."""
     fwd = undecorated(cls.forward)
     params = inspect.signature(fwd).parameters
-    on_instance = chunk_kernel not in fwd.__code__.co_names and chunk_kernel.removeprefix("torch_") in fwd.__code__.co_names
+    on_instance = (
+        chunk_kernel not in fwd.__code__.co_names and chunk_kernel.removeprefix("torch_") in fwd.__code__.co_names
+    )
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     names = fwd.__code__.co_names
     base = Convention(
@@ -80,19 +80,27 @@ def convention(cls: type, chunk_kernel: str = "torch_chunk_gated_delta_rule") ->
         cache_kw="cache" if "cache" in params else "cache_params",
         kernels_on_instance=on_instance,
         kernel_kwargs="all" if takes_kwargs else "none",
-        extra_params=None if takes_kwargs else tuple(
-            n for n in params if n not in ("self", "hidden_states", "cache", "cache_params", "attention_mask")
-        ),
+        extra_params=None
+        if takes_kwargs
+        else tuple(n for n in params if n not in ("self", "hidden_states", "cache", "cache_params", "attention_mask")),
     )
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fwd)))
     except (OSError, TypeError, SyntaxError):
         return base
     src = ast.unparse(tree)
-    decides = [ast.unparse(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
-               and any(isinstance(t, ast.Name) and t.id == "use_precomputed_states" for t in n.targets)]
+    decides = [
+        ast.unparse(n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "use_precomputed_states" for t in n.targets)
+    ]
     restarts = any("seq_len == 1" in d for d in decides)
-    chunk_calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _callee(n) in (chunk_kernel, chunk_kernel.removeprefix("torch_"))]
+    chunk_calls = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and _callee(n) in (chunk_kernel, chunk_kernel.removeprefix("torch_"))
+    ]
     keywords = {k.arg for c in chunk_calls for k in c.keywords}
     if base.kernel_kwargs == "all" and chunk_calls and None not in keywords:  # no `**kwargs` on to the kernel
         kernel_kwargs = "packed" if "cu_seqlens" in keywords else "none"
@@ -100,9 +108,14 @@ def convention(cls: type, chunk_kernel: str = "torch_chunk_gated_delta_rule") ->
         kernel_kwargs = base.kernel_kwargs
     trims_after_context = any(
         "-seq_len" in ast.unparse(n.body[0]) and "use_precomputed_states" in ast.unparse(n.test)
-        for n in ast.walk(tree) if isinstance(n, ast.If) and len(n.body) == 1
+        for n in ast.walk(tree)
+        if isinstance(n, ast.If) and len(n.body) == 1
     )
-    conv_calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _callee(n) in ("causal_conv1d_fn", "causal_conv1d_update")]
+    conv_calls = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and _callee(n) in ("causal_conv1d_fn", "causal_conv1d_update")
+    ]
     return base._replace(
         conv_keywords=any(k.arg == "weight" for c in conv_calls for k in c.keywords),
         gqa_in_layer="repeat_interleave" in src,
@@ -118,7 +131,9 @@ def _callee(call: ast.Call) -> str | None:
     return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
 
 
-def route_kwargs(conv: Convention, kwargs: dict, packed_kwarg: bool, hf_name: str = "forward") -> tuple[dict, dict, dict]:
+def route_kwargs(
+    conv: Convention, kwargs: dict, packed_kwarg: bool, hf_name: str = "forward"
+) -> tuple[dict, dict, dict]:
     """(conv, chunk, recurrent) keyword arguments from the forward's `kwargs`, as HF's forward
     passes them (see `Convention.kernel_kwargs`; `packed_kwarg`: the family's kernels take
     `cu_seq_lens_q` as `cu_seqlens`). A keyword HF's forward does not take is HF's TypeError
@@ -269,6 +284,7 @@ def model_kwargs(model, kwargs: dict) -> dict:
 def cache_kwarg(kwargs: dict) -> Any:
     """The cache a GDN forward was called with: `cache`, or its pre-5.24 name `cache_params`."""
     return kwargs.get("cache", kwargs.get("cache_params"))
+
 
 CHUNK_KERNEL_NAMES = ("torch_chunk_gated_delta_rule", "chunk_gated_delta_rule")
 

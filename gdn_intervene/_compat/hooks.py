@@ -34,8 +34,9 @@ def rebind_forwards(module, old_forward=None) -> None:
     """
     bound = module.__dict__.get("forward")
     if isinstance(bound, types.MethodType) and bound.__self__ is module and bound.__func__ is not type(module).forward:
-        if bound.__func__ is old_forward or (old_forward is None and any(
-                vars(c).get("forward") is bound.__func__ for c in type(module).__mro__[1:])):
+        if bound.__func__ is old_forward or (
+            old_forward is None and any(vars(c).get("forward") is bound.__func__ for c in type(module).__mro__[1:])
+        ):
             del module.__dict__["forward"]
     if "_old_forward" in module.__dict__:
         module._old_forward = type(module).forward.__get__(module)

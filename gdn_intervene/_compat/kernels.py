@@ -27,7 +27,9 @@ def check_hf_module(
     module: ModuleType = sys.modules[cls.__module__]
     ns = vars(module)
     missing = [n for n in (*kernels, *HELPERS) if n not in ns]
-    if ns.get("causal_conv1d_update", 0) is None and "torch_causal_conv1d_update" not in ns:  # HF's fallback (4.57-5.14)
+    if (
+        ns.get("causal_conv1d_update", 0) is None and "torch_causal_conv1d_update" not in ns
+    ):  # HF's fallback (4.57-5.14)
         missing.append("torch_causal_conv1d_update")
     if missing:
         raise UnsupportedVersionError(
@@ -83,13 +85,73 @@ def _unrouted(fn):
     return fn
 
 
-def delta_rule_kernels(module, names: tuple[str, str], conv: Convention):
-    """(chunk, recurrent): the delta-rule kernels HF's forward of `module` calls, looked up at
-    call time: the instance attributes `__init__` bound (`chunk_gated_delta_rule`, ...) where
-    the convention has them, else the modeling module's functions `names`."""
+def delta_rule_kernels(module, names: tuple[str, str], conv: Convention, hf_class: type):
+    """(chunk, recurrent): the delta-rule kernels HF's forward of `module` (of HF class
+    `hf_class`) calls, looked up at call time: the instance attributes `__init__` bound
+    (`chunk_gated_delta_rule`, ...) where the convention has them, else the modeling module's
+    functions `names`."""
     if conv.kernels_on_instance:
         return tuple(module.__dict__[n.removeprefix("torch_")] for n in names)
-    return tuple(hf_function(module._gdn_hf_class, n) for n in names)
+    return tuple(hf_function(hf_class, n) for n in names)
+
+
+# Besides the family's delta-rule kernels: the conv kernels HF's forward reaches.
+CONV_KERNELS = ("causal_conv1d_forward", "causal_conv1d_fn", "causal_conv1d_update")
+_ORIGINS = (("fla", "fla"), ("causal_conv1d", "causal-conv1d"))  # module prefix -> route name
+
+
+def kernel_objects(module, names: tuple[str, ...], conv: Convention, hf_class: type) -> dict:
+    """{name: the kernel object HF's forward of `module` calls under that name}, for the
+    family's delta-rule kernels `names` and the conv kernels: kernels' per-instance copies
+    (`_kernel_funcs`, 5.25 on), instance attributes bound in `__init__` (4.57-5.14: listed under
+    the module-level name, as on every release), else the modeling module's functions."""
+    ns = vars(sys.modules[hf_class.__module__])
+    funcs = module.__dict__.get("_kernel_funcs") or {}
+    out = {}
+    for name in (*names, *CONV_KERNELS):
+        key = name.removeprefix("torch_")
+        if conv.kernels_on_instance and key in module.__dict__:  # None: HF's torch path
+            out[name] = module.__dict__[key]
+        elif name in ns:
+            obj = ns[name]
+            out[name] = funcs.get(getattr(obj, "kernel_layer_name", None), obj)
+    return out
+
+
+def _closure(fn) -> dict:
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    return dict(zip(code.co_freevars, (c.cell_contents for c in cells))) if code else {}
+
+
+def _origin(fn) -> str:
+    module = getattr(fn, "__module__", None) or ""
+    return next((name for prefix, name in _ORIGINS if module.split(".")[0] == prefix), "torch")
+
+
+def kernel_route(obj, device_type: str) -> str:
+    """What calling kernel object `obj` runs for inputs on `device_type`: "torch", "fla",
+    "causal-conv1d", "hub (repo)", or "unknown (...)" for a layout this code does not know."""
+    from torch import nn
+
+    try:
+        if obj is None:  # an absent optional kernel: HF's torch path
+            return "torch"
+        if isinstance(obj, nn.Module):  # kernels' Func: a hub kernel bound by kernelize, or the function it wraps
+            if "forward" in obj.__dict__:
+                repo = obj.__dict__.get("_kernel_repo")
+                return f"hub ({repo if isinstance(repo, str) else getattr(repo, '_repo_id', None) or repo})"
+            obj = _closure(type(obj).forward)["func"]
+        c = _closure(obj)  # transformers' use_kernel_func_from_hub_with_fallback wrapper
+        if "implementation" in c and "torch_function" in c:
+            devices = c.get("supported_devices")
+            if c["implementation"] is c["torch_function"] or (devices is not None and device_type not in devices):
+                return "torch"
+            obj = c["implementation"]
+        if not callable(obj):
+            raise TypeError
+        return _origin(obj)
+    except Exception:
+        return f"unknown ({obj!r})"
 
 
 def conv_kernels(hf_module: str):

@@ -25,7 +25,7 @@ class UnsupportedVersionError(RuntimeError):
     """A dependency is outside the tested range."""
 
 
-def _parse(v: str) -> tuple[int, ...]:
+def parse_version(v: str) -> tuple[int, ...]:
     out = []
     for part in v.split("+")[0].split(".")[:3]:
         digits = "".join(ch for ch in part if ch.isdigit())
@@ -46,12 +46,12 @@ def check_version(package: str, version: str | None = None) -> None:
     if os.environ.get(_SKIP_ENV):
         return
     if package in RUNTIME_CHECKED:
-        if _parse(version) < _parse(lo):
+        if parse_version(version) < parse_version(lo):
             raise UnsupportedVersionError(
                 f"gdn_intervene supports {package} >={lo} (newest tested: {hi}); found {package} {version}. "
                 f"Install {package}>={lo}, or set {_SKIP_ENV}=1 to try anyway."
             )
-    elif not (_parse(lo) <= _parse(version) < _parse(hi)):
+    elif not (parse_version(lo) <= parse_version(version) < parse_version(hi)):
         raise UnsupportedVersionError(
             f"gdn_intervene is tested with {package} >={lo},<{hi}; found {package} {version}. "
             f"Install a tested release, or set {_SKIP_ENV}=1 to try anyway."
@@ -69,19 +69,16 @@ def modeling_module(name: str) -> ModuleType | None:
         raise
 
 
-# Besides the family's two delta-rule kernels (`Family.kernels`).
-
-
 def install_spec(package: str = "transformers") -> str:
     """The requirement that installs a tested release: `transformers>=4.57,<5.26`."""
     lo, hi = TESTED[package]
     if package in RUNTIME_CHECKED:
-        major, minor = _parse(hi)[:2]
-        return f"{package}>={'.'.join(map(str, _parse(lo)[:2]))},<{major}.{minor + 1}"
+        major, minor = parse_version(hi)[:2]
+        return f"{package}>={'.'.join(map(str, parse_version(lo)[:2]))},<{major}.{minor + 1}"
     return f"{package}>={lo},<{hi}"
 
 
 def install_hint(package: str = "transformers") -> str:
     """One clause for an error message: the tested range and the pip command that works."""
     lo, hi = TESTED[package]
-    return f"tested: {package} {lo} to {hi}; pip install \"{install_spec(package)}\""
+    return f'tested: {package} {lo} to {hi}; pip install "{install_spec(package)}"'

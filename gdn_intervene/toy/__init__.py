@@ -14,8 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 TOY_PATH = Path(__file__).resolve().parent / "mqar"
+#: What a corrupted demo prompt replaces: the queried pair's key in the context, its value, or
+#: the final query (`mqar.demo_prompts`).
+CORRUPTIONS = ("key", "value", "query")
 
-__all__ = ["TOY_PATH", "load_toy", "unloadable"]
+__all__ = ["CORRUPTIONS", "TOY_PATH", "load_toy", "unloadable"]
 
 
 def load_toy(**kw):

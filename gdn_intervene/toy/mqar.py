@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import CORRUPTIONS  # kept where the torch-free command line reads it
+
 NUM_KEYS = 16
 NUM_VALUES = 16
 
@@ -214,8 +216,6 @@ def corrupt(
 
 # ---------------------------------------------------------------- the demo's prompts
 
-CORRUPTIONS = ("key", "value", "query")
-
 
 class DemoPrompts(NamedTuple):
     """The clean and corrupted prompts of ``gdn-intervene demo``.
@@ -254,6 +254,11 @@ def demo_prompts(seed: int = 0, kind: str = "key") -> DemoPrompts:
     else:
         ids = corrupt(pairs, key, generator=g).input_ids
     changed = (clean[0] != ids[0]).nonzero().flatten().tolist()
-    info = {"key_position": kpos, "value_position": vpos, "query_position": ids.shape[1] - 1,
-            "corrupt": kind, "corrupted_positions": changed}
+    info = {
+        "key_position": kpos,
+        "value_position": vpos,
+        "query_position": ids.shape[1] - 1,
+        "corrupt": kind,
+        "corrupted_positions": changed,
+    }
     return DemoPrompts(clean, ids, info)

@@ -133,10 +133,16 @@ def train(
         "batch_size": batch_size,
         "lr": lr,
         "optimizer": "AdamW (torch defaults), grad clip 1.0, constant lr",
-        "gdn_decay_init": f"log A ~ U(log {DECAY_RANGE[0]}, log {DECAY_RANGE[1]})" if slow_decay
+        "gdn_decay_init": f"log A ~ U(log {DECAY_RANGE[0]}, log {DECAY_RANGE[1]})"
+        if slow_decay
         else "HF default (A ~ U(0.01, 16))",
-        "task": {"name": "mqar", "num_pairs": num_pairs, "num_keys": mqar.NUM_KEYS,
-                 "num_values": mqar.NUM_VALUES, "seq_len": mqar.seq_len(num_pairs)},
+        "task": {
+            "name": "mqar",
+            "num_pairs": num_pairs,
+            "num_keys": mqar.NUM_KEYS,
+            "num_values": mqar.NUM_VALUES,
+            "seq_len": mqar.seq_len(num_pairs),
+        },
         "history": history,
     }
     return model, info
@@ -181,8 +187,12 @@ def _versions() -> dict[str, str]:
     import tokenizers
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
 
 
 def save(model, info: dict, out: Path) -> None:
@@ -205,36 +215,59 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--num-pairs", type=int, default=8)
     p.add_argument("--target", type=float, default=0.99)
-    p.add_argument("--layer-types", default=",".join(LAYER_TYPES),
-                   help="comma-separated linear_attention / full_attention")
+    p.add_argument(
+        "--layer-types", default=",".join(LAYER_TYPES), help="comma-separated linear_attention / full_attention"
+    )
     p.add_argument("--hf-decay-init", action="store_true", help="keep HF's GDN decay init (learns slower)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads; the matrices are tiny, so 1 is fastest on a busy machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; the matrices are tiny, so 1 is fastest on a busy machine",
+    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     layer_types = tuple(args.layer_types.split(","))
-    model, info = train(seed=args.seed, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                        num_pairs=args.num_pairs, target=args.target, layer_types=layer_types,
-                        slow_decay=not args.hf_decay_init)
-    held_out = mqar.make_batch(info["held_out"]["sequences"], num_pairs=args.num_pairs,
-                               generator=torch.Generator().manual_seed(info["held_out"]["seed"]))
+    model, info = train(
+        seed=args.seed,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        num_pairs=args.num_pairs,
+        target=args.target,
+        layer_types=layer_types,
+        slow_decay=not args.hf_decay_init,
+    )
+    held_out = mqar.make_batch(
+        info["held_out"]["sequences"],
+        num_pairs=args.num_pairs,
+        generator=torch.Generator().manual_seed(info["held_out"]["seed"]),
+    )
     info["ablation"] = ablation(model, held_out)
-    info["ablation_method"] = ("held-out recall with one block's output zeroed by a forward hook; "
-                               "[context] / [queries]: zeroed only before / from <sep> on")
+    info["ablation_method"] = (
+        "held-out recall with one block's output zeroed by a forward hook; "
+        "[context] / [queries]: zeroed only before / from <sep> on"
+    )
     print("ablation (held-out recall, one block's output zeroed):")
     for name, acc in info["ablation"].items():
         print(f"  {name:30s} {acc:.4f}")
     cfg = model.config
     info["config"] = {
-        "architecture": type(model).__name__, "layer_types": list(cfg.layer_types),
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "gdn_heads": {"key": cfg.linear_num_key_heads, "value": cfg.linear_num_value_heads,
-                      "key_dim": cfg.linear_key_head_dim, "value_dim": cfg.linear_value_head_dim,
-                      "conv_kernel": cfg.linear_conv_kernel_dim},
-        "attention_heads": {"query": cfg.num_attention_heads, "kv": cfg.num_key_value_heads,
-                            "head_dim": cfg.head_dim},
-        "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "architecture": type(model).__name__,
+        "layer_types": list(cfg.layer_types),
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "gdn_heads": {
+            "key": cfg.linear_num_key_heads,
+            "value": cfg.linear_num_value_heads,
+            "key_dim": cfg.linear_key_head_dim,
+            "value_dim": cfg.linear_value_head_dim,
+            "conv_kernel": cfg.linear_conv_kernel_dim,
+        },
+        "attention_heads": {"query": cfg.num_attention_heads, "kv": cfg.num_key_value_heads, "head_dim": cfg.head_dim},
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": "float32",
     }
