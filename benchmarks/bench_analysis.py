@@ -1,6 +1,6 @@
 """Cost of the effective-attention, attribution and split-prefill tools at realistic GDN dims.
 
-    python benchmarks/bench_analysis.py [--out bench_analysis.json] [--repeats 5] [--threads 1]
+    python benchmarks/bench_analysis.py [--out out/analysis-cpu.json] [--repeats 5] [--threads 1]
                                         [--device cpu|cuda] [--skip-split]
 
 Kernel inputs: 4 value heads (= key heads) of dim 128 (Qwen3-Next's head dim), batch 1, fp32.
@@ -35,6 +35,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers as tr
@@ -173,7 +174,11 @@ def compare(
 def main() -> None:
     global SYNC
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench_analysis.json")
+    ap.add_argument(
+        "--out",
+        default=str(Path(__file__).parents[1] / "out" / "analysis-cpu.json"),
+        help="JSON path (untracked by default)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -248,6 +253,7 @@ def main() -> None:
         "kernel": "HF torch reference (no flash-linear-attention) unless transformers binds fla",
         "results": res,
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     print(json.dumps(out, indent=2))

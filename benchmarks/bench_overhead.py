@@ -30,6 +30,9 @@ Cases (B = 1 throughout):
 
     python benchmarks/bench_overhead.py --quick                       # CPU, a few minutes
     python benchmarks/bench_overhead.py --device cuda --out gpu.json  # fla kernels if installed
+
+Writes out/overhead-<device>.json (untracked) unless --out says otherwise; benchmarks/results/
+holds the runs BENCHMARKS.md reports.
 """
 
 from __future__ import annotations
@@ -532,7 +535,7 @@ def main(argv=None) -> int:
         "cases run more rounds (default 30, quick 10)",
     )
     ap.add_argument("--cases", default="prefill_layer,prefill_model,decode,nnsight,memory,kda_prefill,kda_decode")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead-<device>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default out/overhead-<device>.json, untracked)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -601,7 +604,7 @@ def main(argv=None) -> int:
         "all_bitwise_equal": all(r["bitwise_equal"] is not False for r in rows),
         "goals_met": all(r["met"] is not False for r in rows),
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"overhead-{device.type}.json")
+    out = Path(args.out or Path(__file__).parents[1] / "out" / f"overhead-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(

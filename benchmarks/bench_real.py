@@ -24,7 +24,8 @@ per-round ratios; torch allocator peaks):
                KDA: minutes at T = 2048 on 2 cores); reconstruction error of the `recurrence`
                site from M
 
-Writes benchmarks/results/real-<dtypes>.json, rewritten after each model.
+Writes out/real-<dtypes>.json (untracked; --out to choose), rewritten after each model;
+benchmarks/results/ holds the runs BENCHMARKS.md reports.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     cases = set(args.cases.split(","))
     t0 = time.perf_counter()
-    out = Path(args.out or Path(__file__).parent / "results" / f"real-{'-'.join(args.dtypes)}.json")
+    out = Path(args.out or Path(__file__).parents[1] / "out" / f"real-{'-'.join(args.dtypes)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for kind in args.models:

@@ -1,6 +1,6 @@
 """Batched causal tracing vs the naive sweep (one forward per cell), on the bundled model.
 
-    python benchmarks/bench_tracing.py [--out benchmarks/results/tracing-cpu.json]
+    python benchmarks/bench_tracing.py [--out benchmarks/results/tracing-cpu.json]   # default out/tracing-cpu.json
 
 The naive sweep is what one writes by hand: for every (site, GDN layer, position) one forward
 of the corrupted prompt with that cell restored by a plain hook (for `state`, the prefill split
@@ -15,6 +15,7 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -75,7 +76,11 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides (default: all cores)"
     )
-    ap.add_argument("--out", default="benchmarks/results/tracing-cpu.json")
+    ap.add_argument(
+        "--out",
+        default=str(Path(__file__).parents[1] / "out" / "tracing-cpu.json"),
+        help="JSON path (untracked by default)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = load_toy()
@@ -114,6 +119,7 @@ def main() -> None:
         "max_score_difference": diff,
     }
     print(json.dumps(result, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -1,5 +1,6 @@
-"""Generate the README tables from the registries: `python -m gdn_intervene._docs` rewrites the
-blocks between `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers in README.md."""
+"""Generate the tables of the README and of the documentation site from the registries:
+`python -m gdn_intervene._docs` rewrites the blocks between `<!-- NAME:begin -->` and
+`<!-- NAME:end -->` markers in README.md and in every page under docs/."""
 
 from __future__ import annotations
 
@@ -51,10 +52,13 @@ def render(text: str) -> str:
     return text
 
 
-def main(path: str = "README.md") -> int:
-    p = Path(path)
-    new = render(p.read_text())
-    p.write_text(new)
+def main(*paths: str) -> int:
+    """Render `paths` (default README.md and docs/**/*.md, from the current directory)."""
+    files = [Path(p) for p in paths] or [Path("README.md"), *sorted(Path("docs").rglob("*.md"))]
+    for p in files:
+        text = p.read_text()
+        if (new := render(text)) != text:
+            p.write_text(new)
     return 0
 
 

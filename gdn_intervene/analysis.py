@@ -661,60 +661,52 @@ def attribution_for(
     if src is None:
         raise ValueError("attribution_for needs input_ids or inputs_embeds")
     B, T = src.shape[:2]
-    if positions is None:
-        positions = [T - 1]
-    ps = tuple(as_positions(positions, "attribution_for", size=T, what=f"the call has T={T} tokens"))
-    rows = list(ps)
+    ps = tuple(as_positions([T - 1] if positions is None else positions, "attribution_for", size=T,
+                            what=f"the call has T={T} tokens"))  # fmt: skip
     mods = select_layers(model, layers)
-    out_proj = site_module(model, next(iter(mods)), "out_proj")
-    D = out_proj.weight.shape[0]
+    D = site_module(model, next(iter(mods)), "out_proj").weight.shape[0]
     _direction_for(model, direction, ps, None, None, D, B)  # validate before running the model
-    pair = not (isinstance(direction, Tensor) and direction.is_floating_point())
+    run = lambda: layer_captures(model, input_ids, layers=list(mods), attention_mask=attention_mask, **model_kwargs)
     final_in = final_norm = path = None
-    if pair:
+    if not (isinstance(direction, Tensor) and direction.is_floating_point()):  # a token pair: read the final norm
         with _ReadOut(model, mods, B, T, D) as read_out:
-            caps = layer_captures(model, input_ids, layers=list(mods), attention_mask=attention_mask, **model_kwargs)
+            caps = run()
         final_norm, final_in, path = read_out.scales()
     else:
-        caps = layer_captures(model, input_ids, layers=list(mods), attention_mask=attention_mask, **model_kwargs)
+        caps = run()
     d = _direction_for(model, direction, ps, final_in, final_norm, D, B)  # [B, R, D] float64
     # [B, L, R]: how the residual carries each layer's output to the final norm (1: added as is)
-    path = d.new_ones(B, len(mods), len(rows)) if path is None else path[:, :, rows]
-
-    contributions, states, biases, values = [], [], [], []
-    head_list = None
-    for i, (l, cap) in enumerate(caps.items()):
-        d_l = d * path[:, i, :, None]  # [B, R, D]
-        HV, V = cap.v.shape[2], cap.v.shape[3]
-        ea = cap.effective_attention(heads=heads, rows=rows, dtype=dtype)  # validates heads
-        head_list = list(range(HV)) if heads is None else _as_list(heads)
-        norm = site_module(model, l, "norm")
-        out_l = site_module(model, l, "out_proj")
-        o = cap.recurrence[:, rows].to(torch.float64)  # [B, R, HV, V]
-        z = cap.gate[:, rows]
-        gain = _unit_gain(norm, z, width=V, like=z)  # gain(z) [B, R, HV, V]
-        inv_rms = torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + _norm_eps(norm))  # frozen
-        W = out_l.weight.to(torch.float64)  # [D, HV * V]
-        read = (d_l @ W).view(B, len(rows), HV, V)  # W_out^T direction_t, per head
-        a = (read * gain * inv_rms)[:, :, head_list].to(dtype)  # [B, R, H, V]
-        v = cap.v[:, :, head_list].to(dtype)  # [B, T, H, V]
-        av = torch.einsum("brhv,bshv->bhrs", a, v)
-        contributions.append(ea.matrix * av)  # [B, H, R, T]
-        if ea.state_term is None:
-            states.append(a.new_zeros(B, len(head_list), len(rows)))
-        else:
-            states.append(torch.einsum("brhv,brhv->bhr", a, ea.state_term))
-        bias = getattr(out_l, "bias", None)
-        biases.append((d_l @ bias.to(torch.float64)).to(dtype) if bias is not None else a.new_zeros(B, len(rows)))
-        values.append(torch.einsum("brd,brd->br", d_l, cap.out_proj[:, rows].to(torch.float64)).to(dtype))
+    path = d.new_ones(B, len(mods), len(ps)) if path is None else path[:, :, list(ps)]
+    parts = [
+        _layer_attribution(model, cap, d * path[:, i, :, None], list(ps), heads, dtype)
+        for i, cap in enumerate(caps.values())
+    ]
     return Attribution(
-        torch.stack(contributions, 1),
-        torch.stack(states, 1),
-        torch.stack(biases, 1),
-        torch.stack(values, 1),
-        d.to(dtype),
-        tuple(caps),
-        tuple(head_list),
-        ps,
+        *(torch.stack([part[j] for part in parts], 1) for j in range(4)), d.to(dtype), tuple(caps), parts[0][4], ps,
         path.to(dtype),
-    )
+    )  # fmt: skip
+
+
+def _layer_attribution(model, cap: LayerCapture, d_l: Tensor, rows: list, heads, dtype):
+    """One layer's parts of `attribution_for` along d_l [B, R, D] (float64, path scale included):
+    (contributions [B, H, R, T], state term [B, H, R], bias term [B, R], value [B, R], heads)."""
+    B, HV, V = cap.v.shape[0], cap.v.shape[2], cap.v.shape[3]
+    ea = cap.effective_attention(heads=heads, rows=rows, dtype=dtype)  # validates heads
+    head_list = list(range(HV)) if heads is None else _as_list(heads)
+    norm, out_l = site_module(model, cap.layer, "norm"), site_module(model, cap.layer, "out_proj")
+    o = cap.recurrence[:, rows].to(torch.float64)  # [B, R, HV, V]
+    z = cap.gate[:, rows]
+    gain = _unit_gain(norm, z, width=V, like=z)  # gain(z) [B, R, HV, V]
+    inv_rms = torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + _norm_eps(norm))  # frozen
+    read = (d_l @ out_l.weight.to(torch.float64)).view(B, len(rows), HV, V)  # W_out^T direction_t, per head
+    a = (read * gain * inv_rms)[:, :, head_list].to(dtype)  # [B, R, H, V]
+    v = cap.v[:, :, head_list].to(dtype)  # [B, T, H, V]
+    contributions = ea.matrix * torch.einsum("brhv,bshv->bhrs", a, v)  # [B, H, R, T]
+    if ea.state_term is None:
+        state = a.new_zeros(B, len(head_list), len(rows))
+    else:
+        state = torch.einsum("brhv,brhv->bhr", a, ea.state_term)
+    bias = getattr(out_l, "bias", None)
+    bias = (d_l @ bias.to(torch.float64)).to(dtype) if bias is not None else a.new_zeros(B, len(rows))
+    value = torch.einsum("brd,brd->br", d_l, cap.out_proj[:, rows].to(torch.float64)).to(dtype)
+    return contributions, state, bias, value, tuple(head_list)

@@ -9,6 +9,7 @@ stderr and exit status 2, checked before the model runs where the input allows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -65,6 +66,13 @@ def _nonnegative(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _nonnegative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
     return value
 
 
@@ -221,7 +229,7 @@ def _attribution(model, tok, ids, answers: tuple[int, int], position: int):
 
 def _trace_and_write(model, tok, clean, bad, *, sites, out: Path, html: bool, progress: bool, record: dict,
                      command: str, attention_ids=None, attribution: bool = False, method: str = "patching",
-                     verify: int = 0, compare: bool = False) -> list[Path]:  # fmt: skip
+                     verify: int = 0, compare: bool = False, atp: dict | None = None) -> list[Path]:  # fmt: skip
     """Trace (activation patching, or `method="atp"` attribution patching with `verify` top cells
     re-checked) and write its files (`outputs.write`); `compare`: also attribution patching of
     the same cells beside the trace (the demo); `attribution`: also the direct logit attribution
@@ -232,7 +240,7 @@ def _trace_and_write(model, tok, clean, bad, *, sites, out: Path, html: bool, pr
     tokens = _labels(tok, clean[0])
     try:
         if method == "atp":
-            result = attribution_patching(model, clean, bad, sites=sites, tokens=tokens, verify=verify)
+            result = attribution_patching(model, clean, bad, sites=sites, tokens=tokens, verify=verify, **(atp or {}))
         else:
             result = causal_trace(model, clean, bad, sites=sites, tokens=tokens, progress=progress)
     except SameAnswerError as e:
@@ -316,10 +324,10 @@ def cmd_demo(args) -> None:
 
 
 def cmd_trace(args) -> None:
-    if args.verify and args.method != "atp":
-        raise UsageError(
-            "--verify goes with --method atp (it re-checks attribution patching's top cells by activation patching)"
-        )
+    atp_only = [o for o, v in (("--verify", args.verify), ("--steps", args.steps), ("--path", args.path)) if v]
+    if atp_only and args.method != "atp":
+        raise UsageError(f"{', '.join(atp_only)} go{'es' if len(atp_only) == 1 else ''} with --method atp (attribution "
+                         "patching's integration and the re-check of its top cells by activation patching)")  # fmt: skip
     _prompt_text(args.prompt)
     _prompt_text(args.corrupt, "--corrupt")
     html = _html_wanted(args.html)
@@ -371,6 +379,7 @@ def cmd_trace(args) -> None:
         attention_ids=clean if args.attention_report else None,
         method=args.method,
         verify=args.verify,
+        atp={k: v for k, v in (("steps", args.steps), ("path", args.path)) if v is not None},
     )
     print(f"wrote {', '.join(map(str, files))}")
 
@@ -467,56 +476,51 @@ def cmd_doctor(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    sites = ", ".join(SITE_NAMES)
-    default_sites = ",".join(TRACE_SITES)
     ap = _Parser(
         prog="gdn-intervene",
-        description="Interventions on Gated DeltaNet layers of HF hybrid models: causal "
-        "tracing over the GDN sites and exact effective attention. Run `gdn-intervene demo` first.",
+        description="Interventions on Gated DeltaNet layers of HF hybrid models: causal tracing over the GDN sites "
+        "and exact effective attention. Run `gdn-intervene demo` first.",
     )
     sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,trace,attention,doctor}")
+    _demo_parser(sub)
+    _trace_parser(sub)
+    _attention_parser(sub)
+    _doctor_parser(sub)
+    return ap
 
-    def common_out(p, default, what):
-        p.add_argument(
-            "--out",
-            default=default,
-            metavar="DIR",
-            help=f"output directory for {what}; created if missing, checked before the model runs "
-            "(default: %(default)s)",
-        )
 
-    def site_arg(p):
-        p.add_argument(
-            "--sites",
-            type=_sites,
-            default=TRACE_SITES,
-            metavar="S1,S2",
-            help=f"comma-separated GDN sites to restore (default: {default_sites}); valid: {sites}",
-        )
+def _out_arg(p, default: str, what: str) -> None:
+    p.add_argument("--out", default=default, metavar="DIR", help=f"output directory for {what}; created if missing, "
+                   "checked before the model runs (default: %(default)s)")  # fmt: skip
 
-    def model_args(p):
-        p.add_argument(
-            "--model",
-            default=None,
-            metavar="PATH_OR_ID",
-            help="checkpoint directory or hub id (owner/name) (default: the bundled MQAR toy model)",
-        )
-        p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default: %(default)s)")
-        p.add_argument(
-            "--dtype",
-            default="float32",
-            choices=DTYPES,
-            help="weights and compute dtype, also for the bundled model (default: %(default)s)",
-        )
 
+def _sites_arg(p) -> None:
+    p.add_argument("--sites", type=_sites, default=TRACE_SITES, metavar="S1,S2",
+                   help=f"comma-separated GDN sites to restore (default: {','.join(TRACE_SITES)}); valid: "
+                   f"{', '.join(SITE_NAMES)}")  # fmt: skip
+
+
+def _model_args(p) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="checkpoint directory or hub id (owner/name) (default: the bundled MQAR toy model)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weights and compute dtype, also for the bundled model (default: %(default)s)")  # fmt: skip
+
+
+def _demo_parser(sub) -> None:
     d = sub.add_parser(
         "demo",
         help="causal tracing of the bundled MQAR model (offline)",
-        description="Causal tracing of the bundled MQAR model: restore each GDN site of the clean run "
-        "at each (layer, position) of the corrupted run and measure the fraction of the clean-vs-corrupt "
-        "logit difference that comes back.",
+        description="Causal tracing of the bundled MQAR model: restore each GDN site of the clean run at "
+        "each (layer, position) of the corrupted run and measure the fraction of the clean-vs-corrupt "
+        "logit difference that comes back; attribution patching of the same cells beside it.",
     )
-    common_out(d, "gdn_demo", "trace.json, trace.png, atp.png, atp_scatter.png, attribution.png and report.html")
+    _out_arg(d, "gdn_demo", "trace.json, trace.png, atp.png, atp_scatter.png, attribution.png and report.html")
     d.add_argument(
         "--seed", type=int, default=0, help="which 8 key-value pairs and which queried key (default: %(default)s)"
     )
@@ -527,14 +531,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the corrupted prompt replaces: the queried pair's key in the context (key), its value "
         "(value), or the final query by another context key (query) (default: %(default)s)",
     )
-    site_arg(d)
+    _sites_arg(d)
     d.add_argument(
         "--html",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="write the interactive report.html (default: yes when plotly is installed)",
     )
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
+
+
+_METHOD_HELP = (
+    "patching: activation patching, one forward per group of cells, exact (default; right for small models and "
+    "short prompts, its cost grows with sites x layers x positions); atp: attribution patching, every cell "
+    "estimated from a few forwards and backwards (--steps points of a path from the corrupted to the clean run, "
+    "each one forward + backward), for big models and long prompts: rank with it, then confirm its top cells by "
+    "patching with --verify (default: %(default)s)"
+)
+
+
+def _trace_parser(sub) -> None:
+    from .tracing.paths import ACTIVATIONS, DEFAULT_PATH, DEFAULT_STEPS, INPUTS
 
     t = sub.add_parser(
         "trace",
@@ -557,17 +574,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOKEN",
         help="vocabulary token written at --corrupt-positions (default: the tokenizer's unknown token)",
     )
-    model_args(t)
-    site_arg(t)
-    common_out(t, "gdn_trace", "trace.json, trace.png (and report.html)")
+    _model_args(t)
+    _sites_arg(t)
+    _out_arg(t, "gdn_trace", "trace.json, trace.png (and report.html)")
+    t.add_argument("--method", default="patching", choices=("patching", "atp"), help=_METHOD_HELP)
     t.add_argument(
-        "--method",
-        default="patching",
-        choices=("patching", "atp"),
-        help="patching: activation patching, one forward per group of cells, exact (default, right for small "
-        "models and short prompts); atp: attribution patching, every cell from two forwards and one backward, "
-        "a first-order estimate that under-reads saturated effects: rank with it on big models and long "
-        "prompts, then confirm the top cells with --verify (default: %(default)s)",
+        "--steps",
+        type=_positive,
+        default=None,
+        metavar="K",
+        help=f"with --method atp: integrated-gradient points (1: first order, cheapest, wrong where effects "
+        f"saturate; default: {DEFAULT_STEPS}); the cost is about K forwards and backwards",
+    )
+    t.add_argument(
+        "--path",
+        default=None,
+        choices=(INPUTS, ACTIVATIONS),
+        help=f"with --method atp: what is interpolated, the residual entering the first layer (inputs: one "
+        f"run per step for every cell) or each site's own value (activations: one row per site, layer and "
+        f"step; better ranks for small effects) (default: {DEFAULT_PATH})",
     )
     t.add_argument(
         "--verify",
@@ -583,8 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --html: add the effective attention of the clean prompt to the report",
     )
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
 
+
+def _attention_parser(sub) -> None:
     a = sub.add_parser(
         "attention",
         help="exact effective-attention heatmaps (o = M v)",
@@ -604,8 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--heads", type=_ints, default=None, metavar="H1,H2", help="comma-separated value heads (default: all)"
     )
-    model_args(a)
-    common_out(a, "gdn_attention", "attention_layer<L>.png (and attribution.png, report.html)")
+    _model_args(a)
+    _out_arg(a, "gdn_attention", "attention_layer<L>.png (and attribution.png, report.html)")
     a.add_argument(
         "--attribution",
         action="store_true",
@@ -623,24 +650,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="the two tokens whose logit difference --attribution splits (default: the model's top two "
         "predictions at --position)",
     )
-    a.add_argument(
-        "--html", action="store_true", help="also write the interactive report.html (head picker, token hover)"
-    )
+    a.add_argument("--html", action="store_true", help="also write the interactive report.html (head picker, token hover)")  # fmt: skip
 
+
+def _doctor_parser(sub) -> None:
     dr = sub.add_parser(
         "doctor",
         help="versions, kernel routes and self-check, to paste into bug reports",
-        description="Print the installed versions against the tested ranges, which implementation "
-        "each GDN layer's kernels run (torch, fla, causal-conv1d or a hub kernel), and the first-call "
+        description="Print the installed versions against the tested ranges, which implementation each "
+        "GDN layer's kernels run (torch, fla, causal-conv1d or a hub kernel), and the first-call "
         "self-check result, for a model loaded on CPU.",
     )
-    dr.add_argument(
-        "--model",
-        default=None,
-        metavar="PATH_OR_ID",
-        help="checkpoint directory or hub id (owner/name) (default: the bundled MQAR toy model)",
-    )
-    return ap
+    dr.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                    help="checkpoint directory or hub id (owner/name) (default: the bundled MQAR toy model)")  # fmt: skip
+
+
+_FALLBACK = "is falling back to its reference PyTorch implementation"
+
+
+@contextlib.contextmanager
+def _quiet(args):
+    """Inside a command: on a CPU, drop transformers' "... is falling back to its reference PyTorch
+    implementation ... much slower" lines (flash-linear-attention and causal-conv1d run on GPUs
+    only, so the torch kernels are the path on a CPU, chosen, not a fallback); for the bundled toy
+    (574 KB) also its "Loading weights" bar. A library user still sees both (docs/install.md says
+    why); on a GPU the lines stay, since there they mean a missing package."""
+    import logging
+
+    on_cpu = str(getattr(args, "device", "cpu")).startswith("cpu")
+    toy = args.command == "demo" or getattr(args, "model", "") is None
+    if not (on_cpu or toy):
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    drop = logging.Filter()
+    drop.filter = lambda record: _FALLBACK not in record.getMessage()
+    kernels = logging.getLogger("transformers.integrations.hub_kernels")
+    bar = hf_logging.is_progress_bar_enabled()
+    if on_cpu:
+        kernels.addFilter(drop)
+    if toy:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        kernels.removeFilter(drop)
+        if toy and bar:
+            hf_logging.enable_progress_bar()
 
 
 COMMANDS = {"demo": cmd_demo, "trace": cmd_trace, "attention": cmd_attention, "doctor": cmd_doctor}
@@ -656,7 +713,8 @@ def main(argv=None) -> int:
 
             if (why := unloadable()) is not None:
                 raise UsageError(why)
-        COMMANDS[args.command](args)
+        with _quiet(args):
+            COMMANDS[args.command](args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

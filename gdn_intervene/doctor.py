@@ -28,23 +28,29 @@ PACKAGES = (
     ("nnsight", "nnsight"),
     ("pyvene", "pyvene"),
     ("kernels", "kernels"),
-    ("fla", "flash-linear-attention"),
+    ("fla", "flash-linear-attention", "fla-core"),  # fla-core alone ships `fla` (what HF's route imports)
     ("causal_conv1d", "causal-conv1d"),
 )
 _IDS = list(range(1, 9))  # the self-check forward's tokens (selfcheck.TOKENS of them)
 
 
-def _version(distribution: str) -> str | None:
-    """The installed version of `distribution`, or None."""
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
+def _version(*distributions: str) -> tuple[str, str | None]:
+    """(distribution, installed version) of the first of `distributions` that is installed, else
+    (the first, None)."""
+    for dist in distributions:
+        try:
+            return dist, metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return distributions[0], None
 
 
 def _verdict(package: str, version: str) -> str:
     from ._compat import RUNTIME_CHECKED, TESTED, install_hint, install_spec, parse_version
+    from ._compat.versions import torch_verdict
 
+    if package == "torch":
+        return torch_verdict(version)
     if package not in TESTED:
         return "no tested range"
     lo, hi = TESTED[package]
@@ -63,9 +69,9 @@ def _verdict(package: str, version: str) -> str:
 def versions() -> list[str]:
     """One line per package of `PACKAGES`: version and tested verdict, or "not installed"."""
     lines = []
-    for package, dist in PACKAGES:
+    for package, *dists in PACKAGES:
+        dist, v = _version(*dists)
         name = dist if package == dist.replace("-", "_") else f"{dist} ({package})"
-        v = _version(dist)
         lines.append(f"  {name:<29} {'not installed' if v is None else f'{v:<14} {_verdict(package, v)}'}")
     return lines
 

@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from einops import rearrange, repeat
 
 from ._positions import as_positions  # pure: imports nothing else of the package
 
@@ -135,7 +136,7 @@ def _heads_layout(x: Tensor, heads_idx: Tensor, r: int = 1) -> Tensor:
     """[B, T, HK, *] -> [B, H', T, *] (contiguous) for the value heads in heads_idx (GQA: key
     head = h // r).  One transposing copy, then whole [T, *] slabs picked: a gather straight
     from the transposed view is ~5x slower on CPU."""
-    xt = x.transpose(1, 2).contiguous()
+    xt = rearrange(x, "b t h ... -> b h t ...").contiguous()
     idx = heads_idx // r
     if idx.numel() == xt.shape[1] and torch.equal(idx, torch.arange(xt.shape[1], device=idx.device)):
         return xt
@@ -154,7 +155,7 @@ def _normed_layout(x: Tensor, heads_idx: Tensor, r: int, scale: float = 1.0) -> 
         inv = inv * scale
     B, T, HK, K = x.shape
     out = torch.empty(B, HK, T, K, dtype=x.dtype, device=x.device)
-    torch.mul(x.transpose(1, 2), inv.transpose(1, 2), out=out)
+    torch.mul(rearrange(x, "b t h k -> b h t k"), rearrange(inv, "b t h k -> b h t k"), out=out)
     idx = heads_idx // r
     if idx.numel() == HK and torch.equal(idx, torch.arange(HK, device=idx.device)):
         return out
@@ -251,7 +252,7 @@ def naive_gated_delta_rule(
     B, T, HK, K, HV = _check_inputs(q, k, beta, g, v, initial_state)
     q, k, v, g, beta = (x.to(torch.float64) for x in (q, k, v, g, beta))
     if HV != HK:
-        q, k = q.repeat_interleave(HV // HK, dim=2), k.repeat_interleave(HV // HK, dim=2)
+        q, k = (repeat(x, "b t h k -> b t (h r) k", r=HV // HK) for x in (q, k))  # key head h serves r value heads
     if l2norm:
         q, k = _l2norm(q), _l2norm(k)
     q = q * (K**-0.5 if scale is None else scale)
@@ -338,7 +339,7 @@ def _plan(q, k, beta, g, heads, rows, initial_state, dtype, max_bytes, need_fn) 
 def _state_term(p: _Plan, initial_state: Tensor, Z: Tensor, dtype) -> Tensor:
     """C [B, R, H, V] = Z_t^T S_0 with Z [B, H, R, K] = exp(G_t) ⊙ q_t - sum_j M[t, j] exp(G_j) ⊙ k_j:
     S_0's direct read at t minus its prediction removed from every write."""
-    return (Z @ initial_state[:, p.heads].to(dtype)).transpose(1, 2)
+    return rearrange(Z @ initial_state[:, p.heads].to(dtype), "b h r v -> b r h v")
 
 
 def effective_attention(
@@ -431,87 +432,135 @@ def _row_scan(qh: Tensor, t: Tensor, kh: Tensor, b: Tensor, G: Tensor, chunk: in
     up to 16 rows, one small solve per block instead).
     """
     Bz, H, R, K = qh.shape
-    n = kh.shape[2]
-    dev, dt = kh.device, kh.dtype
+    n, dev = kh.shape[2], kh.device
     order = torch.argsort(t, stable=True)
-    ts, qs = t[order], qh[:, :, order]
-    Gq = G[:, :, ts]  # [B, H, R, Kg]
-    C = min(chunk, n)
-    nc = -(-n // C)
-    pad = nc * C - n  # padded positions: k = 0, beta = 0 (so M = 0 there), g = 0
-    G = G[:, :, :n]
-    if pad:
-        kh = torch.cat([kh, kh.new_zeros(Bz, H, pad, K)], 2)
-        b = torch.cat([b, b.new_zeros(Bz, H, pad)], 2)
-        G = torch.cat([G, G[:, :, -1:].expand(-1, -1, pad, -1)], 2)
-    Kg = G.shape[-1]
-    kc, bc, Gc = kh.view(Bz, H, nc, C, K), b.view(Bz, H, nc, C), G.view(Bz, H, nc, C, Kg)
-    G_end = Gc[:, :, :, -1:]  # [B, H, nc, 1, Kg]: G at each block's last position
-    G_before = torch.cat([torch.zeros_like(G_end[:, :, :1]), G_end[:, :, :-1]], 2)  # G_{s-1}; G_{-1} = 0
-    strict = _tril(C, C, dev, -1)
-    eye = torch.eye(C, dtype=dt, device=dev)
-
-    Ms = qh.new_zeros(Bz, H, R, nc * C)
+    blk = _key_blocks(kh, b, G[:, :, :n], chunk)
+    rows = _Rows(t[order], qh[:, :, order], G[:, :, t[order]], R <= _FEW_ROWS,
+                 torch.searchsorted(t[order], torch.arange(blk.nc + 1, device=dev) * blk.C).tolist())  # fmt: skip
+    Ms = qh.new_zeros(Bz, H, R, blk.nc * blk.C)
     z = qh.new_zeros(Bz, H, R, K)  # per row: z at the position before the current block's end
-    per_block = Bz * H * C * (3 * C + 3 * K) * (2 if Kg == 1 else K)  # elements of the group temporaries
-    few_rows = R <= _FEW_ROWS
-    first_row = torch.searchsorted(
-        ts, torch.arange(nc + 1, device=dev) * C
-    ).tolist()  # per block: first row with t >= s
-    c1 = nc
+    per_block = Bz * H * blk.C * (3 * blk.C + 3 * K) * (2 if blk.Kg == 1 else K)  # elements of the group temporaries
+    c1 = blk.nc
     while c1 > 0:
-        if first_row[c1 - 1] == R:  # no row reaches back into this block: x = 0 there, z stays 0
+        if rows.first[c1 - 1] == R:  # no row reaches back into this block: x = 0 there, z stays 0
             c1 -= 1
             continue
         c0 = max(0, c1 - max(1, _BLOCK_ELEMENTS // per_block))
-        sl = slice(c0, c1)
-        A = _decay_dot(kc[:, :, sl], kc[:, :, sl], Gc[:, :, sl], Gc[:, :, sl], strict).mul_(bc[:, :, sl, :, None])
-        if few_rows:  # a solve per block is cheaper than the batched inverse
-            Ainv_b = None
-        else:
-            Ainv_b = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)  # (I + A)^{-1}
-            Ainv_b.mul_(bc[:, :, sl, None, :])  # (I + A)^{-1} diag(beta)
-        to_end = (G_end[:, :, sl] - Gc[:, :, sl]).exp().to(dt)  # exp(G_{e-1} - G_j), [B, H, g, C, Kg]
-        from_start = (Gc[:, :, sl] - G_before[:, :, sl]).exp().to(dt)  # exp(G_j - G_{s-1})
-        carry = (G_end[:, :, sl] - G_before[:, :, sl]).exp().to(dt)  # [B, H, g, 1, Kg]
-        if Kg == 1:  # per head: scale the small [R, C] products instead of copying the keys twice
-            to_end, from_start = to_end[..., 0], from_start[..., 0]  # [B, H, g, C]
-        else:
-            k_end, k_start = kc[:, :, sl] * to_end, kc[:, :, sl] * from_start  # decayed keys, [B, H, g, C, K]
+        group = _block_group(blk, slice(c0, c1), rows.few)
         for c in reversed(range(c0, c1)):
-            a, a_next, i = first_row[c], min(first_row[c + 1], R), c - c0
-            s, e = c * C, (c + 1) * C
-            rhs = qh.new_empty(Bz, H, R - a, C)
-            if a_next > a:  # rows starting in this block: p_j for j <= t
-                causal = ts[a:a_next, None] >= torch.arange(s, e, device=dev)
-                rhs[:, :, : a_next - a] = _decay_dot(
-                    qs[:, :, a:a_next], kc[:, :, c], Gq[:, :, a:a_next], Gc[:, :, c], causal
-                )
-                z[:, :, a:a_next] = (Gq[:, :, a:a_next] - G_before[:, :, c]).exp().to(dt) * qs[:, :, a:a_next]
-            if a_next < R:  # rows past this block
-                if Kg == 1:
-                    rhs[:, :, a_next - a :] = (z[:, :, a_next:] @ kc[:, :, c].transpose(-1, -2)).mul_(
-                        to_end[:, :, i, None, :]
-                    )
-                else:
-                    rhs[:, :, a_next - a :] = z[:, :, a_next:] @ k_end[:, :, i].transpose(-1, -2)
-                z[:, :, a_next:] *= carry[:, :, i]
-            if Ainv_b is None:  # x (I + A) = rhs, M[t, s:e] = beta_j x_j
-                Mc = torch.linalg.solve_triangular(A[:, :, i], rhs, upper=False, left=False, unitriangular=True)
-                Mc.mul_(bc[:, :, c, None, :])
-            else:
-                Mc = rhs @ Ainv_b[:, :, i]
-            Ms[:, :, a:, s:e] = Mc
-            if Kg == 1:
-                z[:, :, a:] -= (Mc * from_start[:, :, i, None, :]) @ kc[:, :, c]
-            else:
-                z[:, :, a:] -= Mc @ k_start[:, :, i]
+            _row_block(blk, group, rows, c, c - c0, z, Ms)
         c1 = c0
     if torch.equal(order, torch.arange(R, device=dev)):
         return Ms[:, :, :, :n], z  # rows were given in order (the full matrix): no copy
     inv = torch.empty_like(order)
     inv[order] = torch.arange(R, device=dev)
     return Ms[:, :, inv, :n], z[:, :, inv]
+
+
+class _KeyBlocks(NamedTuple):
+    """The keys in nc blocks of C positions (padded with k = 0, beta = 0, g = 0, so M = 0 there):
+    kc [B, H, nc, C, K], bc [B, H, nc, C], Gc [B, H, nc, C, Kg] = cumsum(g) (float64), G_end and
+    G_before [B, H, nc, 1, Kg] (G at each block's last position and before its first, G_{-1} = 0)."""
+
+    kc: Tensor
+    bc: Tensor
+    Gc: Tensor
+    G_end: Tensor
+    G_before: Tensor
+    C: int
+    nc: int
+    Kg: int
+
+
+def _key_blocks(kh: Tensor, b: Tensor, G: Tensor, chunk: int) -> _KeyBlocks:
+    Bz, H, n, K = kh.shape
+    C = min(chunk, n)
+    nc = -(-n // C)
+    pad = nc * C - n
+    if pad:
+        kh = torch.cat([kh, kh.new_zeros(Bz, H, pad, K)], 2)
+        b = torch.cat([b, b.new_zeros(Bz, H, pad)], 2)
+        G = torch.cat([G, G[:, :, -1:].expand(-1, -1, pad, -1)], 2)
+    Kg = G.shape[-1]
+    kc, bc, Gc = (rearrange(x, "b h (n c) ... -> b h n c ...", c=C) for x in (kh, b, G))  # blocks of C positions
+    G_end = Gc[:, :, :, -1:]
+    G_before = torch.cat([torch.zeros_like(G_end[:, :, :1]), G_end[:, :, :-1]], 2)
+    return _KeyBlocks(kc, bc, Gc, G_end, G_before, C, nc, Kg)
+
+
+class _Rows(NamedTuple):
+    """The query rows in position order: ts [R], qs [B, H, R, K], Gq [B, H, R, Kg]; few: solve per
+    block instead of inverting; first[c]: the first row with t >= block c's start."""
+
+    ts: Tensor
+    qs: Tensor
+    Gq: Tensor
+    few: bool
+    first: list
+
+
+class _Group(NamedTuple):
+    """What a group of blocks shares whatever the rows: A [B, H, g, C, C] (I + A unit lower),
+    (I + A)^{-1} diag(beta) or None (few rows), the decays to the block end / from its start and
+    across it, and the decayed keys (per channel) or None (per head)."""
+
+    A: Tensor
+    Ainv_b: Tensor | None
+    to_end: Tensor
+    from_start: Tensor
+    carry: Tensor
+    k_end: Tensor | None
+    k_start: Tensor | None
+
+
+def _block_group(blk: _KeyBlocks, sl: slice, few_rows: bool) -> _Group:
+    kc, bc, Gc, dt = blk.kc, blk.bc, blk.Gc, blk.kc.dtype
+    A = _decay_dot(kc[:, :, sl], kc[:, :, sl], Gc[:, :, sl], Gc[:, :, sl], _tril(blk.C, blk.C, kc.device, -1))
+    A.mul_(bc[:, :, sl, :, None])
+    Ainv_b = None  # few rows: a solve per block is cheaper than the batched inverse
+    if not few_rows:
+        eye = torch.eye(blk.C, dtype=dt, device=kc.device)
+        Ainv_b = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)  # (I + A)^{-1}
+        Ainv_b.mul_(bc[:, :, sl, None, :])  # (I + A)^{-1} diag(beta)
+    to_end = (blk.G_end[:, :, sl] - Gc[:, :, sl]).exp().to(dt)  # exp(G_{e-1} - G_j), [B, H, g, C, Kg]
+    from_start = (Gc[:, :, sl] - blk.G_before[:, :, sl]).exp().to(dt)  # exp(G_j - G_{s-1})
+    carry = (blk.G_end[:, :, sl] - blk.G_before[:, :, sl]).exp().to(dt)  # [B, H, g, 1, Kg]
+    if blk.Kg == 1:  # per head: scale the small [R, C] products instead of copying the keys twice
+        return _Group(A, Ainv_b, to_end[..., 0], from_start[..., 0], carry, None, None)  # [B, H, g, C]
+    k_end, k_start = kc[:, :, sl] * to_end, kc[:, :, sl] * from_start  # decayed keys, [B, H, g, C, K]
+    return _Group(A, Ainv_b, to_end, from_start, carry, k_end, k_start)
+
+
+def _row_block(blk: _KeyBlocks, grp: _Group, rows: _Rows, c: int, i: int, z: Tensor, Ms: Tensor) -> None:
+    """Block c (the i-th of its group) for every row reaching back into it: M[t, s:e] into Ms and
+    z carried to the position before the block, in place (see `_row_scan`)."""
+    kc, C, R = blk.kc, blk.C, len(rows.ts)
+    a, a_next = rows.first[c], min(rows.first[c + 1], R)
+    s, e = c * C, (c + 1) * C
+    rhs = rows.qs.new_empty(*z.shape[:2], R - a, C)
+    if a_next > a:  # rows starting in this block: p_j for j <= t
+        causal = rows.ts[a:a_next, None] >= torch.arange(s, e, device=kc.device)
+        qs, Gq = rows.qs[:, :, a:a_next], rows.Gq[:, :, a:a_next]
+        rhs[:, :, : a_next - a] = _decay_dot(qs, kc[:, :, c], Gq, blk.Gc[:, :, c], causal)
+        z[:, :, a:a_next] = (Gq - blk.G_before[:, :, c]).exp().to(kc.dtype) * qs
+    if a_next < R:  # rows past this block
+        if blk.Kg == 1:
+            rhs[:, :, a_next - a :] = (z[:, :, a_next:] @ kc[:, :, c].transpose(-1, -2)).mul_(
+                grp.to_end[:, :, i, None, :]
+            )
+        else:
+            rhs[:, :, a_next - a :] = z[:, :, a_next:] @ grp.k_end[:, :, i].transpose(-1, -2)
+        z[:, :, a_next:] *= grp.carry[:, :, i]
+    if grp.Ainv_b is None:  # x (I + A) = rhs, M[t, s:e] = beta_j x_j
+        Mc = torch.linalg.solve_triangular(grp.A[:, :, i], rhs, upper=False, left=False, unitriangular=True)
+        Mc.mul_(blk.bc[:, :, c, None, :])
+    else:
+        Mc = rhs @ grp.Ainv_b[:, :, i]
+    Ms[:, :, a:, s:e] = Mc
+    if blk.Kg == 1:
+        z[:, :, a:] -= (Mc * grp.from_start[:, :, i, None, :]) @ kc[:, :, c]
+    else:
+        z[:, :, a:] -= Mc @ grp.k_start[:, :, i]
 
 
 def effective_attention_solve(
@@ -584,7 +633,7 @@ def heuristic_effective_attention(q: Tensor, k: Tensor, *, beta: Tensor, g: Tens
     kh = _heads_layout(k.to(dtype), all_heads, HV // HK)
     G = _gate_layout(g, all_heads)
     M = _decay_dot(qh, kh, G, G, _tril(T, T, k.device))
-    return M * beta.transpose(1, 2).to(dtype)[..., None, :]
+    return M * rearrange(beta, "b t h -> b h 1 t").to(dtype)
 
 
 # --------------------------------------------------------------------------- state view
@@ -615,7 +664,7 @@ def written_values(
         u [B, T, HV, V].
     """
     u, _, _ = _scan_inputs(k, v, beta, g, initial_state, dtype, None)
-    return u.transpose(1, 2)
+    return rearrange(u, "b h t v -> b t h v")
 
 
 def _scan_inputs(k, v, beta, g, initial_state, dtype, n):
@@ -627,7 +676,7 @@ def _scan_inputs(k, v, beta, g, initial_state, dtype, n):
     n = T if n is None else n
     heads = torch.arange(HV, device=k.device)
     kh = _normed_layout(k[:, :n].to(dtype), heads, HV // HK)
-    vh, bh = (x.transpose(1, 2)[:, :, :n].to(dtype) for x in (v, beta))
+    vh, bh = (rearrange(x, "b t h ... -> b h t ...")[:, :, :n].to(dtype) for x in (v, beta))
     G = _gate_layout(g, heads)[:, :, :n]  # cumsum in float64, from g's own precision
     if initial_state is None:
         S0 = torch.zeros(B, HV, K, v.shape[-1], dtype=dtype, device=k.device)
@@ -656,7 +705,7 @@ class StateDecomposition(NamedTuple):
 
     def decayed_keys(self) -> Tensor:
         """exp(G_p - G_j) ⊙ k_j, [B, T', HV, K]: the key each write is read with at p."""
-        w = self.weights.transpose(1, 2)  # [B, T', HV] or [B, T', HV, K]
+        w = rearrange(self.weights, "b h t ... -> b t h ...")  # [B, T', HV] or [B, T', HV, K]
         return self.keys * (w[..., None] if w.dim() == 3 else w)
 
     def state(self) -> Tensor:
@@ -713,7 +762,7 @@ def state_decomposition(
         initial = G[:, :, -1].exp().to(dtype)[..., None] * initial_state.to(dtype)
     if g.dim() == 3:
         weights = weights[..., 0]
-    return StateDecomposition(weights, kh.transpose(1, 2), u.transpose(1, 2), initial)
+    return StateDecomposition(weights, rearrange(kh, "b h t k -> b t h k"), rearrange(u, "b h t v -> b t h v"), initial)
 
 
 # --------------------------------------------------------------------------- attribution patching
@@ -741,7 +790,7 @@ def _run_layout(run: DeltaRuleRun, dtype):
     kh = _normed_layout(k.to(dtype), heads, HV // HK)
     gh = _heads_layout(g, heads).to(dtype)
     decay = (gh[..., None] if gh.dim() == 3 else gh).exp()
-    return qh, kh, v.transpose(1, 2).to(dtype), beta.transpose(1, 2).to(dtype), decay
+    return qh, kh, rearrange(v, "b t h v -> b h t v").to(dtype), rearrange(beta, "b t h -> b h t").to(dtype), decay
 
 
 def _step(S: Tensor, kh, vh, bh, decay, t: int) -> Tensor:
@@ -795,7 +844,7 @@ def state_patching_scores(
         if x.shape != y.shape or (name == "source" and (vs.shape != vh.shape or ds.shape != dec.shape)):
             raise ValueError(f"the {name} and base runs differ in shape: k {_shape(x)} vs {_shape(y)}")
     B, HV, T, K = kh.shape
-    dh = delta.transpose(1, 2).to(dtype)
+    dh = rearrange(delta, "b t h v -> b h t v").to(dtype)
     if tuple(dh.shape) != tuple(vh.shape):
         raise ValueError(f"delta must be [B, T, HV, V] = {[B, T, HV, vh.shape[-1]]}; got {_shape(delta)}")
     runs = ((kh, vh, bh, dec), (ks, vs, bs, ds))

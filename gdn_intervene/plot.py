@@ -27,6 +27,7 @@ __all__ = [
     "trace_heatmap",
     "trace_figure",
     "atp_scatter",
+    "estimate_wording",
     "site_colour",
     "effective_attention_heatmap",
     "effective_attention_grid",
@@ -61,12 +62,54 @@ def _save(fig, path) -> None:
 
 
 def _answers(result, answer_labels) -> str:
-    a = answer_labels or [f"token {x}" for x in result.answers]
-    return _literal(f"clean answer {a[0]!r} vs corrupted answer {a[1]!r}")
+    """The answers as text: the labels given, else their token ids (said so, never quoted as if
+    they were tokens); pass `answer_labels=tokenizer.convert_ids_to_tokens(result.answers)`."""
+    if answer_labels:
+        return _literal(f"clean answer {answer_labels[0]!r} vs corrupted answer {answer_labels[1]!r}")
+    return f"clean answer: token id {result.answers[0]} vs corrupted answer: token id {result.answers[1]}"
+
+
+def estimate_wording(result) -> str:
+    """How a trace result's scores were made, for titles and colour bars: "" for activation
+    patching; for attribution patching its integration (first order or K steps) and "estimate"."""
+    if not getattr(result, "estimates", False):
+        return ""
+    steps = getattr(result, "steps", 1)
+    how = "first-order" if steps == 1 else f"{steps}-step integrated-gradient"
+    return f"{how} estimate of the "
+
+
+#: The widest a figure grows to fit its title (inches); longer title lines wrap.
+_MAX_TITLE_WIDTH = 18.0
+
+
+def _fit_title(fig, text: str, fontsize: float) -> str:
+    """Widen `fig` so that every line of its title fits (a title line is never cut at the
+    figure's edges); lines wider than `_MAX_TITLE_WIDTH` wrap. Returns the text to draw."""
+    import textwrap
+
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import text_to_path
+
+    prop = FontProperties(size=fontsize)
+    width = lambda line: text_to_path.get_text_width_height_descent(line, prop, ismath=False)[0] / 72  # noqa: E731
+    lines = []
+    for line in text.split("\n"):
+        if width(line) + 0.6 > _MAX_TITLE_WIDTH:
+            chars = max(20, int(len(line) * (_MAX_TITLE_WIDTH - 0.6) / width(line)))
+            lines += textwrap.wrap(line, chars)
+        else:
+            lines.append(line)
+    need = max(width(line) for line in lines) + 0.6  # the layout's side margins
+    if need > fig.get_figwidth():
+        fig.set_figwidth(need)
+    return "\n".join(lines)
 
 
 def _trace_panel(ax, result, name, *, norm, cmap, show_x: bool, annotate: bool, corrupt_tokens=None):
-    """One site's [L, T] scores into `ax`: NaN cells hatched grey, corrupted columns outlined."""
+    """One site's [L, T] scores into `ax`: NaN cells hatched grey, corrupted columns outlined;
+    cells an attribution-patching result was verified on outlined in black, with the measured
+    score under the estimate."""
     import numpy as np
     from matplotlib.patches import Rectangle
 
@@ -78,11 +121,21 @@ def _trace_panel(ax, result, name, *, norm, cmap, show_x: bool, annotate: bool, 
     im = ax.imshow(np.ma.masked_invalid(score), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest", zorder=1)
     for p in result.corrupted_positions:
         ax.add_patch(Rectangle((p - 0.5, -0.5), 1, L, fill=False, edgecolor=_MARK, linewidth=1.6, zorder=3))
+    measured = {
+        (result.layers.index(c.layer), c.position): v
+        for c, v in getattr(result, "verified", {}).items()
+        if c.site == name and c.layer in result.layers
+    }
+    for (i, p), m in measured.items():
+        ax.add_patch(Rectangle((p - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="black", linewidth=1.4, zorder=5))
+        v = score[i, p]
+        ax.text(p, i, f"{v:.2f}\n({m:.2f})", ha="center", va="center", fontsize=6, zorder=6,
+                color="white" if abs(v) > 0.6 else "black")  # fmt: skip
     if annotate:
         for i in range(L):
             for p in range(T):
                 v = score[i, p]
-                if v == v and abs(v) >= 0.05:
+                if v == v and abs(v) >= 0.05 and (i, p) not in measured:
                     ax.text(
                         p,
                         i,
@@ -131,16 +184,22 @@ def _trace_figure(result, names, answer_labels, title, path, corrupt_tokens):
             annotate=True,
             corrupt_tokens=corrupt_tokens,
         )
+    what = estimate_wording(result)
     cb = fig.colorbar(im, ax=list(axes), fraction=0.025, pad=0.01, extend="both")
-    cb.set_label("fraction of the clean-vs-corrupt\nlogit difference restored", fontsize=8)
+    cb.set_label(
+        ("estimated " if what else "") + "fraction of the clean-vs-corrupt\nlogit difference restored", fontsize=8
+    )
     axes[-1].set_xlabel("position:token of the clean prompt (red: corrupted, →the corrupted token)", fontsize=8)
-    what = "first-order estimate of the " if getattr(result, "method", "") == "attribution patching" else ""
-    fig.suptitle(f"{title}\n{_answers(result, answer_labels)}; colour = {what}{SCORE_LABEL}", fontsize=9)
+    text = f"{title}\n{_answers(result, answer_labels)}; colour = {what}{SCORE_LABEL}"
+    fig.suptitle(_fit_title(fig, text, 9), fontsize=9)
     handles = [
         Patch(facecolor=_NA_COLOUR, hatch="///", edgecolor="white", label="n/a (cannot reach the last logits)"),
         Patch(fill=False, edgecolor=_MARK, linewidth=1.6, label="corrupted position"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    if getattr(result, "verified", None):
+        handles.append(Patch(fill=False, edgecolor="black", linewidth=1.4,
+                             label=f"checked by activation patching ({len(result.verified)} cells): estimate (measured)"))  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     if path is not None:
         _save(fig, path)
     return fig
@@ -165,12 +224,13 @@ def trace_figure(result, *, answer_labels: Sequence[str] | None = None, corrupt_
     """All traced sites of a `tracing.TraceResult`, one panel each, one shared colour scale
     (arguments as `trace_heatmap`)."""
     title = "causal trace: restore one GDN site of the clean run at (layer, position) in the corrupted run"
-    if getattr(result, "method", "") == "attribution patching":
-        title = "attribution patching: first-order estimate of restoring one GDN site at (layer, position)"
+    if getattr(result, "estimates", False):
+        title = f"attribution patching: {estimate_wording(result)}effect of restoring one GDN site at (layer, position)"
     return _trace_figure(result, list(result.scores), answer_labels, title, path, corrupt_tokens)
 
 
-#: One colour per site (by its place in `sites.SITE_NAMES`), in the PNG and the HTML scatter alike.
+#: One colour per site, in the PNG and the HTML scatter alike: the trace sites first (tab10), then
+#: the others (tab10's rest, then tab20's light shades); no two sites share one.
 SITE_COLOURS = (
     "#1f77b4",
     "#ff7f0e",
@@ -182,13 +242,22 @@ SITE_COLOURS = (
     "#7f7f7f",
     "#bcbd22",
     "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
 )
 
 
 def site_colour(name: str) -> str:
-    from .sites import SITE_NAMES
+    """The colour of site `name` (`SITE_COLOURS`: the trace sites in `TRACE_SITES` order, then the
+    rest in registry order)."""
+    from .sites import SITE_NAMES, TRACE_SITES
 
-    return SITE_COLOURS[SITE_NAMES.index(name) % len(SITE_COLOURS)]
+    order = list(TRACE_SITES) + [n for n in SITE_NAMES if n not in TRACE_SITES]
+    return SITE_COLOURS[order.index(name)]
 
 
 def atp_scatter(atp, trace, *, title: str = "", path=None):
@@ -197,7 +266,7 @@ def atp_scatter(atp, trace, *, title: str = "", path=None):
     r and Spearman rho (`tracing.agreement`); the diagonal y = x marks agreement. Returns a Figure."""
     from matplotlib.figure import Figure
 
-    from .tracing.agreement import agreement, paired
+    from .tracing.pairing import agreement, paired
 
     pairs, stats = paired(atp, trace), agreement(atp, trace)
     fig = Figure(figsize=(6.4, 5.2), layout="constrained")
@@ -220,15 +289,13 @@ def atp_scatter(atp, trace, *, title: str = "", path=None):
     )
     ax.axhline(0, color="0.85", linewidth=0.6, zorder=0)
     ax.axvline(0, color="0.85", linewidth=0.6, zorder=0)
-    steps = getattr(atp, "steps", 1)
-    ax.set_xlabel(
-        "attribution patching (" + ("first-order estimate" if steps == 1 else f"{steps} steps") + ")", fontsize=9
-    )
+    ax.set_xlabel(f"attribution patching ({estimate_wording(atp).removesuffix(' of the ')})", fontsize=9)
     ax.set_ylabel("activation patching (causal trace)", fontsize=9)
     al = stats["all"]
-    ax.set_title(_literal(title or "each cell: estimated vs measured fraction of the logit difference restored")
-                 + f"\nall {al.cells} cells: r {al.pearson:.2f}, ρ {al.spearman:.2f}, "
-                 f"top-10 recall in AtP's top 20: {al.recall:.0%}", fontsize=9)  # fmt: skip
+    text = (_literal(title or "each cell: estimated vs measured fraction of the logit difference restored")
+            + f"\nall {al.cells} cells: r {al.pearson:.2f}, ρ {al.spearman:.2f}, "
+            f"top-10 recall in AtP's top 20: {al.recall:.0%}")  # fmt: skip
+    ax.set_title(_fit_title(fig, text, 9), fontsize=9)
     ax.legend(fontsize=7, loc="best", frameon=False)
     if path is not None:
         _save(fig, path)

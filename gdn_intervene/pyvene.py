@@ -35,10 +35,11 @@ What `register()` changes in pyvene 0.1.8 (all through `_wrap_pyvene` here; ever
 model class goes to pyvene's own code unchanged):
 - `get_module_hook`: a GDN component resolves by layer index with a clear error (it names the
   GDN layers; an attention component at a GDN layer names the attention layers) and hooks the
-  site through an adapter that hands pyvene a fresh `[B, T, X]` copy and returns it, reshaped,
-  as the site's value (a state component: that of the first firing of a call that `state_at`
-  splits). pyvene edits the hooked tensor in place; on the copy that cannot disturb autograd
-  (sigmoid saves beta for backward) or a non-contiguous kernel output.
+  site through an adapter that hands pyvene a fresh `[B, T, X]` copy and writes pyvene's edit
+  of it back into the site's value, in place (a state component: that of the first firing of a
+  call that `state_at` splits). pyvene edits the hooked tensor in place; on the copy that cannot
+  disturb autograd or a non-contiguous kernel output, and the value keeps its own layout (a
+  strided value returned contiguous would move the last bits of what follows it).
   An out-of-range head or position raises `ValueError` naming the head count and T.
 - `get_dimension_by_component`: widths such as HV*V are products of two config fields, which
   pyvene's dimension syntax cannot express; they are computed from the (text) config.
@@ -349,7 +350,8 @@ def _decoder_layer(model, layer: int) -> nn.Module:
 class _Adapter:
     """`pyvene` calls `module_hook(hook_callback, with_kwargs=True)` and later `.remove()` on
     what it returns. We register one forward hook on the site that shows pyvene a fresh
-    `[B, T, X]` copy of the value (state: `[B, 1, HV*K*V]`) and returns it as the new value.
+    `[B, T, X]` copy of the value (state: `[B, 1, HV*K*V]`) and copies the result back into the
+    value (in place: it keeps its layout, as pyvene's edits of HF's own modules do).
 
     State components (`owner`: the GDN layer): pyvene sees one state per call, the one the
     layer says is firing (`GDNLayer.firing`): inside `gdn_intervene.state_at(model, [p])` the
@@ -377,7 +379,10 @@ class _Adapter:
                 if "out of bounds" not in str(e):
                     raise
                 raise ValueError(_range_message(comp, layer, flat.shape[1], heads)) from e
-            return flat.view(out.shape)
+            # Back into the value itself, in its own layout: a strided value (Qwen3-Next's gate is a
+            # slice of the fused projection) returned contiguous would change the last bits of
+            # the norm and projection after it (an edit in place is legal at every site).
+            return out.copy_(flat.view(out.shape))
 
         adapter._gdn_pyvene = True
         handles = [self.module.register_forward_hook(adapter, with_kwargs=True)]

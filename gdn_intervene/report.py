@@ -7,6 +7,9 @@
 - causal trace: one heatmap, rows (site, GDN layer), columns positions; hovering a cell shows
   site, layer, position, token and score (the fraction of the clean-vs-corrupt logit difference
   restored); not-applicable cells are gaps.
+- attribution patching: the same heatmap of estimates, its verified cells outlined (hover and a
+  table give estimate and measurement), and against a causal trace a scatter of both (y = x
+  drawn, one colour per site as in the PNG).
 - effective attention: one heatmap per (layer, head), picked with a drop-down; hover shows the
   query and key positions and tokens and M[t, s]; the future (s > t) is a grey gap.
 - attribution: per (layer, head), a bar per source position (drop-down, hover as above).
@@ -24,7 +27,8 @@ import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .plot import SCORE_LABEL, site_colour  # one wording of what a trace score is; one colour per site
+# one wording of what a trace score is and of how an estimate was made; one colour per site
+from .plot import SCORE_LABEL, estimate_wording, site_colour
 
 __all__ = ["trace_figure", "atp_scatter_figure", "attention_figure", "attribution_figure", "write_html"]
 
@@ -53,18 +57,30 @@ def _plotly():
     return go
 
 
+def _answer_text(result, answer_labels) -> str:
+    if answer_labels:
+        return f"clean answer {_text(answer_labels[0])} vs corrupted answer {_text(answer_labels[1])}"
+    return f"clean answer: token id {result.answers[0]} vs corrupted answer: token id {result.answers[1]}"
+
+
 def trace_figure(result, *, answer_labels: Sequence[str] | None = None):
-    """A plotly Figure of a `tracing.TraceResult`: rows (site, layer), columns positions."""
+    """A plotly Figure of a `tracing.TraceResult`: rows (site, layer), columns positions. For an
+    attribution-patching result the scores are named estimates, and the cells it was verified on
+    (`result.verified`) are outlined in black, their hover giving the measured score too."""
     go = _plotly()
     T = len(result.tokens)
+    estimates = getattr(result, "estimates", False)
+    measured = {(c.site, c.layer, c.position): v for c, v in getattr(result, "verified", {}).items()}
     z, custom, ylabels = [], [], []
     for name in result.sites:
         for i, layer in enumerate(result.layers):
             row = [None if v != v else round(float(v), 4) for v in result.scores[name][i].tolist()]
             z.append(row)
             custom.append(
-                [[name, layer, _text(result.tokens[p]), "n/a" if row[p] is None else f"{row[p]:.3f}"] for p in range(T)]
-            )
+                [[name, layer, _text(result.tokens[p]), "n/a" if row[p] is None else f"{row[p]:.3f}",
+                  f"<br>measured by activation patching {measured[name, layer, p]:.3f}"
+                  if (name, layer, p) in measured else ""] for p in range(T)]
+            )  # fmt: skip
             ylabels.append(f"{name} · layer {layer}")
     xlabels = _labels(result.tokens)
     # the corrupted positions' tick labels in red and bold, as in the PNG trace figure
@@ -85,22 +101,18 @@ def trace_figure(result, *, answer_labels: Sequence[str] | None = None):
         xgap=1,
         ygap=1,
         hoverongaps=False,
-        colorbar=dict(title=dict(text="restored<br>fraction", side="right")),
+        colorbar=dict(title=dict(text="estimated<br>restored<br>fraction" if estimates else "restored<br>fraction",
+                                 side="right")),
         hovertemplate="site %{customdata[0]}, layer %{customdata[1]}<br>position %{x} (token %{customdata[2]})"
-        "<br>score %{customdata[3]}<extra></extra>",
-    )
+        + ("<br>estimate %{customdata[3]}%{customdata[4]}" if estimates else "<br>score %{customdata[3]}")
+        + "<extra></extra>",
+    )  # fmt: skip
     fig = go.Figure(heat)
-    a = answer_labels or [f"token {x}" for x in result.answers]
-    what = (
-        "Attribution patching, first-order estimate of the "
-        if getattr(result, "method", "") == "attribution patching"
-        else "Causal trace: "
-    )
+    what = f"Attribution patching, {estimate_wording(result)}" if estimates else "Causal trace: "
     fig.update_layout(
         title=dict(
-            text=f"{what}{html.escape(SCORE_LABEL)}<br><sup>clean answer {_text(a[0])}"
-            f" vs corrupted answer {_text(a[1])}; corrupted positions "
-            f"{', '.join(map(str, result.corrupted_positions)) or 'none'}</sup>"
+            text=f"{what}{html.escape(SCORE_LABEL)}<br><sup>{_answer_text(result, answer_labels)}; corrupted "
+            f"positions {', '.join(map(str, result.corrupted_positions)) or 'none'}</sup>"
         ),
         plot_bgcolor=_GAP,
         height=220 + 26 * len(ylabels),
@@ -129,14 +141,35 @@ def trace_figure(result, *, answer_labels: Sequence[str] | None = None):
             yref="y",
             line=dict(color=_MARK, width=2),
         )
+    for name, layer, p in measured:  # outline the verified cells
+        if name in result.sites and layer in result.layers:
+            y = result.sites.index(name) * len(result.layers) + result.layers.index(layer)
+            fig.add_shape(type="rect", x0=p - 0.45, x1=p + 0.45, y0=y - 0.45, y1=y + 0.45, xref="x", yref="y",
+                          line=dict(color="black", width=2))  # fmt: skip
     return fig
+
+
+def _verified_table(result) -> str:
+    """An HTML table of the cells an attribution-patching result was verified on."""
+    if not getattr(result, "verified", None):
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(c.site)}</td><td>{c.layer}</td><td>{c.position}:{html.escape(str(result.tokens[c.position]))}"
+        f"</td><td>{result.score(c):.3f}</td><td>{v:.3f}</td></tr>"
+        for c, v in result.verified.items()
+    )
+    return (
+        f'<table class="verified"><caption>Checked by activation patching: the {len(result.verified)} cells of '
+        "largest |estimate|</caption><tr><th>site</th><th>layer</th><th>position:token</th><th>estimate</th>"
+        f"<th>measured</th></tr>{rows}</table>"
+    )
 
 
 def atp_scatter_figure(atp, trace):
     """A plotly scatter: attribution patching (x) against activation patching (y), one point per
     cell both score (paired by site, layer and position), one colour per site as in the PNG
     (legend: Pearson r, Spearman rho), the diagonal y = x, hover naming the cell."""
-    from .tracing.agreement import agreement, paired
+    from .tracing.pairing import agreement, paired
 
     go = _plotly()
     pairs, stats = paired(atp, trace), agreement(atp, trace)
@@ -155,12 +188,10 @@ def atp_scatter_figure(atp, trace):
     fig.add_trace(go.Scatter(x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines", name="agreement (y = x)",
                              line=dict(color="#999999", dash="dash", width=1), hoverinfo="skip"))  # fmt: skip
     al = stats["all"]
-    steps = getattr(atp, "steps", 1)
     fig.update_layout(
         title=dict(text=f"Estimated vs measured, every cell<br><sup>all {al.cells} cells: r {al.pearson:.2f}, "
                         f"ρ {al.spearman:.2f}; top-10 recall in AtP's top 20: {al.recall:.0%}</sup>"),
-        xaxis=dict(title="attribution patching (" + ("first-order estimate" if steps == 1 else f"{steps} steps") + ")",
-                   zeroline=True),
+        xaxis=dict(title=f"attribution patching ({estimate_wording(atp).removesuffix(' of the ')})", zeroline=True),
         yaxis=dict(title="activation patching (causal trace)", zeroline=True),
         height=520, width=760, margin=dict(l=80, r=40, t=90, b=70),
     )  # fmt: skip
@@ -305,11 +336,34 @@ def attribution_figure(att, tokens: Sequence[str], *, row: int = 0, what: str = 
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1400px}} p.note{{color:#444;max-width:60em}}</style>
+<style>body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1400px}} p.note{{color:#444;max-width:60em}}
+table.verified{{border-collapse:collapse;margin:0.5em 0 2em}} table.verified td,table.verified th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
+table.verified caption{{text-align:left;color:#444;padding-bottom:4px}}</style>
 </head><body><h1>{title}</h1>
 {sections}
 </body></html>
 """
+
+
+def _atp_note(result) -> str:
+    steps = getattr(result, "steps", 1)
+    how = (
+        "each cell's first-order estimate, (clean - corrupted value) . gradient at the corrupted run"
+        if steps == 1
+        else f"each cell's (clean - corrupted value) . the gradient averaged over {steps} points on the path from the "
+        "corrupted to the clean run (integrated gradients)"
+    )
+    checked = (
+        f" Black outline: the {len(result.verified)} cells re-measured by activation patching (hover, and the table "
+        "below, give both numbers)."
+        if getattr(result, "verified", None)
+        else ""
+    )
+    return (
+        f"Estimates, not measurements: {how}; the state after every position through the adjoint scan. Colour: the "
+        f"estimated {SCORE_LABEL}. Saturated effects can read low, even with the wrong sign: rank by |estimate| and "
+        f"confirm the top cells by activation patching (verify=K, --verify K).{checked}"
+    )
 
 
 def write_html(
@@ -328,76 +382,68 @@ def write_html(
 ):
     """Write one self-contained HTML file (plotly.js embedded once; works offline). Returns the path.
 
-    trace: a TraceResult; atp: an attribution-patching TraceResult (its view, and with `trace`
-    the estimated-vs-measured scatter); attention: as `attention_figure` takes; attribution: an
+    trace: a TraceResult: activation patching (the causal trace), or attribution patching (then
+    headed as such, its scores named estimates, its verified cells outlined and listed); atp: an
+    attribution-patching TraceResult of the same cells (its view, and the estimated-vs-measured
+    scatter against `trace`); trace_answers: the two answers as text (default: their token ids); attention: as `attention_figure` takes; attribution: an
     `analysis.Attribution` (its first query row), `attribution_of` saying what it attributes;
     tokens: labels of the prompt (default the trace's tokens).
     """
     tokens = list(tokens if tokens is not None else (trace.tokens if trace is not None else []))
-    parts = []
-    if trace is not None:
-        parts.append(
-            (
-                "Causal trace",
-                "trace",
-                trace_figure(trace, answer_labels=trace_answers),
-                f"Each cell restores one GDN site of the clean run at one (layer, position) in the corrupted run. "
-                f"Colour: the {SCORE_LABEL} (1 = all of it, 0 = none). Grey: not applicable (the final state "
-                f"cannot reach the last logits). Red outline: corrupted positions.",
-            )
-        )
-    if atp is not None:
-        parts.append(
-            (
-                "Attribution patching",
-                "atp",
-                trace_figure(atp, answer_labels=trace_answers),
-                "The same cells ranked from one clean forward, one corrupted forward and one backward: each "
-                "cell's first-order estimate (clean - corrupted value) . gradient, the state after every position "
-                "through the adjoint scan. Linear: saturated effects read low (even with the wrong sign); rank "
-                "by |estimate| and confirm the top cells by patching.",
-            )
-        )
-        if trace is not None:
-            parts.append(
-                (
-                    "Estimated vs measured",
-                    "atp-scatter",
-                    atp_scatter_figure(atp, trace),
-                    "One point per cell: attribution patching (x) against the causal trace (y). On the diagonal "
-                    "the first-order estimate is exact; a saturated effect sits far above it.",
-                )
-            )
+    parts = _trace_parts(trace, atp, trace_answers)
     if attention:
-        parts.append(
-            (
-                "Effective attention",
-                "attention",
-                attention_figure(attention, tokens, rows=attention_rows),
-                "o = M v: row t of M is how the layer's output o_t (the delta-rule output, before the gated "
-                "norm) mixes the values v_s; exact, from the delta rule. Grey: the future (s > t). "
-                "Pick the layer and head in the menu.",
-            )
-        )
+        parts.append(("Effective attention", "attention", attention_figure(attention, tokens, rows=attention_rows),
+                      _ATTENTION_NOTE, ""))  # fmt: skip
     if attribution:
-        parts.append(
-            (
-                "Attribution",
-                "attribution",
-                attribution_figure(attribution, tokens, what=attribution_of),
-                f"Exact split of each GDN layer's direct effect on {attribution_of} over heads and source "
-                "positions: M[t, s] times the value v_s projected through the gated norm (its scale frozen) and "
-                "the output projection. v_s mixes tokens s-3..s through the causal conv. Pick the layer and head "
-                "in the menu.",
-            )
-        )
+        parts.append(("Attribution", "attribution", attribution_figure(attribution, tokens, what=attribution_of),
+                      _ATTRIBUTION_NOTE.format(what=attribution_of), ""))  # fmt: skip
     if not parts:
         raise ValueError("write_html needs at least one of trace=, atp=, attention=, attribution=")
     sections = []
-    for i, (heading, div, fig, note) in enumerate(parts):
+    for i, (heading, div, fig, note, after) in enumerate(parts):
         body = fig.to_html(full_html=False, include_plotlyjs=i == 0, div_id=div, config={"displaylogo": False})
-        sections.append(f'<h2>{heading}</h2>\n<p class="note">{html.escape(note)}</p>\n{body}')
+        sections.append(f'<h2>{heading}</h2>\n<p class="note">{html.escape(note)}</p>\n{body}{after}')
     sections += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
     path = Path(path)
     path.write_text(_PAGE.format(title=html.escape(title), sections="\n".join(sections)), encoding="utf-8")
     return path
+
+
+_TRACE_NOTE = (
+    "Each cell restores one GDN site of the clean run at one (layer, position) in the corrupted run. "
+    f"Colour: the {SCORE_LABEL} (1 = all of it, 0 = none). Grey: not applicable (the final state "
+    "cannot reach the last logits). Red outline: corrupted positions."
+)
+_SCATTER_NOTE = (
+    "One point per cell: attribution patching (x) against the causal trace (y), one colour per "
+    "site. On the dashed line y = x the estimate equals the measurement; a saturated effect sits "
+    "far from it (the estimate reads low, even with the wrong sign)."
+)
+_ATTENTION_NOTE = (
+    "o = M v: row t of M is how the layer's output o_t (the delta-rule output, before the gated "
+    "norm) mixes the values v_s; exact, from the delta rule. Grey: the future (s > t). "
+    "Pick the layer and head in the menu."
+)
+_ATTRIBUTION_NOTE = (
+    "Exact split of each GDN layer's direct effect on {what} over heads and source "
+    "positions: M[t, s] times the value v_s projected through the gated norm (its scale frozen) and "
+    "the output projection. v_s mixes tokens s-3..s through the causal conv. Pick the layer and head "
+    "in the menu."
+)
+
+
+def _trace_parts(trace, atp, answers) -> list[tuple]:
+    """(heading, div id, figure, note, html after) of the trace, the attribution patching and the
+    scatter of one against the other, as far as they are given."""
+    parts = []
+    if trace is not None and getattr(trace, "estimates", False):  # `gdn-intervene trace --method atp`
+        parts.append(("Attribution patching", "trace", trace_figure(trace, answer_labels=answers),
+                      _atp_note(trace), _verified_table(trace)))  # fmt: skip
+    elif trace is not None:
+        parts.append(("Causal trace", "trace", trace_figure(trace, answer_labels=answers), _TRACE_NOTE, ""))
+    if atp is not None:
+        parts.append(("Attribution patching", "atp", trace_figure(atp, answer_labels=answers), _atp_note(atp),
+                      _verified_table(atp)))  # fmt: skip
+        if trace is not None and not getattr(trace, "estimates", False):
+            parts.append(("Estimated vs measured", "atp-scatter", atp_scatter_figure(atp, trace), _SCATTER_NOTE, ""))
+    return parts

@@ -18,12 +18,14 @@ import models  # noqa: E402
 import gdn_intervene as gi  # noqa: E402
 from gdn_intervene.toy import unloadable  # noqa: E402
 
-try:  # the differential suite's profiles: "ci" (the default: fixed seed, fits CI), "long" (a release)
+try:  # the differential suite's profiles: "ci" (the default: fixed seed, fits CI), "soak" (minutes, new
+    # seeds each run: before a release), "long" (2000 examples per test: half an hour)
     from hypothesis import HealthCheck, settings
 
     _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
-    settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=_SLOW,
+    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, suppress_health_check=_SLOW,
                               print_blob=True)  # fmt: skip
+    settings.register_profile("soak", max_examples=300, deadline=None, suppress_health_check=_SLOW, print_blob=True)
     settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=_SLOW, print_blob=True)
     settings.load_profile("ci")  # `pytest --hypothesis-profile=long` loads the other after this
 except ImportError:  # hypothesis is in the [all] extra; the compat matrix rows run without it

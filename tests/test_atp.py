@@ -235,8 +235,12 @@ def test_verify_reruns_activation_patching_on_the_top_cells():
     res = tracing.attribution_patching(model, clean, corrupt, answers=answers, verify=6)
     full = tracing.causal_trace(model, clean, corrupt, answers=answers)
     assert list(res.verified) == res.top(6) and len(res.verified) == 6
+    # Same patch, other batch: causal_trace runs every token cell in one batch, verify six rows,
+    # and the kernels' batched matmuls round by batch size (4.57's chunk kernel: 1.6e-5 seen).
+    span = full.clean_diff - full.corrupt_diff
     for cell, v in res.verified.items():
-        assert abs(v - full.score(cell)) <= 1e-5, cell
+        got, want = (x * span + full.corrupt_diff for x in (v, full.score(cell)))
+        assert abs(got - want) <= 1e-5 * (1 + abs(want)), cell
     assert [c["estimate"] for c in res.to_json()["verified"]] == [round(res.score(c), 6) for c in res.top(6)]
 
 
@@ -284,7 +288,9 @@ def _decoder_input(model):
     """The first decoder layer (found here by type, independently of the library)."""
     for m in model.modules():
         layers = getattr(m, "layers", None)
-        if isinstance(layers, torch.nn.ModuleList) and any(gi.gdn_layers(model)[L] in x.modules() for x in layers for L in [0]):
+        if isinstance(layers, torch.nn.ModuleList) and any(
+            gi.gdn_layers(model)[L] in x.modules() for x in layers for L in [0]
+        ):
             return layers[0]
     raise LookupError
 
@@ -336,7 +342,7 @@ def _quadrature(model, base_ids, source_ids, cell, path, K):
         if path == "activations" and a > 0:
             edits = {(cell.layer, s): interp(s) for s in run_sites}
 
-        def mix(x, edit=edits.get((cell.layer, cell.site))):
+        def mix(x, edit=edits.get((cell.layer, cell.site))):  # noqa: B008 (bound now, on purpose)
             y = edit(x) if edit is not None else x.clone()
             if site(cell.site).has_time:
                 y[:, cell.position] = y[:, cell.position] + eps * (source_v - base_v)[:, cell.position]
@@ -346,7 +352,11 @@ def _quadrature(model, base_ids, source_ids, cell, path, K):
 
         edits[(cell.layer, cell.site)] = mix
         h = hb[0] + a * (hs[0] - hb[0]) if path == "inputs" and a > 0 else None
-        split = gi.state_at(model, [cell.position], [cell.layer]) if not site(cell.site).has_time else contextlib.nullcontext()
+        split = (
+            gi.state_at(model, [cell.position], [cell.layer])
+            if not site(cell.site).has_time
+            else contextlib.nullcontext()
+        )
         with torch.enable_grad(), split, gi.intervene(model, edits), _residual(model, replace=h):
             last = model(input_ids=base_ids, use_cache=False).logits[0, -1]
             metric = last[5] - last[7]

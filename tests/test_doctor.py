@@ -18,19 +18,23 @@ from gdn_intervene.selfcheck import ENV
 def test_versions_name_each_package_with_a_verdict(monkeypatch):
     lines = doctor.versions()
     assert len(lines) == len(doctor.PACKAGES)
-    for (_, dist), line in zip(doctor.PACKAGES, lines):
-        assert line.split()[0] == dist
+    for (_, *dists), line in zip(doctor.PACKAGES, lines):
+        assert line.split()[0] in dists
         verdicts = ("not installed", "tested (", "UNTESTED", "UNSUPPORTED", "no tested range")
         assert any(w in line for w in verdicts), line
     transformers_line = next(line for line in lines if line.split()[0] == "transformers")
     assert "tested (" in transformers_line and "UNTESTED" not in transformers_line
 
-    real = doctor._version
-    monkeypatch.setattr(doctor, "_version", lambda dist: "99.0.0" if dist == "transformers" else real(dist))
+    real, real_version = doctor._version, doctor.metadata.version
+    monkeypatch.setattr(doctor, "_version", lambda *d: (d[0], "99.0.0") if d[0] == "transformers" else real(*d))
     line = next(line for line in doctor.versions() if line.split()[0] == "transformers")
     assert "99.0.0" in line and "UNTESTED, newer than" in line and "pip install" in line
-    monkeypatch.setattr(doctor, "_version", lambda dist: None if dist == "nnsight" else real(dist))
+    monkeypatch.setattr(doctor, "_version", lambda *d: (d[0], None) if d[0] == "nnsight" else real(*d))
     assert next(line for line in doctor.versions() if line.split()[0] == "nnsight").endswith("not installed")
+    # fla: either distribution that ships the `fla` module (fla-core alone is what HF's route needs)
+    monkeypatch.setattr(doctor.metadata, "version", lambda d: "0.6.0" if d == "fla-core" else real_version(d))
+    line = next(line for line in doctor.versions() if "(fla)" in line)
+    assert line.split()[:3] == ["fla-core", "(fla)", "0.6.0"], line
 
 
 def _layer_blocks(text: str) -> dict[int, list[str]]:

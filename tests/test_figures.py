@@ -68,3 +68,13 @@ def test_attribution_heatmap_shows_tokens_literally(tmp_path):
     _check_ticks(fig, fig.axes[1].get_xticklabels(), LABELS, tmp_path / "a.png")
     assert _shown(fig._suptitle)[0].startswith(f"attribution of logit($$) - logit(x_1) at position {LABELS[-1]} ")
     assert "logits" in fig.axes[-1].get_ylabel()  # the colour bar's unit
+
+
+def test_every_site_has_its_own_colour():
+    """The scatter tells sites apart by colour alone: 16 sites, 16 colours (k and out_proj once
+    shared one, the registry index modulo a 10-colour palette)."""
+    from gdn_intervene import plot
+    from gdn_intervene.sites import SITE_NAMES
+
+    colours = [plot.site_colour(n) for n in SITE_NAMES]
+    assert len(set(colours)) == len(SITE_NAMES)

@@ -1,67 +1,45 @@
-"""The README's python code blocks run as written (offline, on the bundled model).
-
-Blocks run in order in one namespace, as a reader would paste them. A block preceded by an html
-comment `<!-- not-run: REASON -->` (e.g. it needs a hub checkpoint) is skipped with that reason.
-A block followed by a ```text block must print exactly that text.
+"""The README's code blocks run as printed (offline, on the bundled model) and print what it
+shows, under the rules of tests/test_docs.py: a block runs in a fresh namespace unless its first
+line says `# Continues "HEADING".`; a ```text block after a block is its output; `gdn-intervene`
+commands in bash blocks run; `<!-- not-run: REASON -->` skips a block, saying why.
 """
 
-import contextlib
-import io
-import linecache
-import re
 from pathlib import Path
 
 import pytest
 from conftest import needs_toy
-
-# The README's examples run on the bundled toy, a Qwen3.5 checkpoint (transformers 5.5 on).
-pytestmark = needs_toy
+from test_docs import check_block, page_blocks, text_blocks
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-_FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.M | re.S)
-_NOT_RUN = re.compile(r"<!--\s*not-run:\s*(.*?)\s*-->\s*$", re.S)
+BLOCKS = page_blocks(README)
 
 
 def blocks(text: str):
-    """[(id, code, skip reason or None, expected output or None)] for each ```python block."""
-    found, fences = [], list(_FENCE.finditer(text))
-    for i, m in enumerate(fences):
-        if m.group(1) != "python":
-            continue
-        before = text[: m.start()].rstrip()
-        heading = re.findall(r"^#+ (.+)$", _FENCE.sub("", before + "\n"), re.M)  # not `# comments` in code
-        skip = _NOT_RUN.search(before[-300:])
-        nxt = fences[i + 1] if i + 1 < len(fences) else None
-        expected = (
-            nxt.group(2)
-            if nxt is not None and nxt.group(1) == "text" and not text[m.end() : nxt.start()].strip()
-            else None
-        )
-        section = heading[-1] if heading else "top"
-        n = sum(1 for b in found if b[0].startswith(section))
-        found.append((f"{section} #{n + 1}", m.group(2), skip.group(1) if skip else None, expected))
-    return found
+    """[(id, code, skip reason or None, expected output or None)] for each ```python block of a
+    README text (tests/test_recipes.py compares its recipes with the README's blocks)."""
+    found = text_blocks(text, "README.md")
+    return [(b.id, b.code, b.skip, b.expected) for b in found if b.lang == "python"]
 
 
-BLOCKS = blocks(README.read_text())
-_NAMESPACE: dict = {"__name__": "__readme__"}
+def test_the_tour_is_runnable_and_marked_blocks_say_why():
+    runnable = [b for b in BLOCKS if b.skip is None]
+    assert {"Read a site", "Edit beta", "The state at a position", "Trace your own checkpoint"} <= {
+        b.heading for b in runnable
+    }
+    assert all(b.skip.strip() for b in BLOCKS if b.skip is not None)  # a reason is given
+    for b in BLOCKS:
+        if b.continues is not None:
+            assert any(x.heading == b.continues and x.index < b.index for x in BLOCKS), b.id
 
 
-def test_the_quickstart_is_runnable_and_marked_blocks_say_why():
-    runnable = [b for b in BLOCKS if b[2] is None]
-    assert any(b[0].startswith("Quickstart") for b in runnable)
-    assert all(b[2] for b in BLOCKS if b[2] is not None)  # a reason is given
+def test_the_readme_is_a_landing_page():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 320, "the README is a landing page: move details to docs/"
+    for heading in ("## Install", "## Two commands", "## A five-minute tour", "## Documentation"):
+        assert f"\n{heading}\n" in text, heading
 
 
-@pytest.mark.parametrize("name, code, skip, expected", BLOCKS, ids=[b[0] for b in BLOCKS])
-def test_readme_block(name, code, skip, expected, monkeypatch):
-    if skip:
-        pytest.skip(f"README marks it not-run: {skip}")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out = io.StringIO()
-    filename = f"README.md [{name}]"
-    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)  # nnsight reads `with` bodies back
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, filename, "exec"), _NAMESPACE)
-    if expected is not None:
-        assert out.getvalue().strip() == expected.strip()
+@needs_toy
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
+def test_readme_block(block, monkeypatch):
+    check_block(block, BLOCKS, monkeypatch)

@@ -2,16 +2,16 @@
 independent references.
 
 - `FROM_CONFIG`: tiny Qwen3.5 and Kimi Linear models built in code from HF's config classes,
-  patched, one forward with a capture, `generate` (README: "Supported families").
+  patched, one forward with a capture, `generate` (docs/guides/releases.md).
 - `PYVENE_STATE`: restoring layer 0's recurrent state after a position with pyvene's state
-  component inside `gi.state_at` (README: "pyvene"); checked against the same patch made with
+  component inside `gi.state_at` (docs/guides/pyvene.md); checked against the same patch made with
   `gi.intervene` + `gi.state_at`, position by position.
 - `analysis.token_contributions` on the KDA families (per-channel decay) against a float64
   per-channel recurrence written here from HF's own kernel arguments.
 - the pyvene example names the answer and the replaced tokens by their text.
 
-Each recipe string is the README block verbatim: where the README has the block (found by a
-line of it), the two must be equal.
+Each recipe string is a documentation block verbatim (found by a line of it, on exactly one page
+of the README and docs/).
 """
 
 import contextlib
@@ -119,12 +119,11 @@ def run_recipe(code: str) -> str:
     ids=["from_config", "pyvene_state"],
 )
 def test_readme_has_the_recipe_verbatim(code, marker):
-    from test_readme import blocks
+    from test_docs import page_blocks
 
-    found = [b[1] for b in blocks((ROOT / "README.md").read_text()) if marker in b[1]]
-    if not found:
-        pytest.skip("the README has no such block (yet)")
-    assert found == [code]
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    found = [b.code for p in pages for b in page_blocks(p) if marker in b.code]
+    assert found == [code], "the recipe is on exactly one page, verbatim"
 
 
 # ---------------------------------------------------------------- from a config

@@ -103,6 +103,19 @@ def browser(page):
         d.quit()
 
 
+def _menu(d, div: str, labels: list[str]):
+    """Open the drop-down of `div` and return its buttons once all of them show their labels
+    (plotly draws the buttons first and their text after: reading at once gave ['', ...])."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d.find_element("css selector", f"#{div} .updatemenu-header").click()
+    texts = (
+        f"return Array.from(document.querySelectorAll('#{div} .updatemenu-dropdown-button')).map(b => b.textContent)"
+    )
+    WebDriverWait(d, 10).until(lambda d: d.execute_script(texts) == labels)
+    return d.find_elements("css selector", f"#{div} .updatemenu-dropdown-button")
+
+
 def _hover(d, div: str, x: int, y: int) -> str:
     """Move the real mouse over cell (x, y) of heatmap `div`; return the hover label's text."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -179,11 +192,7 @@ def test_head_picker_changes_the_view(browser):
     assert browser.execute_script(visible) == [True, False]
     text = _hover(browser, "attention", 2, 5)  # query 5, key 2: M[0, 5, 2] = (5 * 8 + 2) / 1000
     assert "query t = 5:k5" in text and "key s = 2:v3" in text and "M[t, s] = 0.0420" in text, text
-    browser.find_element("css selector", "#attention .updatemenu-header").click()
-    buttons = WebDriverWait(browser, 10).until(
-        lambda d: d.find_elements("css selector", "#attention .updatemenu-dropdown-button")
-    )
-    assert [b.text for b in buttons] == ["layer 0, head 0", "layer 0, head 1"]
+    buttons = _menu(browser, "attention", ["layer 0, head 0", "layer 0, head 1"])
     buttons[1].click()
     WebDriverWait(browser, 10).until(lambda d: d.execute_script(visible) == [False, True])
     title = browser.find_element("css selector", "#attention .gtitle").text
@@ -197,12 +206,58 @@ def test_attribution_view_picks_layer_and_head(browser):
 
     visible = "return document.getElementById('attribution').data.map(t => t.visible)"
     assert browser.execute_script(visible) == [True, False, False, False]
-    browser.find_element("css selector", "#attribution .updatemenu-header").click()
-    buttons = WebDriverWait(browser, 10).until(
-        lambda d: d.find_elements("css selector", "#attribution .updatemenu-dropdown-button")
+    buttons = _menu(
+        browser, "attribution", ["layer 0, head 0", "layer 0, head 1", "layer 1, head 0", "layer 1, head 1"]
     )
-    assert [b.text for b in buttons] == ["layer 0, head 0", "layer 0, head 1", "layer 1, head 0", "layer 1, head 1"]
     buttons[3].click()
     WebDriverWait(browser, 10).until(lambda d: d.execute_script(visible) == [False, False, False, True])
     ys = browser.execute_script("return document.getElementById('attribution').data[3].y")
     assert ys[2] == -0.25 and sum(abs(y) for y in ys) == 0.25
+
+
+# ---------------------------------------------------------------- attribution patching
+
+
+def _atp(steps: int = 1):
+    """An attribution-patching result of `_result()`'s cells, two of them verified."""
+    import dataclasses
+
+    from gdn_intervene.tracing import ATTRIBUTION, Cell
+
+    r = _result()
+    return dataclasses.replace(
+        r,
+        scores={k: v * 0.5 for k, v in r.scores.items()},
+        method=ATTRIBUTION,
+        steps=steps,
+        verified={Cell("state", 0, 6): 0.75, Cell("state", 0, 5): 0.5},
+    )
+
+
+def test_an_atp_result_is_headed_and_captioned_as_estimates_with_its_verified_cells(tmp_path):
+    """`gdn-intervene trace --method atp --html`: the report says attribution patching, calls the
+    scores estimates (first order or K steps), outlines and lists the verified cells."""
+    for steps, how in ((1, "first-order estimate"), (8, "8-step integrated-gradient estimate")):
+        path = report.write_html(tmp_path / f"atp{steps}.html", trace=_atp(steps), trace_answers=("</s>", "$$"))
+        text = path.read_text()
+        assert "<h2>Attribution patching</h2>" in text and "<h2>Causal trace</h2>" not in text
+        assert "Each cell restores" not in text and "Estimates, not measurements" in text
+        assert how in text
+        assert (
+            '<table class="verified">' in text and "<td>6:&lt;b&gt;</td><td>0.375</td><td>0.750</td>" in text
+        )  # escaped
+    fig = report.trace_figure(_atp())
+    outlined = [sh for sh in fig.layout.shapes if sh.line.color == "black"]
+    assert len(outlined) == 2
+    assert any("measured by activation patching 0.750" in str(c) for row in fig.data[0].customdata for c in row)
+
+
+def test_the_scatter_draws_the_diagonal_in_the_png_colours():
+    from gdn_intervene import plot
+
+    trace = _result()
+    fig = report.atp_scatter_figure(_atp(), trace)
+    names = [t.name for t in fig.data]
+    assert names[-1] == "agreement (y = x)" and fig.data[-1].x == fig.data[-1].y
+    for t in fig.data[:-1]:
+        assert t.marker.color == plot.site_colour(t.name.split()[0])

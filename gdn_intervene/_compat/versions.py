@@ -16,6 +16,11 @@ TESTED: dict[str, tuple[str, str]] = {
     "nnsight": ("0.8.1", "0.9.0"),
     "pyvene": ("0.1.8", "0.1.9"),
 }
+#: torch releases the whole suite ran on, and how: torch is not refused outside them (the
+#: install asks for torch>=2.6), but `gdn-intervene doctor` says where a version stands. Keep in
+#: step with the README's Install section and docs/install.md.
+#: CI runs the CPU build (.ci/run); the hand runs used PyPI's default (CUDA) build on a CPU.
+TESTED_TORCH: dict[str, str] = {"2.13.0": "in CI", "2.14.1": "by hand", "2.15.0": "by hand"}
 _SKIP_ENV = "GDN_INTERVENE_SKIP_VERSION_CHECK"
 # Packages whose newer releases are not refused: a run-time check guards them instead.
 RUNTIME_CHECKED = frozenset({"transformers"})
@@ -82,3 +87,18 @@ def install_hint(package: str = "transformers") -> str:
     """One clause for an error message: the tested range and the pip command that works."""
     lo, hi = TESTED[package]
     return f'tested: {package} {lo} to {hi}; pip install "{install_spec(package)}"'
+
+
+def torch_verdict(version: str) -> str:
+    """Where a torch version stands against `TESTED_TORCH`: "tested (...)" for a tested release
+    or another patch release of a tested minor series, else "UNTESTED (...)"."""
+    by_how: dict[str, list[str]] = {}
+    for t, how in TESTED_TORCH.items():
+        by_how.setdefault(how, []).append(t)
+    runs = "; ".join(f"{', '.join(ts)} {how}" for how, ts in by_how.items())
+    v = parse_version(version)
+    if any(v == parse_version(t) for t in TESTED_TORCH):
+        return f"tested ({runs})"
+    if any(v[:2] == parse_version(t)[:2] for t in TESTED_TORCH):
+        return f"tested minor series ({runs})"
+    return f"UNTESTED (tested: {runs})"

@@ -32,19 +32,21 @@ from ..hooking.locate import as_module, decoder_layers, select_layers
 from ..sites import TRACE_SITES, site
 from . import inputs
 from .activation import patch_scores, site_values
+from .paths import ACTIVATIONS, DEFAULT_PATH, DEFAULT_STEPS, INPUTS, path_points
 from .result import ATTRIBUTION, CLEAN_INTO_CORRUPT, CORRUPT_INTO_CLEAN, Cell, SameAnswerError, TraceResult, check_span
 
-__all__ = ["ACTIVATIONS", "INPUTS", "RUN_SITES", "attribution_patching", "path_points", "values_and_grads"]
+__all__ = [
+    "ACTIVATIONS",
+    "INPUTS",
+    "RUN_SITES",
+    "attribution_patching",
+    "path_points",
+    "values_and_grads",
+    "verify_top",
+]
 
 # What the state's adjoint scan reads of each layer (ops.DeltaRuleRun's fields, in order).
 RUN_SITES = ("q", "k", "v", "beta", "decay")
-#: `path=` of `attribution_patching`.
-INPUTS, ACTIVATIONS = "inputs", "activations"
-
-
-def path_points(steps: int) -> list[float]:
-    """The K points a_k = k / K (k = 0..K-1) the gradient is averaged over; a_0 = 0 is the base run."""
-    return [k / steps for k in range(steps)]
 
 
 def attribution_patching(
@@ -60,8 +62,8 @@ def attribution_patching(
     verify: int = 0,
     batch_size: int = 256,
     attention_mask: torch.Tensor | None = None,
-    steps: int = 1,
-    path: str = INPUTS,
+    steps: int = DEFAULT_STEPS,
+    path: str = DEFAULT_PATH,
     process_group=None,
 ):
     """Attribution patching (AtP): every cell `causal_trace` would patch, ranked from one clean
@@ -89,7 +91,7 @@ def attribution_patching(
     (integrated gradients): along the residual stream entering the first decoder layer
     (`path="inputs"`, EAP-IG's path, K forwards and backwards for every cell at once) or along
     each site's own value (`path="activations"`, one row per (site, layer) and point). See the
-    module doc and README for what each costs and how well each agrees with activation patching.
+    attribution-patching guide (docs/) for what each costs and how well each agrees with activation patching.
     `verify=K` re-runs activation patching on the K cells of largest |estimate| and stores their
     scores in `result.verified` (split between the ranks of `process_group`, if given, as
     `causal_trace` does).
@@ -451,14 +453,20 @@ def _results(model, job: _Job, scores: dict, last: dict, a, b, verify: int, batc
             steps=job.steps,
         )  # fmt: skip
         if verify:
-            res.verified = _verify(model, res, clean_r, corrupt_r, verify, batch_size, process_group)
+            res.verified = verify_top(
+                model, res, clean_r, corrupt_r, verify, batch_size=batch_size, process_group=process_group
+            )
         results.append(res)
     return results[0] if B == 1 else results
 
 
-def _verify(model, res: TraceResult, clean_ids, corrupt_ids, k: int, batch_size: int, process_group) -> dict:
-    """Activation-patching scores of `res`'s top k cells (one pair), with `causal_trace`'s
-    machinery: {Cell: score}, same normalisation and sign convention as `res`."""
+def verify_top(
+    model, res: TraceResult, clean_ids, corrupt_ids, k: int, *, batch_size: int = 256, process_group=None
+) -> dict:
+    """Confirm an estimate: activation-patching scores of `res`'s top k cells by |score| (one
+    pair, clean_ids and corrupt_ids [1, T] as `res` was computed from), with `causal_trace`'s
+    machinery: {Cell: score}, same normalisation and sign convention as `res`, largest |estimate|
+    first. What `attribution_patching(..., verify=k)` stores in `result.verified`."""
     cells: list[Cell] = res.top(k)
     clean_into_corrupt = res.patch == CLEAN_INTO_CORRUPT
     base_ids, source_ids = (corrupt_ids, clean_ids) if clean_into_corrupt else (clean_ids, corrupt_ids)

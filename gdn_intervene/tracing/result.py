@@ -136,8 +136,8 @@ class TraceResult:
     def summary(self, answer_labels: Sequence[str] | None = None) -> str:
         """A few lines for a terminal: the answers, then per site its best cell, or that no cell
         of the site restored anything (|score| < RESTORED everywhere). `answer_labels`: the two
-        answers as text (default the tokens' labels where the result has them, else ids)."""
-        a = answer_labels or [str(x) for x in self.answers]
+        answers as text, e.g. `tokenizer.convert_ids_to_tokens(result.answers)` (default: their token
+        ids, said so)."""
         if self.estimates:
             what = (
                 f"estimate (attribution patching{'' if self.steps == 1 else f', {self.steps} steps'}) of the fraction"
@@ -145,8 +145,15 @@ class TraceResult:
             what += " of that difference restored; rank by |score|"
         else:
             what = "fraction of that difference restored"
-        lines = [f"clean answer {a[0]!r}, corrupted answer {a[1]!r}; logit diff clean {self.clean_diff:.2f}, "
-                 f"corrupted {self.corrupt_diff:.2f}; score = {what}"]  # fmt: skip
+        a = answer_labels
+        answers = (
+            f"clean answer {a[0]!r}, corrupted answer {a[1]!r}"
+            if a
+            else f"clean answer: token id {self.answers[0]}, corrupted answer: token id {self.answers[1]}"
+        )
+        lines = [
+            f"{answers}; logit diff clean {self.clean_diff:.2f}, corrupted {self.corrupt_diff:.2f}; score = {what}"
+        ]
         rows, quiet = [], []
         for name in self.sites:
             b = self.best(name)
