@@ -307,8 +307,13 @@ def pipeline(kinds, Ts, dtype_name: str, top: int, full_state_layer: bool) -> li
     return rows
 
 
+# The activations path's rows grow as (sites + 1) x layers per point: at real sizes one K of it
+# stands for the rest (its cost is linear in K - 1 points, as the inputs path's).
+COST_METHODS = (("inputs", 1), ("inputs", 2), ("inputs", 4), ("inputs", 8), ("inputs", 16), ("activations", 4))
+
+
 def cost(kind: str, Ts, reps: int) -> list[dict]:
-    """Each (path, K) of `METHODS`: attribution patching's time over one forward + backward of
+    """Each (path, K) of `COST_METHODS`: attribution patching's time over one forward + backward of
     the unpatched model on the same pair, at real dimensions; the runs interleaved round by
     round, median of the per-round ratios (the agreement table's cost column is on toy models,
     where fixed overheads dominate)."""
@@ -322,8 +327,8 @@ def cost(kind: str, Ts, reps: int) -> list[dict]:
         answers = (5, 7)
         base = lambda: _with_unpatched(model, lambda: _fwd_bwd(model, clean, answers))
         runs = {m: (lambda m=m: tracing.attribution_patching(model, clean, corrupt, answers=answers, path=m[0], steps=m[1]))
-                for m in METHODS}  # fmt: skip
-        ratios = {m: [] for m in METHODS}
+                for m in COST_METHODS}  # fmt: skip
+        ratios = {m: [] for m in COST_METHODS}
         base()  # warm-up
         for _ in range(reps):
             for m, run in runs.items():
@@ -407,7 +412,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("cost")
     c.add_argument("--model", default="qwen3_next")
     c.add_argument("--T", type=int, nargs="+", default=[128])
-    c.add_argument("--reps", type=int, default=2)
+    c.add_argument("--reps", type=int, default=1)
     for q in (a, s, p, c):
         q.add_argument("--out", default=None, help="JSON path (default out/atp-<what>.json, untracked)")
     args = ap.parse_args(argv)

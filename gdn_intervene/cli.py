@@ -394,10 +394,39 @@ def cmd_attention(args) -> None:
     out = _out_dir(args.out)
     device = _device(args.device)
     model, tok, name = _load(args.model, device, args.dtype)
-    import gdn_intervene as gi
-
     from . import plot
     from .analysis import effective_attention_for
+
+    ids, HV = _attention_inputs(args, model, tok, device)
+    if args.attribution:  # checked before any forward and before any figure is written
+        position, answers = _attribution_args(tok, args, ids.shape[1])
+    tokens = plot.position_labels(_labels(tok, ids[0]))
+    att = effective_attention_for(model, ids, layers=args.layers, heads=args.heads, check=True)
+    files = []
+    heads = args.heads if args.heads is not None else list(range(HV))
+    for layer, a in att.items():
+        files.append(out / f"attention_layer{layer}.png")
+        plot.effective_attention_grid(a, head_labels=heads, tokens=tokens, path=files[-1],
+                                      title=f"{name}: GDN layer {layer}, exact effective attention M")  # fmt: skip
+        print(f"layer {layer}: heads {','.join(map(str, heads))}; |M v - o| / |o| = {a.error:.1e}")
+    attribution, what = None, ""
+    if args.attribution:
+        attribution, what = _attention_attribution(model, tok, ids, answers, position, out / "attribution.png")
+        files.append(out / "attribution.png")
+    if html:
+        from . import report
+
+        mats = {layer: (a.matrix[0], heads) for layer, a in att.items()}
+        files.append(report.write_html(out / "report.html", attention=mats, attribution=attribution,
+                                       attribution_of=what, tokens=_labels(tok, ids[0]),
+                                       title=f"gdn-intervene attention: {name}"))  # fmt: skip
+    print(f"wrote {', '.join(map(str, files))}")
+
+
+def _attention_inputs(args, model, tok, device):
+    """(ids [1, T], value heads HV) of `attention`, --layers and --heads checked against the model
+    (one-line errors, before any forward)."""
+    import gdn_intervene as gi
 
     if args.prompt is None:
         from .toy import mqar
@@ -415,50 +444,23 @@ def cmd_attention(args) -> None:
     HV = next(iter(gi.gdn_layers(model).values())).gdn_heads[1]
     if args.heads is not None and (bad := [h for h in args.heads if h >= HV]):
         raise UsageError(f"--heads {','.join(map(str, bad))}: the layers have {HV} value heads (0..{HV - 1})")
-    if args.attribution:  # checked before any forward and before any figure is written
-        position, answers = _attribution_args(tok, args, ids.shape[1])
-    tokens = plot.position_labels(_labels(tok, ids[0]))
-    att = effective_attention_for(model, ids, layers=args.layers, heads=args.heads, check=True)
-    files = []
-    heads = args.heads if args.heads is not None else list(range(HV))
-    for layer, a in att.items():
-        files.append(out / f"attention_layer{layer}.png")
-        plot.effective_attention_grid(
-            a,
-            head_labels=heads,
-            tokens=tokens,
-            path=files[-1],
-            title=f"{name}: GDN layer {layer}, exact effective attention M",
-        )
-        print(f"layer {layer}: heads {','.join(map(str, heads))}; |M v - o| / |o| = {a.error:.1e}")
-    attribution, what = None, ""
-    if args.attribution:
-        if answers is None:  # the model's top two predictions at that position
-            import torch
+    return ids, HV
 
-            with torch.no_grad():
-                answers = tuple(int(i) for i in model(input_ids=ids).logits[0, position].topk(2).indices)
-        from . import plot
 
-        attribution, _, lines, what = _attribution(model, tok, ids, answers, position)
-        files.append(out / "attribution.png")
-        plot.attribution_heatmap(attribution, tokens=_labels(tok, ids[0]), what=what, path=files[-1])
-        print(*lines, sep="\n")
-    if html:
-        from . import report
+def _attention_attribution(model, tok, ids, answers, position: int, path):
+    """`attention --attribution`: the attribution of the answers' logit difference at `position`
+    (default answers: the model's top two there), drawn to `path`; (Attribution, what it is of)."""
+    import torch
 
-        mats = {layer: (a.matrix[0], heads) for layer, a in att.items()}
-        files.append(
-            report.write_html(
-                out / "report.html",
-                attention=mats,
-                attribution=attribution,
-                attribution_of=what,
-                tokens=_labels(tok, ids[0]),
-                title=f"gdn-intervene attention: {name}",
-            )
-        )
-    print(f"wrote {', '.join(map(str, files))}")
+    from . import plot
+
+    if answers is None:
+        with torch.no_grad():
+            answers = tuple(int(i) for i in model(input_ids=ids).logits[0, position].topk(2).indices)
+    attribution, _, lines, what = _attribution(model, tok, ids, answers, position)
+    plot.attribution_heatmap(attribution, tokens=_labels(tok, ids[0]), what=what, path=path)
+    print(*lines, sep="\n")
+    return attribution, what
 
 
 def cmd_doctor(args) -> None:

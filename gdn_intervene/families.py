@@ -24,7 +24,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from .sites import Mixer
@@ -76,13 +75,15 @@ def _slices(x: torch.Tensor, sizes: list[int], dim: int) -> list[torch.Tensor]:
 def _project_fused_qkvz(m: nn.Module, x: torch.Tensor) -> Projected:
     # Qwen3-Next interleaves q, k, v, z per key-head group (HF's fix_query_key_value_ordering,
     # with slices for its torch.split): [q_h, k_h, v_h1..v_hr, z_h1..z_hr] for each key head h.
+    # Views, not einops: this runs in every decode step, where einops' ~10 us per call adds up.
+    B, T, _ = x.shape
     HK, r = m.num_k_heads, m.num_v_heads // m.num_k_heads
-    qkvz = rearrange(m.in_proj_qkvz(x), "b t (h d) -> b t h d", h=HK)
-    ba = rearrange(m.in_proj_ba(x), "b t (h d) -> b t h d", h=HK)
+    qkvz = m.in_proj_qkvz(x).view(B, T, HK, -1)  # b t (h d) -> b t h d
+    ba = m.in_proj_ba(x).view(B, T, HK, 2 * r)
     q, k, v, z = _slices(qkvz, [m.head_k_dim, m.head_k_dim, r * m.head_v_dim, r * m.head_v_dim], 3)
     b, a = _slices(ba, [r, r], 3)
-    v, z = (rearrange(x, "b t h (r d) -> b t (h r) d", r=r) for x in (v, z))  # [B, T, HV, V]
-    b, a = (rearrange(x, "b t h r -> b t (h r)") for x in (b, a))  # [B, T, HV]
+    v, z = (t.reshape(B, T, HK * r, m.head_v_dim) for t in (v, z))  # b t h (r d) -> b t (h r) d: [B, T, HV, V]
+    b, a = (t.reshape(B, T, HK * r) for t in (b, a))  # b t h r -> b t (h r): [B, T, HV]
     return Projected(q, k, v, z, b, a, None)
 
 
@@ -96,10 +97,10 @@ def _project_split_qkv(m: nn.Module, x: torch.Tensor) -> Projected:
 
 def cut_qkv(m: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q [B, T, HK, K], k [B, T, HK, K], v [B, T, HV, V]): slices of a fused projection [B, T, C]."""
+    B, T, _ = qkv.shape
     q, k, v = _slices(qkv, [m.key_dim, m.key_dim, m.value_dim], -1)
-    return tuple(
-        rearrange(x, "b t (h d) -> b t h d", d=d) for x, d in ((q, m.head_k_dim), (k, m.head_k_dim), (v, m.head_v_dim))
-    )
+    # b t (h d) -> b t h d, as views (every decode step: no einops call overhead)
+    return q.view(B, T, -1, m.head_k_dim), k.view(B, T, -1, m.head_k_dim), v.view(B, T, -1, m.head_v_dim)
 
 
 def _project_separate(m: nn.Module, x: torch.Tensor) -> Projected:

@@ -68,20 +68,9 @@ def trace_figure(result, *, answer_labels: Sequence[str] | None = None):
     attribution-patching result the scores are named estimates, and the cells it was verified on
     (`result.verified`) are outlined in black, their hover giving the measured score too."""
     go = _plotly()
-    T = len(result.tokens)
     estimates = getattr(result, "estimates", False)
     measured = {(c.site, c.layer, c.position): v for c, v in getattr(result, "verified", {}).items()}
-    z, custom, ylabels = [], [], []
-    for name in result.sites:
-        for i, layer in enumerate(result.layers):
-            row = [None if v != v else round(float(v), 4) for v in result.scores[name][i].tolist()]
-            z.append(row)
-            custom.append(
-                [[name, layer, _text(result.tokens[p]), "n/a" if row[p] is None else f"{row[p]:.3f}",
-                  f"<br>measured by activation patching {measured[name, layer, p]:.3f}"
-                  if (name, layer, p) in measured else ""] for p in range(T)]
-            )  # fmt: skip
-            ylabels.append(f"{name} · layer {layer}")
+    z, custom, ylabels = _trace_grid(result, measured)
     xlabels = _labels(result.tokens)
     # the corrupted positions' tick labels in red and bold, as in the PNG trace figure
     ticks = [
@@ -130,23 +119,36 @@ def trace_figure(result, *, answer_labels: Sequence[str] | None = None):
             ),
         ),
     )
-    for p in result.corrupted_positions:  # outline the corrupted columns
-        fig.add_shape(
-            type="rect",
-            x0=p - 0.5,
-            x1=p + 0.5,
-            y0=-0.5,
-            y1=len(ylabels) - 0.5,
-            xref="x",
-            yref="y",
-            line=dict(color=_MARK, width=2),
-        )
-    for name, layer, p in measured:  # outline the verified cells
+    _outline(fig, result, measured, len(ylabels))
+    return fig
+
+
+def _trace_grid(result, measured: dict) -> tuple[list, list, list]:
+    """(z [rows][T], hover data [rows][T], row labels) of a trace, one row per (site, layer)."""
+    z, custom, ylabels = [], [], []
+    for name in result.sites:
+        for i, layer in enumerate(result.layers):
+            row = [None if v != v else round(float(v), 4) for v in result.scores[name][i].tolist()]
+            z.append(row)
+            custom.append(
+                [[name, layer, _text(result.tokens[p]), "n/a" if row[p] is None else f"{row[p]:.3f}",
+                  f"<br>measured by activation patching {measured[name, layer, p]:.3f}"
+                  if (name, layer, p) in measured else ""] for p in range(len(result.tokens))]
+            )  # fmt: skip
+            ylabels.append(f"{name} · layer {layer}")
+    return z, custom, ylabels
+
+
+def _outline(fig, result, measured: dict, rows: int) -> None:
+    """Outline the corrupted columns (red) and the verified cells (black)."""
+    for p in result.corrupted_positions:
+        fig.add_shape(type="rect", x0=p - 0.5, x1=p + 0.5, y0=-0.5, y1=rows - 0.5, xref="x", yref="y",
+                      line=dict(color=_MARK, width=2))  # fmt: skip
+    for name, layer, p in measured:
         if name in result.sites and layer in result.layers:
             y = result.sites.index(name) * len(result.layers) + result.layers.index(layer)
             fig.add_shape(type="rect", x0=p - 0.45, x1=p + 0.45, y0=y - 0.45, y1=y + 0.45, xref="x", yref="y",
                           line=dict(color="black", width=2))  # fmt: skip
-    return fig
 
 
 def _verified_table(result) -> str:
@@ -416,8 +418,9 @@ _TRACE_NOTE = (
 )
 _SCATTER_NOTE = (
     "One point per cell: attribution patching (x) against the causal trace (y), one colour per "
-    "site. On the dashed line y = x the estimate equals the measurement; a saturated effect sits "
-    "far from it (the estimate reads low, even with the wrong sign)."
+    "site. On the dashed line y = x the estimate equals the measurement; a saturated effect may sit "
+    "far from it (first-order estimates even take the wrong sign): rank by the estimate, read effect sizes "
+    "from the verified cells."
 )
 _ATTENTION_NOTE = (
     "o = M v: row t of M is how the layer's output o_t (the delta-rule output, before the gated "

@@ -216,8 +216,12 @@ def test_a_left_padded_batch_equals_each_pair_alone(name):
         for s in res.sites:
             assert res.scores[s].shape == (len(res.layers), n)
             torch.testing.assert_close(res.scores[s], alone.scores[s], rtol=1e-4, atol=1e-6, equal_nan=True)
-        assert list(res.verified) == list(alone.verified)
-        assert list(res.verified.values()) == pytest.approx(list(alone.verified.values()), rel=1e-4, abs=1e-6)
+        # the same top cells, but for ties: estimates equal to 1e-4 may swap places (4.57's kernels)
+        kth = min(abs(alone.score(c)) for c in alone.verified)
+        for c in set(res.verified) ^ set(alone.verified):
+            assert abs(abs(alone.score(c)) - kth) <= 1e-4 * kth + 1e-6, (c, alone.score(c), kth)
+        for c in set(res.verified) & set(alone.verified):
+            assert res.verified[c] == pytest.approx(alone.verified[c], rel=1e-4, abs=1e-6)
     assert any(batch[2].scores[s].abs().nan_to_num().sum() > 0 for s in batch[2].sites)  # not vacuous
     # one padded pair runs as itself (HF masks padding only in batches)
     one = tracing.attribution_patching(model, clean_p[2:], corrupt_p[2:], answers=(5, 7), attention_mask=mask[2:])

@@ -406,6 +406,9 @@ class HFEdit:
 
     def __enter__(self):
         mod = hf_gdn(self.model, self.layer)
+        if hasattr(mod, "in_proj_qkvz") and (fused := sorted({e.site for e in self.edits} & FUSED)):
+            # no HF value to edit: a silently unedited reference would make the check vacuous
+            raise ValueError(f"HFEdit: Qwen3-Next's fused projection holds no {fused} of its own")
         ns = vars(sys.modules[type(mod).__module__])
         self._saved = {n: ns[n] for n in (*KERNELS, "causal_conv1d_forward") if n in ns}
         for n, fn in self._saved.items():
@@ -1049,7 +1052,10 @@ def test_nnsight(w):
         for i, e in enumerate(edits)
     ]
     with torch.no_grad(), HFEdit(ref, layer, rows, record=True) as h:
-        want = run(ref, ids, torch.ones_like(ids))
+        # nnsight's trace calls the model as a user does, use_cache unset: the config's (True for
+        # every model here), so with a cache; at T = 1 some families then take the recurrent
+        # kernel, so the reference runs with one too
+        want = run(ref, ids, torch.ones_like(ids), use_cache=True)
     check_clean(ref)
     same(read[0], h.record[site][0][:1], f"{site} read in invoke 0")
     for i, got in enumerate(logits):

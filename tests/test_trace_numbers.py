@@ -67,6 +67,26 @@ def test_agreement_pairs_cells_by_layer(traced, layers, tmp_path):
     assert data["agreement"]["all"]["cells"] == stats["all"].cells and len(files) == 4
 
 
+@pytest.mark.parametrize("layers", [[2], [2, 0]])
+def test_causal_trace_of_some_layers_is_those_rows_of_the_full_trace(traced, layers):
+    """`layers=` sweeps only those GDN layers (one layer's state at every position at real sizes),
+    in the order given: each row equals the full trace's row for that layer (the logit
+    differences to rounding: the batches hold other cells)."""
+    model, clean, bad, answers, sites, trace = traced
+    part = tracing.causal_trace(model, clean, bad, sites=sites, answers=answers, layers=layers)
+    assert part.layers == tuple(layers)
+    span = trace.clean_diff - trace.corrupt_diff
+    for n in sites:
+        assert part.scores[n].shape == (len(layers), len(trace.tokens))
+        for i, L in enumerate(layers):
+            got, want = part.scores[n][i], trace.scores[n][trace.layers.index(L)]
+            assert torch.equal(got.isnan(), want.isnan()), (n, L)
+            assert ((got - want).nan_to_num() * span).abs().max() <= 1e-5 * (1 + abs(trace.corrupt_diff)), (n, L)
+    assert tracing.agreement(part, part)["all"].cells > 0
+    with pytest.raises(ValueError, match="layers must be GDN layer indices"):
+        tracing.causal_trace(model, clean, bad, sites=sites, answers=answers, layers=[1])
+
+
 def test_agreement_refuses_results_of_other_patchings(traced):
     model, clean, bad, answers, sites, trace = traced
     atp = tracing.attribution_patching(model, clean, bad, sites=sites, answers=answers)

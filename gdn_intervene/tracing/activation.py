@@ -22,7 +22,7 @@ from torch import nn
 from ..hooking import scope
 from ..hooking.capture import capture
 from ..hooking.edit import intervene, state_at
-from ..hooking.locate import gdn_layer, gdn_layers
+from ..hooking.locate import gdn_layer, select_layers
 from ..sites import TRACE_SITES, site
 from . import inputs, sweep
 from .result import ACTIVATION, CLEAN_INTO_CORRUPT, Cell, SameAnswerError, TraceResult, check_span
@@ -36,6 +36,7 @@ def causal_trace(
     corrupt_ids: torch.Tensor,
     *,
     sites: Sequence[str] = TRACE_SITES,
+    layers: Sequence[int] | None = None,
     answers: tuple[int, int] | None = None,
     tokens: list[str] | None = None,
     batch_size: int = 256,
@@ -44,9 +45,10 @@ def causal_trace(
 ) -> TraceResult:
     """Restore each site at each (GDN layer, position) of the corrupted run; see module doc.
 
-    clean_ids, corrupt_ids: [1, T] (equal lengths). answers: (clean, corrupt) token ids, default
-    the argmax of each run's last position. tokens: T position labels for figures. Returns
-    scores [L, T] per site. `process_group`: a `torch.distributed` group whose ranks each hold a
+    clean_ids, corrupt_ids: [1, T] (equal lengths). layers: GDN layer indices to sweep (default
+    all; a single layer's state at every position is T - 1 forwards). answers: (clean, corrupt)
+    token ids, default the argmax of each run's last position. tokens: T position labels for
+    figures. Returns scores [L, T] per site, L the layers in the order given. `process_group`: a `torch.distributed` group whose ranks each hold a
     replica of the model and call this with the same arguments: the cells are split between the
     ranks and the result, gathered, is the same on every rank (and equal to one process's).
     Raises before any sweep where the answers are equal (`SameAnswerError`) or the corruption
@@ -54,7 +56,7 @@ def causal_trace(
     """
     inputs.check_pair(clean_ids, corrupt_ids, "causal tracing", one=True)
     names = inputs.check_sites(sites)
-    layers = tuple(gdn_layers(model))
+    layers = tuple(select_layers(model, layers))
     inputs.check_answers(answers, 1, inputs.vocabulary(model, "causal tracing"))
     labels = inputs.token_labels(tokens, clean_ids.shape, [0])
     model = scope.dispatched(model)  # a lazy nnsight model's real weights, before its first plain call

@@ -18,6 +18,12 @@ from models import MODELS
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 SECTIONS = ("environment", "parity", "prefill", "memory", "decode", "capture", "nnsight", "atp", "attention")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# The check installs and targets the newest release (its docstring's wheels): its environment and
+# real-size sections read Qwen3.5 and Kimi Linear, which older releases lack.
+newest = pytest.mark.skipif(
+    not {"qwen3_5", "kimi_linear"} <= set(MODELS),
+    reason="the GPU check targets the newest transformers (Qwen3.5 and Kimi Linear); this release lacks one",
+)
 
 
 def _run(tmp_path, *args, timeout):
@@ -48,6 +54,7 @@ def _check(result, proc):
     assert proc.returncode == 0, proc.stdout[-2000:]
 
 
+@newest
 def test_dry_run_on_the_cpu_writes_every_section_as_strict_json(tmp_path):
     pytest.importorskip("nnsight")
     proc, result = _run(tmp_path, "--dry-run", timeout=300)
