@@ -65,6 +65,7 @@ def attribution_patching(
     steps: int = DEFAULT_STEPS,
     path: str = DEFAULT_PATH,
     process_group=None,
+    grad_batch_size: int | None = None,
 ):
     """Attribution patching (AtP): every cell `causal_trace` would patch, ranked from one clean
     forward, one corrupted forward and one backward (per path point, with `steps`), the recurrent
@@ -100,6 +101,11 @@ def attribution_patching(
     corrupt) token ids, ints or [B] tensors; default each run's argmax at the last position.
     tokens: position labels for the figures: T strings (B = 1), or B lists (a batch), each of T
     labels or of its pair's own length (default the token ids).
+    batch_size: rows per forward of `verify`'s activation patching (no gradient kept).
+    grad_batch_size: rows per forward + backward of the path points after the first (`steps`
+    > 1); default B, one point per run: memory as one forward + backward of the pair, time
+    about K of them. Larger values batch several points per run (faster on small models, memory
+    times the points: at real sizes 16 points of T = 128 do not fit 24 GiB).
     attention_mask: [B, T], 1 for tokens and 0 for left padding, shared by both prompts of a
     pair (pairs of different lengths in one batch); each row's result covers that pair's own
     tokens, positions from 0, as if it were traced alone (`verify` runs on the unpadded pair).
@@ -118,7 +124,7 @@ def attribution_patching(
                 model, copy(clean_ids), copy(corrupt_ids), sites=sites, layers=layers,
                 answers=None if answers is None else tuple(copy(x) for x in answers), tokens=tokens, patch=patch,
                 verify=verify, batch_size=batch_size, attention_mask=copy(attention_mask), steps=steps, path=path,
-                process_group=process_group,
+                process_group=process_group, grad_batch_size=grad_batch_size,
             )  # fmt: skip
     job = _job(
         model, clean_ids, corrupt_ids, sites, layers, answers, tokens, patch, verify, attention_mask, steps, path
@@ -128,7 +134,8 @@ def attribution_patching(
         source, source_last, h_source = _source_run(model, job)
         base, grads, last, (a, b), h_base = _base_run(model, job, source_last, answers)
         grads = _Gradients(job, base, source).add_run(0.0, base, grads)  # a_0 = 0: the base run
-        for alpha, token_grads, state_runs in _path_runs(model, job, base, source, h_base, h_source, a, b, batch_size):
+        grad_rows = job.clean_ids.shape[0] if grad_batch_size is None else grad_batch_size
+        for alpha, token_grads, state_runs in _path_runs(model, job, base, source, h_base, h_source, a, b, grad_rows):
             grads.add(alpha, token_grads, state_runs)
     scores = _scores(job, source, base, grads, last, a, b)
     return _results(model, job, scores, last, a, b, verify, batch_size, process_group)
@@ -351,7 +358,7 @@ def _rows(job: _Job, n: int, a, b):
 
 
 def _blocks(items: list, B: int, batch_size: int) -> Iterator[list]:
-    per = max(1, batch_size // B)  # blocks of B rows per forward
+    per = max(1, batch_size // B)  # blocks of B rows per forward + backward (memory grows with them)
     for i in range(0, len(items), per):
         yield items[i : i + per]
 
