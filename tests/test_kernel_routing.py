@@ -229,8 +229,17 @@ def test_kernel_arguments_keep_hf_layouts_under_listeners_and_edits(name):
     unexpected = [f"{site} {mode}: {d[0]} {d[1]} {d[2]}: ours {d[3]} vs HF's {d[4]}"
                   for (site, mode), diffs in found.items() for d in sorted(diffs, key=str) if not known(site, mode, d)]  # fmt: skip
     assert not unexpected, "kernel arguments that differ from HF's call:\n" + "\n".join(unexpected)
-    gone = [key for key in KNOWN_LAYOUTS if {d[1] for d in found.get(key, ())} != KNOWN_LAYOUTS[key]]
-    assert not gone, f"layouts that now equal HF's (or others that differ): update KNOWN_LAYOUTS for {gone}"
+    if _newest_release():  # the list was measured there; older releases pass q, k, v in other layouts
+        gone = [key for key in KNOWN_LAYOUTS if {d[1] for d in found.get(key, ())} != KNOWN_LAYOUTS[key]]
+        assert not gone, f"layouts that now equal HF's (or others that differ): update KNOWN_LAYOUTS for {gone}"
+
+
+def _newest_release() -> bool:
+    import transformers
+
+    from gdn_intervene._compat import TESTED, parse_version
+
+    return parse_version(transformers.__version__)[:2] >= parse_version(TESTED["transformers"][1])[:2]
 
 
 def _allowed_under_wrappers(d) -> bool:
