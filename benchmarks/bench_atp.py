@@ -193,6 +193,16 @@ def real_model(kind: str, dtype):
     return model.to(dtype).eval()
 
 
+def real_pair(T: int):
+    """(clean [1, T], corrupt [1, T], answers) for the real-size runs: random tokens of the 32k
+    vocabulary (seeded by T), one corrupted at T // 4, answers (5, 7)."""
+    g = torch.Generator().manual_seed(T)
+    clean = torch.randint(3, 32000, (1, T), generator=g)
+    corrupt = clean.clone()
+    corrupt[0, T // 4] = (clean[0, T // 4] + 1) % 32000
+    return clean, corrupt, (5, 7)
+
+
 def _fwd_bwd(model, ids, answers):
     model.zero_grad(set_to_none=True)
     last = model(input_ids=ids, use_cache=False).logits[:, -1].float()
@@ -207,11 +217,7 @@ def sizes(kinds, Ts, dtypes, reps: int) -> list[dict]:
             dtype = getattr(torch, dname)
             model = gi.patch(real_model(kind, dtype))
             for T in Ts:
-                g = torch.Generator().manual_seed(T)
-                clean = torch.randint(3, 32000, (1, T), generator=g)
-                corrupt = clean.clone()
-                corrupt[0, T // 4] = (clean[0, T // 4] + 1) % 32000
-                answers = (5, 7)
+                clean, corrupt, answers = real_pair(T)
                 layers = tuple(gi.gdn_layers(model))
                 cells = len(TRACE_SITES) * len(layers) * T
                 unpatched = _time(lambda: _with_unpatched(model, lambda: _fwd_bwd(model, clean, answers)), reps)
@@ -277,11 +283,7 @@ def pipeline(kinds, Ts, dtype_name: str, top: int, full_state_layer: bool) -> li
         model = gi.patch(real_model(kind, dtype))
         layers = tuple(gi.gdn_layers(model))
         for T in Ts:
-            g = torch.Generator().manual_seed(T)
-            clean = torch.randint(3, 32000, (1, T), generator=g)
-            corrupt = clean.clone()
-            corrupt[0, T // 4] = (clean[0, T // 4] + 1) % 32000
-            answers = (5, 7)
+            clean, corrupt, answers = real_pair(T)
             t = time.perf_counter()
             atp = tracing.attribution_patching(model, clean, corrupt, answers=answers)
             find = time.perf_counter() - t
@@ -320,11 +322,7 @@ def cost(kind: str, Ts, reps: int) -> list[dict]:
     model = gi.patch(real_model(kind, torch.float32))
     rows = []
     for T in Ts:
-        g = torch.Generator().manual_seed(T)
-        clean = torch.randint(3, 32000, (1, T), generator=g)
-        corrupt = clean.clone()
-        corrupt[0, T // 4] = (clean[0, T // 4] + 1) % 32000
-        answers = (5, 7)
+        clean, corrupt, answers = real_pair(T)
         base = lambda: _with_unpatched(model, lambda: _fwd_bwd(model, clean, answers))
         runs = {m: (lambda m=m: tracing.attribution_patching(model, clean, corrupt, answers=answers, path=m[0], steps=m[1]))
                 for m in COST_METHODS}  # fmt: skip

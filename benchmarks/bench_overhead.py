@@ -327,25 +327,8 @@ def case_nnsight(bench: Bench, models, Ts) -> list[dict]:
         torch.manual_seed(3)
         ids = torch.randint(3, VOCAB, (1, T), device=bench.device)
 
-        def source_trace():
-            saved = []
-            with n_src.trace(ids, use_cache=False):
-                for i in layers:
-                    src = n_src.model.layers[i].linear_attn.source
-                    saved.append(src.b_sigmoid_0.output.save())
-                    saved.append(src.torch_chunk_gated_delta_rule_0.output[0].save())
-                logits = n_src.output.logits.save()
-            return saved, logits
-
-        def site_trace():
-            saved = []
-            with n_pat.trace(ids, use_cache=False):
-                for i in layers:
-                    attn = n_pat.model.layers[i].linear_attn
-                    saved.append(attn.beta.output.save())
-                    saved.append(attn.recurrence.output.save())
-                logits = n_pat.output.logits.save()
-            return saved, logits
+        source_trace = lambda: nnsight_source_trace(n_src, ids, layers)
+        site_trace = lambda: nnsight_site_trace(n_pat, ids, layers)
 
         def native():
             return model(input_ids=ids, use_cache=False).logits
@@ -611,6 +594,46 @@ def main(argv=None) -> int:
         f"wall {wall:.0f} s; all bitwise equal: {result['all_bitwise_equal']}; goals met: {result['goals_met']}; wrote {out}"
     )
     return 0
+
+
+def plain_and_captured(model, ids):
+    """(plain, captured): a forward, and the same forward inside `gi.capture` of every site
+    (returns (logits, cache)): the capture benchmark's two sides."""
+
+    def plain():
+        return model(input_ids=ids, use_cache=False).logits
+
+    def captured():
+        with gi.capture(model) as cache:
+            logits = model(input_ids=ids, use_cache=False).logits
+        return logits, cache
+
+    return plain, captured
+
+
+def nnsight_source_trace(n_src, ids, layers):
+    """beta and the delta-rule output of each GDN layer read through nnsight's `.source` of the
+    unpatched model (the only way to reach them there), and the logits: ([values], logits)."""
+    saved = []
+    with n_src.trace(ids, use_cache=False):
+        for i in layers:
+            src = n_src.model.layers[i].linear_attn.source
+            saved.append(src.b_sigmoid_0.output.save())
+            saved.append(src.torch_chunk_gated_delta_rule_0.output[0].save())
+        logits = n_src.output.logits.save()
+    return saved, logits
+
+
+def nnsight_site_trace(n_pat, ids, layers):
+    """The same values read from the patched model's `beta` and `recurrence` sites."""
+    saved = []
+    with n_pat.trace(ids, use_cache=False):
+        for i in layers:
+            attn = n_pat.model.layers[i].linear_attn
+            saved.append(attn.beta.output.save())
+            saved.append(attn.recurrence.output.save())
+        logits = n_pat.output.logits.save()
+    return saved, logits
 
 
 if __name__ == "__main__":

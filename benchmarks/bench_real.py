@@ -52,6 +52,7 @@ from bench_overhead import (  # noqa: E402
     describe,
     environment,
     nothing,
+    plain_and_captured,
     twins,
 )
 
@@ -72,13 +73,7 @@ def case_capture_all(bench: Bench, model, Ts, schedule) -> list[dict]:
         torch.manual_seed(4)
         ids = torch.randint(3, VOCAB, (1, T))
 
-        def plain():
-            return model(input_ids=ids, use_cache=False).logits
-
-        def captured():
-            with gi.capture(model) as cache:
-                logits = model(input_ids=ids, use_cache=False).logits
-            return logits, cache
+        plain, captured = plain_and_captured(model, ids)
 
         with torch.no_grad():
             logits, cache = captured()

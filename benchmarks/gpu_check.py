@@ -80,7 +80,16 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # tests/models.py: the tiny models of every family
 
 from bench_atp import real_model  # noqa: E402
-from bench_overhead import Bench, cpu_peak_bytes, cuda_peak_bytes, nothing, twins  # noqa: E402
+from bench_overhead import (  # noqa: E402
+    Bench,
+    cpu_peak_bytes,
+    cuda_peak_bytes,
+    nnsight_site_trace,
+    nnsight_source_trace,
+    nothing,
+    plain_and_captured,
+    twins,
+)
 
 import gdn_intervene as gi  # noqa: E402
 
@@ -286,13 +295,7 @@ def capture(s: Settings, bench: Bench) -> list[dict]:
         model = gi.patch(_model(kind, s))
         ids = _ids(model, s.capture_T, s.device, seed=4)
 
-        def plain():
-            return model(input_ids=ids, use_cache=False).logits
-
-        def captured():
-            with gi.capture(model) as cache:
-                logits = model(input_ids=ids, use_cache=False).logits
-            return logits, cache
+        plain, captured = plain_and_captured(model, ids)
 
         with torch.no_grad():
             logits, cache = captured()
@@ -319,25 +322,8 @@ def nnsight_vs_source(s: Settings, bench: Bench) -> list[dict]:
     layers = [i for i, t in enumerate(unpatched.config.layer_types) if t == "linear_attention"]
     ids = _ids(unpatched, s.capture_T, s.device, seed=3)
 
-    def source_trace():
-        saved = []
-        with n_src.trace(ids, use_cache=False):
-            for i in layers:
-                src = n_src.model.layers[i].linear_attn.source
-                saved.append(src.b_sigmoid_0.output.save())
-                saved.append(src.torch_chunk_gated_delta_rule_0.output[0].save())
-            logits = n_src.output.logits.save()
-        return saved, logits
-
-    def site_trace():
-        saved = []
-        with n_pat.trace(ids, use_cache=False):
-            for i in layers:
-                attn = n_pat.model.layers[i].linear_attn
-                saved.append(attn.beta.output.save())
-                saved.append(attn.recurrence.output.save())
-            logits = n_pat.output.logits.save()
-        return saved, logits
+    source_trace = lambda: nnsight_source_trace(n_src, ids, layers)
+    site_trace = lambda: nnsight_site_trace(n_pat, ids, layers)
 
     with torch.no_grad():
         (a, la), (b, lb) = source_trace(), site_trace()

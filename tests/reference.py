@@ -11,6 +11,7 @@ import contextlib
 import sys
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 # Gated DeltaNet and Kimi Delta Attention kernels; a modeling module binds one pair.
@@ -82,3 +83,18 @@ def kernel_edit(
         target.__dict__.update(bound)
         h1.remove()
         h2.remove()
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor a linear-attention cache layer holds: conv and recurrent states, the token
+    count, the kept history (in order), detached copies."""
+    out = []
+    for layer in cache.layers:
+        if not hasattr(layer, "cumulative_length_linear"):
+            continue
+        out.append(layer.cumulative_length_linear.clone())
+        for i in range(layer.number_of_states):
+            for d in (layer.conv_states, layer.recurrent_states):
+                if d[i] is not None:
+                    out.append(d[i].detach().clone())
+    return out

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ids_for, logits, new_cache, run
 from models import MODELS, build
+from reference import cache_tensors
 
 import gdn_intervene as gi
 
@@ -28,22 +29,6 @@ pytestmark = [
 ]
 
 
-def _fields(cache) -> list[torch.Tensor]:
-    """Every tensor a linear-attention cache layer holds: conv and recurrent states, the token
-    count, the kept history (in order)."""
-    out = []
-    for layer in cache.layers:
-        if not hasattr(layer, "cumulative_length_linear"):
-            continue
-        out.append(layer.cumulative_length_linear.clone())
-        for i in range(layer.number_of_states):
-            for d in (layer.conv_states, layer.recurrent_states):
-                if d[i] is not None:
-                    out.append(d[i].clone())
-            out.extend(h.clone() for h in getattr(layer, "recurrent_states_history", {}).get(i, []))
-    return out
-
-
 def _same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
 
@@ -58,7 +43,7 @@ def test_count_and_every_cache_field_through_decode(pair, name):
     for i in range(5):
         outs = {k: logits(m, step, cache=caches[k], use_cache=True) for k, m in (("p", patched), ("r", ref))}
         assert torch.equal(outs["p"], outs["r"]), f"logits differ at call {i}"
-        assert _same(_fields(caches["p"]), _fields(caches["r"])), f"cache differs at call {i}"
+        assert _same(cache_tensors(caches["p"]), cache_tensors(caches["r"])), f"cache differs at call {i}"
         step = outs["p"][:, -1:].argmax(-1)
     assert int(caches["p"].layers[next(iter(gi.gdn_layers(patched)))].get_seq_length()) == 9 + 4
 
@@ -83,7 +68,7 @@ def test_kept_states_and_crop(pair, name, keep):
     finally:
         h.remove()
     assert torch.equal(outs["p"], outs["r"])
-    assert _same(_fields(caches["p"]), _fields(caches["r"]))
+    assert _same(cache_tensors(caches["p"]), cache_tensors(caches["r"]))
     assert len(fired) == keep  # one firing per kept state, the last one the cached state
     assert torch.equal(fired[-1], caches["p"].layers[layer].recurrent_states[0].to(fired[-1].dtype))
     for n in (2, 1):
@@ -91,7 +76,7 @@ def test_kept_states_and_crop(pair, name, keep):
             continue
         cp, cr = copy.deepcopy(caches["p"]), copy.deepcopy(caches["r"])
         cp.crop(-n), cr.crop(-n)
-        assert _same(_fields(cp), _fields(cr)), f"crop(-{n})"
+        assert _same(cache_tensors(cp), cache_tensors(cr)), f"crop(-{n})"
         nxt = {
             k: logits(m, after, cache=c, use_cache=True) for (k, m), c in zip((("p", patched), ("r", ref)), (cp, cr))
         }

@@ -67,65 +67,32 @@ def attribution_patching(
     process_group=None,
     grad_batch_size: int | None = None,
 ):
-    """Attribution patching (AtP): every cell `causal_trace` would patch, ranked from one clean
-    forward, one corrupted forward and one backward (per path point, with `steps`), the recurrent
-    state after every position included.
+    """Attribution patching (AtP): every cell `causal_trace` would patch, estimated from a few
+    forwards and backwards, the state after every position included (module doc: the math, the
+    paths, the points). Same sites, layers, normalisation and NaN rule as `causal_trace`.
 
-    A cell's score is the first-order estimate of its activation-patching score,
+    A cell's score: est = (source - base) . d metric / d value (metric d = logit[clean answer] -
+    logit[corrupt answer] at the last position), averaged over `steps` points of `path`, over the
+    span d_clean - d_corrupt: the fraction restored (`patch="clean_into_corrupt"`, default) or,
+    negated, removed (`"corrupt_into_clean"`). `verify=K` re-runs activation patching on the K
+    cells of largest |estimate| into `result.verified` (split between the ranks of
+    `process_group`, if given).
 
-        est = (source - base) . d metric / d value,   metric d = logit[clean answer] - logit[corrupt answer]
-
-    at the last position, taken in the base run: `patch="clean_into_corrupt"` (default, as
-    `causal_trace`) patches clean values into the corrupted run, score = est / (d_clean -
-    d_corrupt), the fraction of the difference restored; `"corrupt_into_clean"` patches
-    corrupted values into the clean run, score = -est / (d_clean - d_corrupt), the fraction
-    removed. Token sites take their gradients from one backward (`gi.capture(detach=False)`);
-    the state after token p takes <mu_p, S^source_p - S^base_p> with mu_p the metric's gradient
-    with respect to that state, from the adjoint scan `ops.state_patching_scores` (exact for
-    GDN and KDA's per-channel decay, GQA, beta x2). Same sites, layers, normalisation and NaN
-    conventions as `causal_trace` (the final state's column is NaN), so every figure, the HTML
-    report and the CLI take the result.
-
-    First order (`steps=1`) is linear: it under-reads saturated effects (a state that restores
-    everything once patched may score far below 1, even with the wrong sign). `steps=K` averages
-    the gradient over K points a_k = k / K of a path from the base run to the source run
-    (integrated gradients): along the residual stream entering the first decoder layer
-    (`path="inputs"`, EAP-IG's path, K forwards and backwards for every cell at once) or along
-    each site's own value (`path="activations"`, one row per (site, layer) and point). See the
-    attribution-patching guide (docs/) for what each costs and how well each agrees with activation patching.
-    `verify=K` re-runs activation patching on the K cells of largest |estimate| and stores their
-    scores in `result.verified` (split between the ranks of `process_group`, if given, as
-    `causal_trace` does).
-
-    clean_ids, corrupt_ids: [B, T] prompt pairs of equal length (B >= 1). answers: (clean,
-    corrupt) token ids, ints or [B] tensors; default each run's argmax at the last position.
-    tokens: position labels for the figures: T strings (B = 1), or B lists (a batch), each of T
-    labels or of its pair's own length (default the token ids).
-    batch_size: rows per forward of `verify`'s activation patching (no gradient kept).
-    grad_batch_size: rows per forward + backward of the path points after the first (`steps`
-    > 1); default B, one point per run: memory as one forward + backward of the pair, time
-    about K of them. Larger values batch several points per run (faster on small models, memory
-    times the points: at real sizes 16 points of T = 128 do not fit 24 GiB).
-    attention_mask: [B, T], 1 for tokens and 0 for left padding, shared by both prompts of a
-    pair (pairs of different lengths in one batch); each row's result covers that pair's own
-    tokens, positions from 0, as if it were traced alone (`verify` runs on the unpadded pair).
-    Returns one `TraceResult` for B = 1, else a list of B. Refuses, before the backward, a pair
-    whose answers are equal (`SameAnswerError`) or whose corruption leaves their logit difference
-    unchanged (`ZeroSpanError`), naming the pair in a batch. Runs outside `torch.inference_mode()`
-    and without transformers' reentrant gradient checkpointing for its own call (both would
-    leave no gradient to read).
+    clean_ids, corrupt_ids: [B, T] prompt pairs. answers: (clean, corrupt) token ids, ints or [B]
+    tensors; default each run's argmax. tokens: position labels (T strings, or B lists).
+    attention_mask: [B, T] (0: left padding), shared by both prompts of a pair; each row's result
+    covers its own tokens, as if traced alone. batch_size: rows per forward of `verify`.
+    grad_batch_size: rows per forward + backward of the path points (default B: one point per
+    run, the memory of one forward + backward; more trades memory for time).
+    Returns a `TraceResult` (B = 1) or a list of B. Refuses, before the backward, equal answers
+    (`SameAnswerError`) or an unchanged logit difference (`ZeroSpanError`), naming the pair. Runs
+    outside inference mode and reentrant checkpointing for its own call (both leave no gradient).
     """
     if torch.is_inference_mode_enabled():
-        # AtP takes a backward, which inference_mode rules out: leave it for this call, with
-        # copies of the inputs (autograd cannot save inference tensors)
-        copy = lambda x: x.clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
-        with torch.inference_mode(False):
-            return attribution_patching(
-                model, copy(clean_ids), copy(corrupt_ids), sites=sites, layers=layers,
-                answers=None if answers is None else tuple(copy(x) for x in answers), tokens=tokens, patch=patch,
-                verify=verify, batch_size=batch_size, attention_mask=copy(attention_mask), steps=steps, path=path,
-                process_group=process_group, grad_batch_size=grad_batch_size,
-            )  # fmt: skip
+        return _outside_inference_mode(attribution_patching, model, clean_ids, corrupt_ids, sites=sites,
+                                       layers=layers, answers=answers, tokens=tokens, patch=patch, verify=verify,
+                                       batch_size=batch_size, attention_mask=attention_mask, steps=steps, path=path,
+                                       process_group=process_group, grad_batch_size=grad_batch_size)  # fmt: skip
     job = _job(
         model, clean_ids, corrupt_ids, sites, layers, answers, tokens, patch, verify, attention_mask, steps, path
     )
@@ -139,6 +106,16 @@ def attribution_patching(
             grads.add(alpha, token_grads, state_runs)
     scores = _scores(job, source, base, grads, last, a, b)
     return _results(model, job, scores, last, a, b, verify, batch_size, process_group)
+
+
+def _outside_inference_mode(fn, model, *tensors, **kwargs):
+    """fn(model, *tensors, **kwargs) with inference mode off and copies of the tensor inputs:
+    AtP takes a backward, which inference mode rules out, and autograd cannot save inference
+    tensors."""
+    copy = lambda x: x.clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
+    kwargs = {k: tuple(copy(a) for a in v) if k == "answers" and v is not None else copy(v) for k, v in kwargs.items()}
+    with torch.inference_mode(False):
+        return fn(model, *(copy(t) for t in tensors), **kwargs)
 
 
 @dataclass

@@ -26,27 +26,13 @@ import copy  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from models import KDA, MODELS, build  # noqa: E402
+from reference import cache_tensors  # noqa: E402
 
 import gdn_intervene as gi  # noqa: E402
 
 ids_for, logits, new_cache, view = fla_lane.helpers()
 NAMES = list(MODELS)
 T = 65
-
-
-def _fields(cache) -> list[torch.Tensor]:
-    """Every tensor a linear-attention cache layer holds (as tests/test_cache_protocol.py)."""
-    out = []
-    for layer in cache.layers:
-        if not hasattr(layer, "cumulative_length_linear"):
-            continue
-        out.append(layer.cumulative_length_linear.clone())
-        for i in range(layer.number_of_states):
-            for d in (layer.conv_states, layer.recurrent_states):
-                if d[i] is not None:
-                    out.append(d[i].detach().clone())
-            out.extend(h.detach().clone() for h in getattr(layer, "recurrent_states_history", {}).get(i, []))
-    return out
 
 
 def _same(a: list, b: list) -> bool:
@@ -83,13 +69,13 @@ def test_prefill_decode_kept_states_and_gradients_bitwise(name):
         calls.append(dict(c))
         grads = [p.grad for p in model.parameters()]
         model.zero_grad(set_to_none=True)
-        steps, fields = [out.detach()], [_fields(cache)]
+        steps, fields = [out.detach()], [cache_tensors(cache)]
         step, step_mask = out[:, -1:].argmax(-1), mask
         with torch.no_grad(), fla_lane.fla_calls() as c:
             for _ in range(2):
                 step_mask = torch.cat([step_mask, torch.ones_like(step)], 1)
                 steps.append(_forward(model, step, step_mask, cache))
-                fields.append(_fields(cache))
+                fields.append(cache_tensors(cache))
                 step = steps[-1][:, -1:].argmax(-1)
         calls.append(dict(c))
         cache.activate_past_recording(recurrent_states_to_keep=2)
@@ -97,11 +83,11 @@ def test_prefill_decode_kept_states_and_gradients_bitwise(name):
         with torch.no_grad(), fla_lane.fla_calls() as c:
             step_mask = torch.cat([step_mask, torch.ones_like(draft)], 1)
             steps.append(_forward(model, draft, step_mask, cache))
-            fields.append(_fields(cache))
+            fields.append(cache_tensors(cache))
             cache.crop(-1)
-            fields.append(_fields(cache))
+            fields.append(cache_tensors(cache))
             steps.append(_forward(model, draft[:, :1], step_mask[:, :-3], cache))
-            fields.append(_fields(cache))
+            fields.append(cache_tensors(cache))
         calls.append(dict(c))
         got[key] = steps, fields, grads, calls
     (sp, fp, gp, cp), (sr, fr, gr, cr) = got["p"], got["r"]
